@@ -1,0 +1,71 @@
+"""The interface every aligna model shares, and its explicit, reorderable state.
+
+A model is used in three ways, all through the methods of `Seq2Seq`:
+
+* training, teacher-forced: ``logits = model(src, src_lengths, tgt_in)``;
+* search, one step at a time::
+
+      enc = model.encode(src, src_lengths)
+      state = model.init_state(enc)
+      logits, state, attention = model.decode_step(prev_tokens, state, enc)
+
+* beam search reorders ``enc`` and ``state`` along the batch with ``.reorder(index)``
+  (repeat, drop finished sentences, follow surviving hypotheses).
+
+Nothing is cached on the module between calls: everything a step needs is in `enc` and
+`state`, so the search code never needs to know which architecture it drives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+T = TypeVar("T", bound="Reorderable")
+
+
+class Reorderable:
+    """Mixin for dataclasses whose tensors are all batch-first.
+
+    `reorder(index)` selects (and may repeat) batch rows of every tensor field, including
+    tensors inside lists and tuples; `None` and non-tensor fields are kept as they are.
+    """
+
+    def reorder(self: T, index: Tensor) -> T:
+        changes = {f.name: _select(getattr(self, f.name), index) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _select(value: Any, index: Tensor) -> Any:
+    if isinstance(value, Tensor):
+        return value.index_select(0, index)
+    if isinstance(value, Reorderable):
+        return value.reorder(index)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select(v, index) for v in value)
+    return value
+
+
+class Seq2Seq(nn.Module):
+    """Base class of encoder-decoder models. Shapes: B batch, S source, T target length,
+    V target vocabulary. Token ids use `aligna.vocab`'s specials (pad = 0)."""
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Reorderable:
+        """src (B, S) padded ids, src_lengths (B,) -> the encoder output."""
+        raise NotImplementedError
+
+    def init_state(self, encoder_output: Reorderable) -> Reorderable:
+        """The decoder state before the first output token."""
+        raise NotImplementedError
+
+    def decode_step(
+        self, prev_tokens: Tensor, state: Reorderable, encoder_output: Reorderable
+    ) -> tuple[Tensor, Reorderable, Tensor | None]:
+        """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None."""
+        raise NotImplementedError
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: tgt_in (B, T) = `<sos> y1..` -> logits (B, T, V)."""
+        raise NotImplementedError

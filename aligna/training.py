@@ -1,0 +1,429 @@
+"""Training: a train step, the learning-rate and teacher-forcing schedules as functions of
+the step, validation, and the loop that ties them to checkpoints.
+
+The loop is exactly resumable: the batches of an epoch are a function of (seed, epoch),
+and a checkpoint stores the position inside the epoch, the optimizer, the scheduler and
+the RNG state, so ``aligna train CONFIG --resume`` ends with the weights an uninterrupted
+run would have reached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .build import build_model, count_parameters
+from .checkpoint import (
+    BEST,
+    LATEST,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
+from .config import Config, TrainConfig, config_to_dict, load_config, save_config
+from .data import (
+    Batch,
+    Pipeline,
+    collate,
+    encode_pairs,
+    epoch_batches,
+    read_parallel,
+    reference_sets,
+    write_report,
+)
+from .loss import sequence_loss
+from .metrics import HIGHER_IS_BETTER, Scores
+from .model import Seq2Seq
+from .translate import Translator, resolve_device
+from .vocab import PAD_ID
+
+log = logging.getLogger("aligna")
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def learning_rate(step: int, cfg: TrainConfig, plateau_scale: float = 1.0) -> float:
+    """The learning rate for update `step` (counted from 1).
+
+    inverse_sqrt: linear warmup to `lr`, then lr * sqrt(warmup / step) -- the schedule of
+    Vaswani et al. (2017) eq. (3), parameterized by its peak `lr` instead of d_model.
+    constant and plateau: `lr` (after an optional linear warmup); plateau multiplies it
+    by `plateau_scale`, which validation lowers, down to `min_lr`.
+    """
+    if cfg.schedule == "inverse_sqrt":
+        warmup = max(cfg.warmup_steps, 1)
+        return cfg.lr * min(step / warmup, math.sqrt(warmup / step))
+    lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    return max(lr * plateau_scale, cfg.min_lr) if cfg.schedule == "plateau" else lr
+
+
+def teacher_forcing_ratio(step: int, cfg: TrainConfig) -> float:
+    """Chance of feeding the gold previous token at update `step` (Bengio et al. 2015).
+
+    linear reaches `teacher_forcing_min` at `decay_steps`; exponential halves the distance
+    to it every `decay_steps`; inverse_sigmoid falls along a sigmoid centred on
+    `decay_steps` (Bengio et al. use k / (k + exp(i / k)); this form is easier to set).
+    """
+    start, low, k = cfg.teacher_forcing, cfg.teacher_forcing_min, cfg.teacher_forcing_decay_steps
+    if cfg.teacher_forcing_decay == "none":
+        return start
+    if cfg.teacher_forcing_decay == "linear":
+        share = max(0.0, 1.0 - step / k)
+    elif cfg.teacher_forcing_decay == "exponential":
+        share = 0.5 ** (step / k)
+    else:
+        share = 1.0 / (1.0 + math.exp(min((step - k) / (k / 10), 50.0)))
+    return low + (start - low) * share
+
+
+@dataclass
+class Plateau:
+    """Reduce-on-plateau: the scale halves (x factor) after `patience` bad validations."""
+
+    factor: float
+    patience: int
+    best: float | None = None
+    bad: int = 0
+    scale: float = 1.0
+
+    def update(self, value: float, higher_is_better: bool) -> None:
+        if self.best is None or (value > self.best if higher_is_better else value < self.best):
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.scale *= self.factor
+            self.bad = 0
+            log.info("validation has not improved for %d checks: lr scale -> %.4g", self.patience, self.scale)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def scheduled_sampling_logits(model: Seq2Seq, batch: Batch, ratio: float) -> Tensor:
+    """Teacher forcing below 1: step by step, each sentence feeds its gold previous token
+    with chance `ratio` and the model's own argmax prediction otherwise. -> (B, T, V)"""
+    enc = model.encode(batch.src, batch.src_lengths)
+    state = model.init_state(enc)
+    prev = batch.tgt_in[:, 0]  # <sos>
+    steps = []
+    for t in range(batch.tgt_in.size(1)):
+        logits, state, _ = model.decode_step(prev, state, enc)  # (B, V)
+        steps.append(logits)
+        if t + 1 < batch.tgt_in.size(1):
+            gold = batch.tgt_in[:, t + 1]
+            sample = torch.rand(gold.shape, device=gold.device) >= ratio
+            prev = torch.where(sample & (gold != PAD_ID), logits.argmax(-1), gold)
+    return torch.stack(steps, dim=1)
+
+
+def train_step(
+    model: Seq2Seq, batch: Batch, n_tokens: int, optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig, lr: float, tf_ratio: float,
+) -> Tensor:  # fmt: skip
+    """One update on `batch`; returns the mean per-token loss (a 0-d tensor, not synced)."""
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if tf_ratio >= 1.0:
+        logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+    else:
+        logits = scheduled_sampling_logits(model, batch, tf_ratio)
+    loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    optimizer.step()
+    return loss.detach()
+
+
+def make_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0  # current epoch, from 0
+    batch: int = 0  # batches of `epoch` already consumed
+    tokens: int = 0  # target tokens trained on
+    train_seconds: float = 0.0  # time in train steps, validation excluded
+    best: float | None = None
+    best_step: int = 0
+    bad_validations: int = 0
+    plateau: dict[str, Any] | None = None
+    history: list[dict[str, Any]] | None = None
+
+
+class Trainer:
+    """Trains `config` into `config.model_dir`; `resume` continues the latest checkpoint."""
+
+    def __init__(
+        self, config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
+    ) -> None:
+        self.config, self.progress = config, progress
+        self.cfg = config.train
+        self.dir = Path(config.model_dir)
+        setup_logging()
+        self._prepare_dir(resume, overwrite)
+        setup_logging(self.dir / "train.log")
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        torch.manual_seed(self.cfg.seed)
+        self.device = resolve_device(self.cfg.device)
+
+        data = config.data
+        train_text = read_parallel(data.train, "train")
+        self.pipeline = Pipeline.load(self.dir) if resume else Pipeline.build(data, train_text)
+        self.train_data = encode_pairs(self.pipeline, train_text, data.max_len, data.too_long, "train")
+        log.info("%s", self.train_data.report)
+        write_report([self.train_data.report], self.dir / "data_report.json")
+        self.dev: tuple[list[str], list[list[str]]] | None = None
+        if data.dev is not None:
+            self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
+        if not resume:
+            self.pipeline.save(self.dir)
+            save_config(config, self.dir / "config.yaml")
+        log.info(
+            "vocabulary: source %d, target %d%s",
+            len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab),
+            " (shared)" if data.shared_vocab else "",
+        )  # fmt: skip
+
+        self.model = build_model(config.model, len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab))
+        self.model.to(self.device)
+        log.info(
+            "model: %s, %d parameters, on %s", config.model.arch, count_parameters(self.model), self.device
+        )
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.state = TrainState(history=[])
+        self.plateau = Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience)
+        if resume:
+            path = latest_checkpoint(self.dir)
+            if path is None:  # checked by _prepare_dir; kept for a clear message
+                raise FileNotFoundError(f"{self.dir}: no checkpoint to resume")
+            self.state = TrainState(**load_checkpoint(path, self.model, self.optimizer))
+            if self.state.plateau:
+                self.plateau = Plateau(**self.state.plateau)
+            log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
+        self.translator = Translator(self.model, self.pipeline, config, self.device)
+        self._writer: Any = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_dir(self, resume: bool, overwrite: bool) -> None:
+        has_run = (self.dir / LATEST).exists() or (self.dir / "config.yaml").exists()
+        if resume:
+            if latest_checkpoint(self.dir) is None:
+                raise FileNotFoundError(f"--resume: {self.dir} holds no checkpoint to resume from")
+            saved = load_config(self.dir / "config.yaml")
+            for section in ("data", "model"):
+                if getattr(saved, section) != getattr(self.config, section):
+                    raise ValueError(
+                        f"--resume: the {section} section differs from the run in {self.dir}; "
+                        "resume with the same data and model (or start a new model_dir)"
+                    )
+            changed = _diff(config_to_dict(saved), config_to_dict(self.config))
+            if changed:
+                log.warning("resuming with changed settings: %s", ", ".join(changed))
+                save_config(self.config, self.dir / "config.yaml")
+        elif has_run:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.dir} already holds a run: use --resume to continue it, "
+                    "--overwrite to start over, or another model_dir"
+                )
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        per_epoch = len(epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, 0))
+        total = cfg.max_steps or cfg.epochs * per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.epochs * per_epoch)
+        log.info("training: %d batches per epoch, %d updates in all", per_epoch, total)
+        bar = tqdm(total=total, initial=st.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        window_tokens, window_loss, window_time = 0, torch.zeros((), device=self.device), 0.0
+        validated_at = st.step if st.step else -1
+        stop = st.step >= total
+        while not stop and st.epoch < cfg.epochs:
+            batches = epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, st.epoch)
+            while st.batch < len(batches):
+                started = time.perf_counter()
+                batch = collate(self.train_data, batches[st.batch])
+                n_tokens = batch.n_tokens
+                st.step += 1
+                lr = learning_rate(st.step, cfg, self.plateau.scale)
+                ratio = teacher_forcing_ratio(st.step, cfg)
+                loss = train_step(self.model, batch.to(self.device), n_tokens, self.optimizer, cfg, lr, ratio)
+                st.batch += 1
+                window_loss += loss * n_tokens
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+                st.train_seconds += elapsed
+                st.tokens += n_tokens
+                window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
+                if st.step % cfg.log_every == 0 or st.step == total:
+                    mean = float(window_loss) / max(window_tokens, 1)
+                    speed = window_tokens / max(window_time, 1e-9)
+                    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                    self._log_scalars(
+                        "train", {"loss": mean, "tokens_per_s": speed, "lr": lr, "teacher_forcing": ratio}
+                    )
+                    log.debug("step %d loss %.4f tok/s %.0f lr %.3g", st.step, mean, speed, lr)
+                    window_tokens, window_loss, window_time = 0, torch.zeros((), device=self.device), 0.0
+                bar.update(1)
+                if cfg.validate_every and st.step % cfg.validate_every == 0:
+                    stop = self._validate_and_save()
+                    validated_at = st.step
+                if stop or st.step >= total:
+                    stop = True
+                    break
+            if st.batch >= len(batches):
+                st.epoch, st.batch = st.epoch + 1, 0
+                if not cfg.validate_every and validated_at != st.step:
+                    stop = self._validate_and_save() or stop
+                    validated_at = st.step
+        if validated_at != st.step:
+            self._validate_and_save()
+        bar.close()
+        log.info(
+            "trained %d updates, %d target tokens in %.1f s: %.0f target tokens/s",
+            st.step, st.tokens, st.train_seconds, st.tokens / max(st.train_seconds, 1e-9),
+        )  # fmt: skip
+        if st.best is not None:
+            log.info("best %s %.4f at step %d", cfg.early_stopping_metric, st.best, st.best_step)
+        if self._writer is not None:
+            self._writer.close()
+        return st
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> Scores:
+        """Dev loss, perplexity and `eval.metrics` of greedy output."""
+        assert self.dev is not None
+        metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in ("loss", "ppl"))]
+        return self.translator.evaluate(self.dev[0], self.dev[1], metrics)
+
+    def _validate_and_save(self) -> bool:
+        """Validate (if there is a dev set), save a checkpoint; True when training should stop."""
+        st, cfg = self.state, self.cfg
+        stop = False
+        if self.dev is not None:
+            started = time.perf_counter()
+            scores = self.validate()
+            value = scores.values[cfg.early_stopping_metric]
+            higher = HIGHER_IS_BETTER[cfg.early_stopping_metric]
+            improved = st.best is None or (value > st.best if higher else value < st.best)
+            if improved:
+                st.best, st.best_step, st.bad_validations = value, st.step, 0
+                save_weights(self.model, self.dir / BEST)
+                atomic_write_text(
+                    self.dir / "best.json",
+                    json.dumps({"step": st.step, cfg.early_stopping_metric: value, **scores.values}, indent=1)
+                    + "\n",
+                )
+            else:
+                st.bad_validations += 1
+            if cfg.schedule == "plateau":
+                self.plateau.update(value, higher)
+            st.history = (st.history or []) + [{"step": st.step, "epoch": st.epoch + 1, **scores.values}]
+            self._log_scalars("dev", scores.values)
+            log.info(
+                "step %d dev: %s%s (%.1f s)", st.step, scores, "  *best*" if improved else "",
+                time.perf_counter() - started,
+            )  # fmt: skip
+            if cfg.early_stopping_patience and st.bad_validations >= cfg.early_stopping_patience:
+                log.info("early stopping: no improvement in %d validations", st.bad_validations)
+                stop = True
+        st.plateau = asdict(self.plateau)
+        save_checkpoint(self.dir, st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
+        return stop
+
+    def _log_scalars(self, prefix: str, values: dict[str, float]) -> None:
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional at run time
+                self._writer = False
+            else:
+                self._writer = SummaryWriter(str(self.dir / "tensorboard"))
+        if self._writer:
+            for key, value in values.items():
+                self._writer.add_scalar(f"{prefix}/{key}", value, self.state.step)
+
+
+def train(config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train, then score the best weights on the test set if one is configured."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
+    trainer.train()
+    if config.data.test is not None:
+        if (trainer.dir / BEST).is_file():
+            load_weights(trainer.model, trainer.dir / BEST)
+        test = read_parallel(config.data.test, "test")
+        sources, references = reference_sets(test, config.data.group_references)
+        scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics])
+        log.info("test (%s): %s", test.origin, scores)
+        for name, signature in scores.signatures.items():
+            log.info("  %s signature: %s", name, signature)
+        atomic_write_text(trainer.dir / "test_scores.json", json.dumps(asdict(scores), indent=1) + "\n")
+    return trainer.dir
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def setup_logging(logfile: Path | None = None, level: int = logging.INFO) -> None:
+    """Log to the console (through tqdm, so progress bars stay intact) and to `logfile`."""
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        console = _TqdmHandler(level)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(h)
+        h.close()
+    if logfile is not None:
+        file = logging.FileHandler(logfile, encoding="utf-8")
+        file.setLevel(logging.DEBUG)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file)

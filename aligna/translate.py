@@ -1,0 +1,135 @@
+"""The Python API for a trained model: raw text in, detokenized text out.
+
+import aligna
+translator = aligna.load("runs/multi30k_de_en_gru")
+translator.translate(["Ein Hund läuft im Schnee."])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .build import build_model
+from .checkpoint import BEST, latest_checkpoint, load_weights
+from .config import Config, load_config
+from .data import ParallelText, Pipeline, encode_pairs, pad_batch
+from .loss import corpus_loss
+from .metrics import Scores, perplexity, score
+from .model import Seq2Seq
+from .search import greedy_search
+
+log = logging.getLogger("aligna")
+
+
+@dataclass
+class Translation:
+    text: str  # detokenized output
+    tokens: list[str]  # output tokens, <eos> not included
+    src_tokens: list[str]  # the source tokens the model saw
+    score: float  # sum of token log-probabilities under the model
+    attention: Tensor | None  # (len(tokens) + 1, len(src_tokens)), the last row for <eos>
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Translator:
+    """A model with its tokenizers and vocabularies, ready to translate and evaluate."""
+
+    def __init__(self, model: Seq2Seq, pipeline: Pipeline, config: Config, device: torch.device) -> None:
+        self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
+
+    def translate(self, texts: Sequence[str], batch_size: int | None = None) -> list[str]:
+        return [t.text for t in self.translate_detailed(texts, batch_size)]
+
+    @torch.no_grad()
+    def translate_detailed(self, texts: Sequence[str], batch_size: int | None = None) -> list[Translation]:
+        """Greedy translations in input order; inputs are batched by length."""
+        decode = self.config.decode
+        batch_size = batch_size or decode.batch_size
+        src_tokens = [self.pipeline.src_tokens(t) for t in texts]
+        ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
+        results: list[Translation | None] = [None] * len(texts)
+        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
+            lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
+            found = greedy_search(self.model, src, lengths, decode.max_len_a, decode.max_len_b)
+            for j, i in enumerate(chunk):
+                out = found.tokens[j]
+                results[i] = Translation(
+                    text=self.pipeline.detokenize(out),
+                    tokens=self.pipeline.tgt_vocab.decode(out),
+                    src_tokens=src_tokens[i],
+                    score=float(found.scores[j]),
+                    attention=None if found.attention is None else found.attention[j],
+                )
+        self.model.train(was_training)
+        empty = Translation("", [], [], 0.0, None)  # an input with no tokens
+        return [r if r is not None else empty for r in results]
+
+    def evaluate(
+        self, sources: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str],
+        hypotheses: Sequence[str] | None = None,
+    ) -> Scores:  # fmt: skip
+        """Metrics of greedy output (or of `hypotheses`) against per-sentence reference lists.
+
+        loss / ppl are computed on every (source, reference) pair; empty pairs are left
+        out of them and counted in the log.
+        """
+        decoded = [m for m in metrics if m not in ("loss", "ppl")]
+        scores = Scores()
+        if decoded:
+            hypotheses = self.translate(sources) if hypotheses is None else hypotheses
+            scores = score(hypotheses, references, decoded)
+        if "loss" in metrics or "ppl" in metrics:
+            pairs = ParallelText(
+                [s for s, refs in zip(sources, references) for _ in refs],
+                [r for refs in references for r in refs],
+                "evaluation pairs",
+            )
+            examples = encode_pairs(self.pipeline, pairs, 1_000_000, "filter", "evaluation")
+            if examples.report.empty:
+                log.info("%s (left out of loss and perplexity)", examples.report)
+            loss, _ = corpus_loss(self.model, examples, self.config.train.batch_tokens, self.device)
+            scores.values.update({"loss": loss, "ppl": perplexity(loss)})
+        return scores
+
+
+def load(model_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> Translator:
+    """Load a trained model directory. `checkpoint`: best, latest, or a checkpoint path."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an aligna model directory (no config.yaml)")
+    config = load_config(config_path)
+    pipeline = Pipeline.load(model_dir)
+    model = build_model(config.model, len(pipeline.src_vocab), len(pipeline.tgt_vocab))
+    load_weights(model, _weights_path(model_dir, checkpoint))
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return Translator(model, pipeline, config, dev)
+
+
+def _weights_path(model_dir: Path, checkpoint: str) -> Path:
+    if checkpoint == "best" and (model_dir / BEST).is_file():
+        return model_dir / BEST
+    if checkpoint in ("best", "latest"):  # no validation has run yet: the latest weights
+        latest = latest_checkpoint(model_dir)
+        if latest is None:
+            raise FileNotFoundError(f"{model_dir} holds no trained weights yet")
+        return latest / "model.safetensors"
+    path = Path(checkpoint)
+    return path / "model.safetensors" if path.is_dir() else path

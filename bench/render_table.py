@@ -1,0 +1,89 @@
+"""Render the README results table from the JSON records in bench/results/.
+
+    python bench/render_table.py            # rewrite the table in README.md
+    python bench/render_table.py --check    # exit 1 if README.md is out of date
+
+Only records are shown: a row without a record cannot appear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+LABELS = {
+    "tok_bleu": "tok BLEU",
+    "bleu": "sacreBLEU",
+    "chrf": "chrF",
+    "wer": "WER %",
+    "per": "PER %",
+    "ppl": "PPL",
+}
+
+
+def _machine(m: dict) -> str:
+    return f"{m['device'] if m['device'] != 'cpu' else m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+
+
+def quality_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| model | test set | scores (greedy) | train time | train tok/s | machine | reproduce |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        scores = " · ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in r["metrics"].items() if k != "loss")
+        threads = f" ({r['train_threads']} thread)" if r.get("train_threads") else ""
+        rows.append(
+            f"| {r['name']} | {Path(r['test_set'].split(' / ')[0]).name} | {scores} | "
+            f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps | "
+            f"{r['train_target_tokens_per_s']:,.0f}{threads} | {_machine(r['machine'])} | `{r['command']}` |"
+        )
+    return rows
+
+
+def speed_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| config | parameters | batch tokens | train target tok/s | machine | reproduce |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        for run in r["runs"]:
+            rows.append(
+                f"| {run['config']} | {run['parameters'] / 1e6:.1f} M | {run['batch_tokens']} | "
+                f"{run['target_tokens_per_s']:,.0f} | {_machine(r['machine'])} | `{r['command']}` |"
+            )
+    return rows
+
+
+def render() -> str:
+    records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
+    quality = [r for r in records if "metrics" in r]
+    speed = [r for r in records if r.get("benchmark") == "train_speed"]
+    parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]
+    parts += quality_rows(quality) if quality else ["(no records yet)"]
+    parts += ["", "Training speed (`bench/results/train_speed_*.json`):", ""]
+    parts += speed_rows(speed) if speed else ["(no records yet)"]
+    return "\n".join([*parts, "", END])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = README.read_text(encoding="utf-8")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    updated = head + render() + tail
+    if args.check:
+        sys.exit(0 if updated == text else 1)
+    README.write_text(updated, encoding="utf-8")
+    print("README.md results table updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Train a config from scratch, score its best checkpoint on the config's test set, and
+write a JSON record to bench/results/NAME.json (the README results table is made from these).
+
+    python bench/train_eval.py configs/multi30k_de_en_gru.yaml
+    python bench/train_eval.py configs/cmudict_g2p.yaml --set train.epochs=5
+    python bench/train_eval.py configs/X.yaml --skip-train   # score a run already in model_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import config_hash, write_record  # noqa: E402
+
+import aligna  # noqa: E402
+from aligna.checkpoint import latest_checkpoint  # noqa: E402
+from aligna.config import load_config  # noqa: E402
+from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.training import setup_logging, train  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--name", help="record name (default: the config's name)")
+    parser.add_argument("--skip-train", action="store_true", help="score the run already in model_dir")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides)
+    name = args.name or config.name or Path(args.config).stem
+    if config.data.test is None:
+        parser.error(f"{args.config} has no data.test to score")
+    setup_logging()
+    if not args.skip_train:
+        train(config, overwrite=True, progress=False)
+    model_dir = Path(config.model_dir)
+    state = json.loads((latest_checkpoint(model_dir) / "trainer.json").read_text())
+    best = json.loads((model_dir / "best.json").read_text()) if (model_dir / "best.json").exists() else {}
+
+    translator = aligna.load(model_dir)
+    test = read_parallel(config.data.test, "test")
+    sources, references = reference_sets(test, config.data.group_references)
+    started = time.perf_counter()
+    hypotheses = translator.translate(sources)
+    decode_seconds = time.perf_counter() - started
+    scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
+    for metric, value in scores.values.items():
+        print(f"{metric:>9} {value:8.2f}  {scores.signatures.get(metric, '')}")
+    write_record(
+        name,
+        {
+            "config": args.config,
+            "overrides": args.overrides,
+            "config_sha256": config_hash(config),
+            "arch": config.model.arch,
+            "test_set": test.origin,
+            "search": "greedy",
+            "metrics": scores.values,
+            "signatures": scores.signatures,
+            "train_steps": state["step"],
+            "train_epochs_done": state["epoch"] + (state["batch"] > 0),
+            "best_step": best.get("step"),
+            "train_seconds": state["train_seconds"],
+            "train_target_tokens": state["tokens"],
+            "train_target_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "train_threads": config.train.num_threads or None,
+            "test_sentences": len(sources),
+            "greedy_decode_seconds": decode_seconds,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

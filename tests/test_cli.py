@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import MULTI30K, reverse_pairs, write_tsv
+
+from aligna.cli import main
+from aligna.config import config_to_dict
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["translate"], ["evaluate"], ["prepare-cmudict"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert "usage: aligna" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "aligna", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("aligna ")
+
+
+@pytest.fixture
+def trained(toy_config, tmp_path):
+    config = toy_config(
+        train={"max_steps": 30},
+        data={"test": {"tsv": str(write_tsv(tmp_path / "test.tsv", reverse_pairs(20, 5)))}},
+    )
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    return config, path
+
+
+def test_train_translate_evaluate(trained, tmp_path, capsys, monkeypatch):
+    config, _ = trained
+    assert json.loads((tmp_path / "run" / "test_scores.json").read_text())["values"]["wer"] >= 0
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n\nd e f\n")
+    assert (
+        main(["translate", config.model_dir, "--input", str(src), "--output", str(tmp_path / "out.txt")]) == 0
+    )
+    lines = (tmp_path / "out.txt").read_text().split("\n")
+    assert len(lines) == 4 and lines[1] == ""  # one output line per input line, empty stays empty
+
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b c\nd e f\n"))
+    capsys.readouterr()
+    assert main(["translate", config.model_dir]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == lines[0:1] + lines[2:3]
+
+    ref = tmp_path / "ref.txt"
+    ref.write_text("c b a\n\nf e d\n")
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", config.model_dir, "--src", str(src), "--ref", str(ref),
+                 "--metrics", "bleu,chrf,wer,ppl", "--json", str(scores)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "bleu" in out and "nrefs:1|case:mixed" in out and "ppl" in out
+    assert set(json.loads(scores.read_text())["values"]) == {"bleu", "chrf", "wer", "loss", "ppl"}
+
+
+def test_errors_name_the_problem(trained, tmp_path, capsys):
+    config, path = trained
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a\n")
+    assert main(["evaluate", config.model_dir, "--src", str(src), "--ref", str(ref)]) == 1
+    assert f"{src} has 2 lines but {ref} has 1 lines" in capsys.readouterr().err
+    assert main(["train", str(path), "--no-progress"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(path), "--set", "model.rnn.cel=gru"]) == 1
+    assert "model.rnn.cel: unknown key (did you mean 'cell'?)" in capsys.readouterr().err
+    assert main(["translate", str(tmp_path)]) == 1
+    assert "not an aligna model directory" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_named(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"model_dir: {tmp_path / 'run'}\ndata:\n  train: {{src: {tmp_path}/x.de, tgt: {tmp_path}/x.en}}\n"
+    )
+    assert main(["train", str(path), "--no-progress"]) == 1
+    assert f"file not found: {tmp_path}/x.de" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="needs ../shared/data/multi30k")
+def test_quickstart_config_runs_on_real_data(tmp_path, monkeypatch):
+    import aligna
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs name data relative to the repo
+    overrides = [f"model_dir={tmp_path / 'qs'}", "train.max_steps=5", "model.hidden_size=32", "model.emb_dim=16",
+                 "data.test=null", "eval.metrics=[tok_bleu]"]  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "configs/quickstart.yaml",
+                "--no-progress",
+                *[a for o in overrides for a in ("--set", o)],
+            ]
+        )
+        == 0
+    )
+    out = aligna.load(tmp_path / "qs").translate(["ein hund läuft im schnee ."])
+    assert len(out) == 1 and isinstance(out[0], str)

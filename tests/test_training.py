@@ -1,0 +1,179 @@
+import math
+
+import pytest
+import torch
+from conftest import reverse_pairs, write_tsv
+from safetensors.torch import load_file
+
+import aligna
+from aligna import checkpoint as ckpt
+from aligna import training
+from aligna.config import TrainConfig
+from aligna.loss import sequence_loss
+from aligna.training import Trainer, learning_rate, teacher_forcing_ratio, train
+
+
+def test_toy_reverse_task_is_learned(toy_config, tmp_path):
+    config = toy_config(
+        model={"emb_dim": 32, "hidden_size": 192, "dropout": 0.0, "rnn": {"cell": "lstm"}},
+        train={"batch_tokens": 512, "epochs": 20, "lr": 0.003, "validate_every": 0},
+    )
+    write_tsv(tmp_path / "train.tsv", reverse_pairs(3000, seed=1))
+    train(config, progress=False)
+    test = reverse_pairs(200, seed=3)
+    hyps = aligna.load(config.model_dir).translate([s for s, _ in test])
+    exact = sum(h == r for h, (_, r) in zip(hyps, test)) / len(test)
+    assert exact >= 0.95, exact
+
+
+def test_save_then_load_gives_identical_outputs(toy_config):
+    config = toy_config(train={"max_steps": 30})
+    trainer = Trainer(config, progress=False)
+    trainer.train()
+    sources = ["a b c", "j i h g f e d", "c"]
+    loaded = aligna.load(config.model_dir, checkpoint="latest")
+    ours, theirs = trainer.translator.translate_detailed(sources), loaded.translate_detailed(sources)
+    assert [t.tokens for t in ours] == [t.tokens for t in theirs]
+    assert [t.score for t in ours] == [t.score for t in theirs]
+    for (name, a), (_, b) in zip(trainer.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def weights(model_dir):
+    return load_file(str(ckpt.latest_checkpoint(model_dir) / "model.safetensors"))
+
+
+RESUMABLE = {
+    # dropout, scheduled sampling and the plateau schedule all consume state that must survive
+    "model": {"dropout": 0.3},
+    "train": {
+        "max_steps": 40, "validate_every": 10, "teacher_forcing": 0.9, "teacher_forcing_decay": "linear",
+        "teacher_forcing_decay_steps": 30, "schedule": "plateau", "plateau_patience": 1,
+        "early_stopping_metric": "wer", "batch_tokens": 128, "epochs": 3,
+    },
+}  # fmt: skip
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(toy_config, tmp_path, monkeypatch):
+    straight = toy_config(**{**RESUMABLE, "model_dir": str(tmp_path / "straight")})
+    Trainer(straight, progress=False).train()
+
+    broken = toy_config(**{**RESUMABLE, "model_dir": str(tmp_path / "broken")})
+    real_step, calls = training.train_step, []
+
+    def dies_at_step_27(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 27:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", dies_at_step_27)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(broken, progress=False).train()
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert ckpt.latest_checkpoint(tmp_path / "broken").name == "step-000020"
+
+    resumed = Trainer(broken, resume=True, progress=False)
+    assert (resumed.state.step, resumed.state.epoch) == (20, 0) and resumed.state.batch == 20
+    resumed.train()
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "broken")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.state.history == Trainer(straight, resume=True, progress=False).state.history
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(toy_config, monkeypatch):
+    config = toy_config(train={"max_steps": 20, "validate_every": 10})
+    real_save, calls = ckpt.save_file, []
+
+    def crash_on_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        Trainer(config, progress=False).train()
+    model_dir = ckpt.Path(config.model_dir)
+    assert ckpt.latest_checkpoint(model_dir).name == "step-000010"
+    assert [p.name for p in (model_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    aligna.load(model_dir, checkpoint="latest").translate(["a b"])  # still loads
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    Trainer(config, resume=True, progress=False).train()
+    assert not [p for p in (model_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert ckpt.latest_checkpoint(model_dir).name == "step-000020"
+
+
+def test_model_dir_holds_no_pickles(toy_config):
+    config = toy_config(train={"max_steps": 10})
+    train(config, progress=False)
+    allowed = {".safetensors", ".json", ".yaml", ".txt", ".log"}
+    files = [
+        p for p in ckpt.Path(config.model_dir).rglob("*") if p.is_file() and "tensorboard" not in p.parts
+    ]
+    assert files and all(p.suffix in allowed for p in files), files
+
+
+def test_existing_run_needs_resume_or_overwrite(toy_config):
+    config = toy_config(train={"max_steps": 5})
+    train(config, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(config, progress=False)
+    changed = toy_config(train={"max_steps": 5}, model={"hidden_size": 64})
+    with pytest.raises(ValueError, match="model section differs"):
+        Trainer(changed, resume=True, progress=False)
+    Trainer(config, overwrite=True, progress=False)
+
+
+def test_early_stopping_stops(toy_config):
+    config = toy_config(train={"epochs": 50, "validate_every": 5, "early_stopping_patience": 2, "lr": 1e-9})
+    state = Trainer(config, progress=False).train()
+    assert state.step < 100 and state.bad_validations == 2
+
+
+def test_learning_rate_schedules():
+    inv = TrainConfig(schedule="inverse_sqrt", lr=1e-3, warmup_steps=100)
+    assert learning_rate(50, inv) == pytest.approx(5e-4)
+    assert learning_rate(100, inv) == pytest.approx(1e-3)
+    assert learning_rate(400, inv) == pytest.approx(5e-4)
+    const = TrainConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(5, const) == pytest.approx(5e-4) and learning_rate(500, const) == 1e-3
+    plateau = TrainConfig(schedule="plateau", lr=1e-3, min_lr=1e-4)
+    assert learning_rate(10, plateau, 0.5) == pytest.approx(5e-4)
+    assert learning_rate(10, plateau, 0.01) == pytest.approx(1e-4)
+
+
+def test_plateau_reduces_after_patience():
+    p = training.Plateau(factor=0.5, patience=2)
+    for value in [1.0, 0.9, 0.95, 0.95]:
+        p.update(value, higher_is_better=False)
+    assert p.scale == 0.5 and p.best == 0.9
+
+
+def test_teacher_forcing_decays():
+    lin = TrainConfig(teacher_forcing=1.0, teacher_forcing_decay="linear", teacher_forcing_decay_steps=100,
+                      teacher_forcing_min=0.2)  # fmt: skip
+    assert [teacher_forcing_ratio(s, lin) for s in (0, 50, 100, 500)] == pytest.approx([1.0, 0.6, 0.2, 0.2])
+    exp = TrainConfig(
+        teacher_forcing=1.0, teacher_forcing_decay="exponential", teacher_forcing_decay_steps=10
+    )
+    assert teacher_forcing_ratio(10, exp) == pytest.approx(0.5)
+    sig = TrainConfig(
+        teacher_forcing=1.0, teacher_forcing_decay="inverse_sigmoid", teacher_forcing_decay_steps=100
+    )
+    assert teacher_forcing_ratio(100, sig) == pytest.approx(0.5)
+    assert teacher_forcing_ratio(0, sig) > 0.99 and teacher_forcing_ratio(300, sig) < 0.01
+
+
+def test_label_smoothed_loss_matches_its_definition():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 5), torch.tensor([[1, 4, 0], [2, 3, 3]])  # 0 is <pad>
+    eps, logp = 0.1, torch.log_softmax(logits, -1)
+    mask = targets != 0
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    smooth = -logp.mean(-1)
+    expected = ((1 - eps) * nll + eps * smooth)[mask].sum()
+    torch.testing.assert_close(sequence_loss(logits, targets, eps), expected)
+    assert math.isclose(float(sequence_loss(logits, targets)), float(nll[mask].sum()), rel_tol=1e-6)

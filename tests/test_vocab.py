@@ -1,0 +1,60 @@
+from collections import Counter
+
+import pytest
+
+from aligna.config import TokenizerConfig
+from aligna.vocab import (
+    SPECIALS,
+    UNK_ID,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Vocabulary,
+    WordTokenizer,
+    load_tokenizer,
+)
+
+
+def test_vocabulary_specials_min_freq_max_size_and_ties():
+    counts = Counter({"b": 3, "a": 3, "c": 2, "d": 1})
+    v = Vocabulary.build(counts, min_freq=2)
+    assert v.itos == [*SPECIALS, "a", "b", "c"]  # frequency first, then alphabetical
+    assert Vocabulary.build(counts, max_size=1).itos == [*SPECIALS, "a"]
+    assert v.encode(["a", "zzz"]) == [4, UNK_ID]
+    assert v.decode([2, 4, 0, 5, 3, 6]) == ["a", "b"]  # <sos>/<pad> skipped, stops at <eos>
+
+
+def test_vocabulary_save_load(tmp_path):
+    v = Vocabulary.build(Counter(["ä", "ü", "ü", "\u2028"]))
+    v.save(tmp_path / "v.txt")
+    assert Vocabulary.load(tmp_path / "v.txt").itos == v.itos
+
+
+def test_vocabulary_rejects_bad_lists():
+    with pytest.raises(ValueError):
+        Vocabulary(["a", "b"])
+
+
+def test_word_and_char_tokenizers(tmp_path):
+    w = WordTokenizer(lowercase=True)
+    assert w.encode("Ein  Hund\tläuft") == ["ein", "hund", "läuft"]
+    assert w.decode(["a", "dog"]) == "a dog"
+    c = CharTokenizer()
+    assert c.encode("ab  c") == ["a", "b", "\u2581", "c"]
+    assert c.decode(c.encode("ab  c")) == "ab c"
+    c.save(tmp_path, "src")
+    assert isinstance(load_tokenizer(tmp_path, "src"), CharTokenizer)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sentencepiece_trains_saves_and_detokenizes(tmp_path, kind):
+    lines = ["A man in an orange hat, staring at something."] * 20 + ["Zwei Hunde spielen im Schnee."] * 20
+    tok = SentencePieceTokenizer.train(lines, TokenizerConfig(type=kind, vocab_size=30))
+    tok.save(tmp_path, "tgt")
+    again = load_tokenizer(tmp_path, "tgt")
+    pieces = again.encode("A man in the snow, staring.")
+    assert again.decode(pieces) == "A man in the snow, staring."
+
+
+def test_sentencepiece_too_large_vocab_is_a_clear_error():
+    with pytest.raises(ValueError, match="vocab_size=5000"):
+        SentencePieceTokenizer.train(["tiny corpus"] * 3, TokenizerConfig(type="bpe", vocab_size=5000))

@@ -104,21 +104,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    from .data import decode_lines, read_lines
     from .translate import load
 
     translator = load(args.model_dir, args.checkpoint, args.device)
     if args.input:
-        from .data import read_lines
-
         lines = read_lines(args.input)
-    else:
-        lines = [line.rstrip("\r\n") for line in sys.stdin]
+    else:  # bytes, so the terminal's locale cannot garble UTF-8
+        lines = decode_lines(sys.stdin.buffer.read(), "<stdin>")
     outputs = translator.translate(lines, args.batch_size)
-    text = "".join(o + "\n" for o in outputs)
+    text = "".join(o + "\n" for o in outputs).encode("utf-8")
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        Path(args.output).write_bytes(text)
     else:
-        sys.stdout.write(text)
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
     return 0
 
 

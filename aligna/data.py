@@ -51,12 +51,17 @@ def read_lines(path: str | Path) -> list[str]:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
+    return decode_lines(raw, str(path))
+
+
+def decode_lines(raw: bytes, name: str) -> list[str]:
+    """UTF-8 bytes -> lines without endings; `name` (a file, stdin) is named in errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         bad = raw[e.start : e.end].hex(" ")
-        raise DataError(f"{path}:{line}: invalid UTF-8 (bytes {bad})") from None
+        raise DataError(f"{name}:{line}: invalid UTF-8 (bytes {bad})") from None
     text = text.removeprefix("\ufeff")
     lines = text.split("\n")
     if lines[-1] == "":

@@ -176,6 +176,27 @@ class TrainState:
     history: list[dict[str, Any]] | None = None
 
 
+class _Window:
+    """Training loss and speed since the last log line (the loss stays on the device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.lr = self.ratio = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, mean_loss: Tensor, tokens: int, seconds: float) -> None:
+        self.loss_sum += mean_loss * tokens
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(self.tokens, 1)
+
+
 class Trainer:
     """Trains `config` into `config.model_dir`; `resume` continues the latest checkpoint."""
 
@@ -262,53 +283,26 @@ class Trainer:
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
         per_epoch = len(epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, 0))
-        total = cfg.max_steps or cfg.epochs * per_epoch
-        if cfg.max_steps:
-            total = min(total, cfg.epochs * per_epoch)
+        total = min(cfg.max_steps or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
         log.info("training: %d batches per epoch, %d updates in all", per_epoch, total)
         bar = tqdm(total=total, initial=st.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        window_tokens, window_loss, window_time = 0, torch.zeros((), device=self.device), 0.0
+        window = _Window(self.device)
         validated_at = st.step if st.step else -1
         stop = st.step >= total
         while not stop and st.epoch < cfg.epochs:
             batches = epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, st.epoch)
-            while st.batch < len(batches):
-                started = time.perf_counter()
-                batch = collate(self.train_data, batches[st.batch])
-                n_tokens = batch.n_tokens
-                st.step += 1
-                lr = learning_rate(st.step, cfg, self.plateau.scale)
-                ratio = teacher_forcing_ratio(st.step, cfg)
-                loss = train_step(self.model, batch.to(self.device), n_tokens, self.optimizer, cfg, lr, ratio)
-                st.batch += 1
-                window_loss += loss * n_tokens
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - started
-                st.train_seconds += elapsed
-                st.tokens += n_tokens
-                window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
+            while st.batch < len(batches) and not stop:
+                self._step(batches[st.batch], window)
                 if st.step % cfg.log_every == 0 or st.step == total:
-                    mean = float(window_loss) / max(window_tokens, 1)
-                    speed = window_tokens / max(window_time, 1e-9)
-                    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}", lr=f"{lr:.2e}", refresh=False)
-                    self._log_scalars(
-                        "train", {"loss": mean, "tokens_per_s": speed, "lr": lr, "teacher_forcing": ratio}
-                    )
-                    log.debug("step %d loss %.4f tok/s %.0f lr %.3g", st.step, mean, speed, lr)
-                    window_tokens, window_loss, window_time = 0, torch.zeros((), device=self.device), 0.0
+                    self._report(window, bar)
                 bar.update(1)
                 if cfg.validate_every and st.step % cfg.validate_every == 0:
-                    stop = self._validate_and_save()
-                    validated_at = st.step
-                if stop or st.step >= total:
-                    stop = True
-                    break
+                    stop, validated_at = self._validate_and_save(), st.step
+                stop = stop or st.step >= total
             if st.batch >= len(batches):
                 st.epoch, st.batch = st.epoch + 1, 0
                 if not cfg.validate_every and validated_at != st.step:
-                    stop = self._validate_and_save() or stop
-                    validated_at = st.step
+                    stop, validated_at = self._validate_and_save() or stop, st.step
         if validated_at != st.step:
             self._validate_and_save()
         bar.close()
@@ -318,9 +312,37 @@ class Trainer:
         )  # fmt: skip
         if st.best is not None:
             log.info("best %s %.4f at step %d", cfg.early_stopping_metric, st.best, st.best_step)
-        if self._writer is not None:
+        if self._writer:
             self._writer.close()
         return st
+
+    def _step(self, index: list[int], window: _Window) -> None:
+        """One update on the batch of examples `index`; advances the data position."""
+        st = self.state
+        started = time.perf_counter()
+        batch = collate(self.train_data, index)
+        n_tokens = batch.n_tokens  # counted on the CPU, so the device is not synced for it
+        st.step += 1
+        window.lr = learning_rate(st.step, self.cfg, self.plateau.scale)
+        window.ratio = teacher_forcing_ratio(st.step, self.cfg)
+        loss = train_step(
+            self.model, batch.to(self.device), n_tokens, self.optimizer, self.cfg, window.lr, window.ratio
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        st.batch += 1
+        st.tokens += n_tokens
+        st.train_seconds += elapsed
+        window.add(loss, n_tokens, elapsed)
+
+    def _report(self, window: _Window, bar: tqdm) -> None:
+        loss, speed = window.mean_loss(), window.tokens / max(window.seconds, 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{window.lr:.2e}", refresh=False)
+        scalars = {"loss": loss, "tokens_per_s": speed, "lr": window.lr, "teacher_forcing": window.ratio}
+        self._log_scalars("train", scalars)
+        log.debug("step %d loss %.4f tok/s %.0f lr %.3g", self.state.step, loss, speed, window.lr)
+        window.reset()
 
     # ------------------------------------------------------------------ validation
 

@@ -49,10 +49,13 @@ def test_train_translate_evaluate(trained, tmp_path, capsys, monkeypatch):
 
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a b c\nd e f\n"))
-    capsys.readouterr()
+    stdout = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a b c\nd e f\n")))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout))
     assert main(["translate", config.model_dir]) == 0
-    assert capsys.readouterr().out.split("\n")[:2] == lines[0:1] + lines[2:3]
+    assert stdout.getvalue().decode().split("\n") == [lines[0], lines[2], ""]
+    monkeypatch.undo()
+    capsys.readouterr()
 
     ref = tmp_path / "ref.txt"
     ref.write_text("c b a\n\nf e d\n")

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from .attention import build_attention
 from .config import ModelConfig
 from .model import Seq2Seq
-from .rnn import Bridge, RNNDecoder, RNNEncoder, RNNSeq2Seq
+from .rnn import BahdanauDecoder, Bridge, LuongDecoder, RNNDecoder, RNNEncoder, RNNSeq2Seq
+from .transformer import Transformer
 
 
 def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
     if config.arch == "rnn":
         return _rnn_model(config, src_vocab_size, tgt_vocab_size)
+    if config.arch == "transformer":
+        return _transformer_model(config, src_vocab_size, tgt_vocab_size)
     raise ValueError(f"model.arch: unknown architecture {config.arch!r}")
+
+
+def _transformer_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer:
+    t = config.transformer
+    return Transformer(
+        src_vocab_size, tgt_vocab_size, d_model=config.emb_dim, heads=t.heads, ff_size=t.ff_size,
+        encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers, dropout=config.dropout,
+        attention_dropout=t.attention_dropout, activation_dropout=t.activation_dropout,
+        activation=t.activation, pre_norm=t.pre_norm, positions=t.positions, max_positions=t.max_positions,
+        scale_embeddings=t.scale_embeddings, share_embeddings=config.share_embeddings,
+        tie_embeddings=config.tie_embeddings,
+    )  # fmt: skip
 
 
 def _rnn_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> RNNSeq2Seq:
@@ -23,11 +39,32 @@ def _rnn_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) ->
         config.encoder_layers, encoder.output_size, config.decoder_layers,
         config.hidden_size, lstm=rnn.cell == "lstm",
     )  # fmt: skip
-    decoder = RNNDecoder(
-        tgt_vocab_size, config.emb_dim, config.hidden_size, config.decoder_layers, rnn.cell,
-        config.dropout, context_size=encoder.output_size if rnn.feed_context else 0,
-        tie_embeddings=config.tie_embeddings,
-    )  # fmt: skip
+    shared = (
+        tgt_vocab_size,
+        config.emb_dim,
+        config.hidden_size,
+        config.decoder_layers,
+        rnn.cell,
+        config.dropout,
+    )
+    decoder: RNNDecoder | BahdanauDecoder | LuongDecoder
+    if rnn.attention == "none":
+        context = encoder.output_size if rnn.feed_context else 0
+        decoder = RNNDecoder(*shared, context_size=context, tie_embeddings=config.tie_embeddings)
+    else:
+        attention = build_attention(
+            rnn.attention, config.hidden_size, encoder.output_size, rnn.attention_size or config.hidden_size
+        )
+        if rnn.attention == "bahdanau":
+            decoder = BahdanauDecoder(*shared, attention, encoder.output_size, config.tie_embeddings)
+        else:
+            decoder = LuongDecoder(
+                *shared, attention, encoder.output_size, rnn.input_feeding, config.tie_embeddings
+            )
+    if config.share_embeddings:  # one vocabulary, one embedding table
+        decoder.embedding = encoder.embedding
+        if config.tie_embeddings:
+            decoder.output.weight = encoder.embedding.weight
     return RNNSeq2Seq(encoder, bridge, decoder)
 
 

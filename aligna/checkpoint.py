@@ -30,6 +30,7 @@ from torch import nn
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 BEST = "best.safetensors"
+AVERAGED = "averaged.safetensors"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -85,6 +86,21 @@ def save_checkpoint(
     for old in list_checkpoints(model_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def average_checkpoints(model: nn.Module, paths: list[Path], output: Path) -> None:
+    """Average the weights of `paths` (checkpoint directories) into `output`, using `model`
+    (of the right architecture) as the container; its own weights are overwritten."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    dtypes = {name: t.dtype for name, t in _unwrap(model).state_dict().items()}
+    for path in paths:
+        load_weights(model, path / "model.safetensors")
+        for name, tensor in _unwrap(model).state_dict().items():
+            total[name] = total.get(name, 0) + tensor.double()  # type: ignore[operator]
+    _unwrap(model).load_state_dict({name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()})
+    save_weights(model, output)
 
 
 def list_checkpoints(model_dir: Path) -> list[Path]:

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--input", "-i", help="input file (default: stdin)")
     p.add_argument("--output", "-o", help="output file (default: stdout)")
+    p.add_argument("--attention", metavar="DIR",
+                   help="also write each sentence's attention map to DIR/NNNN.png and its weights to DIR/NNNN.json "
+                   "(NNNN: the input line number)")  # fmt: skip
     p.set_defaults(run=_translate)
 
     p = sub.add_parser("evaluate", help="score a trained model on a test set",
@@ -67,14 +70,42 @@ def _parser() -> argparse.ArgumentParser:
                        "(with signatures), tokenized BLEU, perplexity, WER/PER, as the model's config "
                        "lists under eval.metrics.")  # fmt: skip
     _model_args(p)
-    p.add_argument("--src", help="source file (plain or .gz)")
-    p.add_argument("--ref", action="append",
-                   help="reference file, line-aligned with --src; repeat for more references")  # fmt: skip
-    p.add_argument("--tsv", help="instead of --src/--ref: one file of source<TAB>reference lines")
+    _test_set_args(p)
     p.add_argument("--metrics", help="comma-separated metrics (default: the config's eval.metrics + ppl)")
     p.add_argument("--hyp-output", help="also write the translations to this file")
     p.add_argument("--json", help="also write the scores as JSON to this file")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("average", help="average the weights of the last N checkpoints",
+                       description="Average the newest N step checkpoints of a run into MODEL_DIR/averaged."
+                       "safetensors; translate or evaluate it with --checkpoint averaged.")  # fmt: skip
+    p.add_argument("model_dir")
+    p.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default: 5)")
+    p.set_defaults(run=_average)
+
+    p = sub.add_parser("compare", help="score several models by source-length bucket",
+                       description="Translate one test set with several models and score each within "
+                       "source-length buckets (length: whitespace tokens of the source line); prints a "
+                       "table and, with --out, writes compare.json and compare.png.")  # fmt: skip
+    _model_args(p, many=True)
+    _test_set_args(p)
+    p.add_argument("--buckets", default="10,15,20,25", help="bucket upper edges (default: 10,15,20,25)")
+    p.add_argument("--metric", help="one metric (default: each model's first eval.metrics entry)")
+    p.add_argument("--names", help="comma-separated model names for the table (default: directory names)")
+    p.add_argument("--out", help="directory for compare.json and compare.png")
+    p.set_defaults(run=_compare)
+
+    p = sub.add_parser("prepare-synthetic", help="write a copy or reverse task of symbol sequences",
+                       description="Write train.tsv, dev.tsv and test.tsv of a synthetic task: copy or "
+                       "reverse sequences of random symbols.")  # fmt: skip
+    p.add_argument("task", choices=["copy", "reverse"])
+    p.add_argument("out_dir")
+    p.add_argument("--min-len", type=int, default=10)
+    p.add_argument("--max-len", type=int, default=60)
+    p.add_argument("--symbols", type=int, default=10, help="distinct symbols (default: 10)")
+    p.add_argument("--sizes", default="20000,500,1000", help="train,dev,test sizes")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(run=_prepare_synthetic)
 
     p = sub.add_parser("prepare-cmudict", help="write the CMUdict G2P train/dev/test split",
                        description="Write train.tsv, dev.tsv and test.tsv (word<TAB>phonemes) from the "
@@ -84,10 +115,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a directory written by `aligna train`")
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint path")
+def _test_set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--src", help="source file (plain or .gz)")
+    p.add_argument("--ref", action="append",
+                   help="reference file, line-aligned with --src; repeat for more references")  # fmt: skip
+    p.add_argument("--tsv", help="instead of --src/--ref: one file of source<TAB>reference lines")
+
+
+def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        p.add_argument(
+            "model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`"
+        )
+    else:
+        p.add_argument("model_dir", help="a directory written by `aligna train`")
+    p.add_argument(
+        "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default, exact), or bf16 / fp16 autocast for faster decoding on a GPU")  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, help="sentences per batch (default: the config's decode.batch_size)"
     )
@@ -107,29 +154,72 @@ def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
     from .translate import load
 
-    translator = load(args.model_dir, args.checkpoint, args.device)
+    translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
     if args.input:
         lines = read_lines(args.input)
     else:  # bytes, so the terminal's locale cannot garble UTF-8
         lines = decode_lines(sys.stdin.buffer.read(), "<stdin>")
-    outputs = translator.translate(lines, args.batch_size)
-    text = "".join(o + "\n" for o in outputs).encode("utf-8")
+    results = translator.translate_detailed(lines, args.batch_size)
+    text = "".join(r.text + "\n" for r in results).encode("utf-8")
     if args.output:
         Path(args.output).write_bytes(text)
     else:
         sys.stdout.buffer.write(text)
         sys.stdout.flush()
+    if args.attention:
+        _write_attention(translator, results, Path(args.attention))
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _write_attention(translator, results: list, out_dir: Path) -> None:
+    """NNNN.png / NNNN.json: the map search used (last layer's encoder-decoder attention,
+    mean over heads). Models with several layers or heads also get NNNN/KIND_layerL.png
+    for every layer (a panel per head and their mean) and all weights in NNNN/maps.json."""
+    from .plotting import plot_attention, save_attention
+
+    if not any(r.attention is not None for r in results) and any(r.tokens for r in results):
+        raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = max(4, len(str(len(results))))
+    for number, r in enumerate(results, start=1):
+        if r.attention is None:
+            continue
+        stem = out_dir / f"{number:0{width}d}"
+        save_attention(
+            stem, r.attention.tolist(), r.src_tokens, r.attention_rows, title=f"{number}: {r.text}"
+        )
+        maps = translator.attention_maps(r)
+        if all(m.shape[:2] == (1, 1) for m in maps.values()):
+            continue  # one layer, one head: the map above is all there is
+        stem.mkdir(exist_ok=True)
+        inputs = ["<sos>", *r.tokens][: len(r.attention_rows)]
+        labels = {"cross": (r.src_tokens, r.attention_rows), "encoder": (r.src_tokens, r.src_tokens),
+                  "decoder": (inputs, r.attention_rows)}  # fmt: skip
+        for kind, weights in maps.items():
+            cols, rows = labels[kind]
+            for layer, heads in enumerate(weights, start=1):
+                plot_attention(
+                    heads,
+                    cols,
+                    rows,
+                    stem / f"{kind}_layer{layer}.png",
+                    title=f"{kind} attention, layer {layer}",
+                )
+        record = {kind: [[[[round(w, 5) for w in row] for row in head] for head in layer] for layer in m.tolist()]
+                  for kind, m in maps.items()}  # fmt: skip
+        (stem / "maps.json").write_text(
+            json.dumps({"labels": labels, "weights": record}, ensure_ascii=False), "utf-8"
+        )
+    print(f"attention maps written to {out_dir}", file=sys.stderr)
+
+
+def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[list[str]]]:
+    """Sources and per-sentence reference lists from --src/--ref or --tsv."""
     from .config import CorpusConfig
     from .data import DataError, group_references, read_lines, read_parallel
-    from .translate import load
 
     if (args.tsv is None) == (args.src is None or args.ref is None):
         raise ValueError("give --src and --ref, or --tsv")
-    translator = load(args.model_dir, args.checkpoint, args.device)
     if args.tsv is not None:
         text = read_parallel(CorpusConfig(tsv=args.tsv), "evaluation")
         sources, references = text.src, [[t] for t in text.tgt]
@@ -143,10 +233,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         references = [
             [streams[0][i]] + [s[i] for s in streams[1:] if s[i].strip()] for i in range(len(sources))
         ]
-    if translator.config.data.group_references:  # e.g. a word listed once per pronunciation
+    if group:  # e.g. a word listed once per pronunciation
         sources, references = group_references(sources, references)
+    return sources, references
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .translate import load
+
+    translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
+    sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
-    hypotheses = translator.translate(sources)
+    hypotheses = translator.translate(sources, args.batch_size)
     scores = translator.evaluate(sources, references, metrics, hypotheses)
     for name, value in scores.values.items():
         signature = scores.signatures.get(name)
@@ -154,8 +252,80 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.hyp_output:
         Path(args.hyp_output).write_text("".join(h + "\n" for h in hypotheses), "utf-8")
     if args.json:
-        record = {"model_dir": args.model_dir, "src": args.src, "ref": args.ref, **scores.__dict__}
+        record = {
+            "model_dir": args.model_dir,
+            "src": args.src,
+            "ref": args.ref,
+            "tsv": args.tsv,
+            **scores.__dict__,
+        }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .metrics import bucket_labels, score, score_by_length
+    from .plotting import plot_lines
+    from .translate import load
+
+    edges = sorted(int(e) for e in args.buckets.split(","))
+    names = args.names.split(",") if args.names else [Path(m).name for m in args.model_dirs]
+    if len(names) != len(args.model_dirs):
+        raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
+    sources = references = None
+    table: dict[str, dict] = {}
+    for name, model_dir in zip(names, args.model_dirs):
+        translator = load(model_dir, args.checkpoint, args.device, args.precision)
+        if sources is None:
+            sources, references = _test_set(args, translator.config.data.group_references)
+        metric = args.metric or translator.config.eval.metrics[0]
+        hypotheses = translator.translate(sources, args.batch_size)
+        lengths = [len(s.split()) for s in sources]
+        rows = score_by_length(hypotheses, references, lengths, edges, metric)
+        overall = score(hypotheses, references, [metric]).values[metric]
+        table[name] = {"model_dir": model_dir, "metric": metric, "all": overall,
+                       "buckets": [{"lengths": b, "sentences": n, "score": v} for b, n, v in rows]}  # fmt: skip
+    labels = bucket_labels(edges)
+    counts = [b["sentences"] for b in next(iter(table.values()))["buckets"]]
+    metric_names = {t["metric"] for t in table.values()}
+    print(f"score ({', '.join(sorted(metric_names))}) by source length in tokens\n")
+    print("| model | " + " | ".join(f"{lab} ({n})" for lab, n in zip(labels, counts)) + " | all |")
+    print("|---" * (len(labels) + 2) + "|")
+    for name, t in table.items():
+        cells = ["-" if b["score"] is None else f"{b['score']:.1f}" for b in t["buckets"]]
+        print(f"| {name} | " + " | ".join(cells) + f" | {t['all']:.1f} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(
+            json.dumps({"edges": edges, "models": table}, indent=1) + "\n", "utf-8"
+        )
+        series = {
+            name: ([b["lengths"] for b in t["buckets"] if b["score"] is not None],
+                   [b["score"] for b in t["buckets"] if b["score"] is not None])
+            for name, t in table.items()
+        }  # fmt: skip
+        plot_lines(series, out / "compare.png", "source length (tokens)", "/".join(sorted(metric_names)))
+        print(f"\ntable and plot written to {out}/compare.json and {out}/compare.png", file=sys.stderr)
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from .translate import average
+
+    print(f"averaged weights written to {average(args.model_dir, args.last)}", file=sys.stderr)
+    return 0
+
+
+def _prepare_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import write_task
+
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    if len(sizes) != 3:
+        raise ValueError("--sizes: give three numbers, train,dev,test")
+    paths = write_task(args.out_dir, args.task, args.min_len, args.max_len, args.symbols, sizes, args.seed)  # type: ignore[arg-type]
+    for split, path in paths.items():
+        print(f"{split}: {path}")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "wer", "per"]
+Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "exact", "wer", "per"]
 
 
 class ConfigError(ValueError):
@@ -92,29 +92,77 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RNNConfig:
-    """The recurrent encoder-decoder (Sutskever et al. 2014; Cho et al. 2014)."""
+    """The recurrent encoder-decoder (Sutskever et al. 2014; Cho et al. 2014), with or
+    without attention (Bahdanau et al. 2015; Luong et al. 2015)."""
 
     cell: Literal["lstm", "gru"] = "lstm"
     bidirectional: bool = False  # encoder only
     # Cho et al. 2014: the context vector C enters every decoder step and the output layer.
     feed_context: bool = False
+    # none: the fixed context vector only. bahdanau: additive, before the recurrence.
+    # dot / general / concat: Luong's scores, after the recurrence.
+    attention: Literal["none", "bahdanau", "dot", "general", "concat"] = "none"
+    attention_size: int = 0  # hidden size of additive scores (0: hidden_size)
+    input_feeding: bool = True  # Luong: h~_{t-1} joins the next decoder input
+
+    def __post_init__(self) -> None:
+        _check(self.attention_size >= 0, "attention_size", "must be >= 0")
+        _check(
+            not (self.feed_context and self.attention != "none"),
+            "feed_context",
+            "only applies without attention (attention gives every step its own context)",
+        )
+        _check(
+            not (self.attention == "dot" and self.bidirectional),
+            "attention",
+            "dot needs equal encoder and decoder sizes; a bidirectional encoder doubles them (use general)",
+        )
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The Transformer (Vaswani et al. 2017); its d_model is `model.emb_dim`."""
+
+    heads: int = 8
+    ff_size: int = 2048  # inner size of the position-wise feed-forward network
+    attention_dropout: float = 0.1  # on attention weights
+    activation_dropout: float = 0.0  # inside the feed-forward network
+    activation: Literal["relu", "gelu"] = "relu"
+    pre_norm: bool = True  # LayerNorm before each sublayer (False: after, as in the paper)
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    max_positions: int = 1024  # longest sequence a learned position table covers
+    scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (section 3.4)
+
+    def __post_init__(self) -> None:
+        for key in ("heads", "ff_size", "max_positions"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("attention_dropout", "activation_dropout"):
+            _check(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["rnn"] = "rnn"
-    emb_dim: int = 256
-    hidden_size: int = 512  # per direction for a bidirectional encoder
+    arch: Literal["rnn", "transformer"] = "rnn"
+    emb_dim: int = 256  # embedding size; the Transformer's d_model
+    hidden_size: int = 512  # RNN state size, per direction for a bidirectional encoder
     encoder_layers: int = 2
     decoder_layers: int = 2
-    dropout: float = 0.3
+    dropout: float = 0.3  # on embeddings, between layers, on residuals and outputs
     tie_embeddings: bool = False  # the output projection shares the target embedding
+    share_embeddings: bool = False  # source and target share one embedding (needs data.shared_vocab)
     rnn: RNNConfig = field(default_factory=RNNConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
     def __post_init__(self) -> None:
         for key in ("emb_dim", "hidden_size", "encoder_layers", "decoder_layers"):
             _check(getattr(self, key) >= 1, key, "must be >= 1")
         _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        if self.arch == "transformer":
+            _check(
+                self.emb_dim % self.transformer.heads == 0,
+                "emb_dim",
+                f"must be divisible by transformer.heads ({self.transformer.heads})",
+            )
 
 
 @dataclass(frozen=True)
@@ -149,6 +197,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # most recent step checkpoints kept beside best and last
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads (0: torch's default)
+    # fp32 is exact; bf16 / fp16 autocast (mixed precision) is for GPUs (fp16 with loss
+    # scaling, CUDA only); bf16 also runs on CPUs, faster on those with bf16 units.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the training forward pass
 
     def __post_init__(self) -> None:
         _check(self.batch_tokens >= 1, "batch_tokens", "must be >= 1")
@@ -173,6 +225,9 @@ class TrainConfig:
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
+        _check(
+            not (self.precision == "fp16" and self.device == "cpu"), "precision", "fp16 needs a CUDA device"
+        )
 
 
 @dataclass(frozen=True)
@@ -192,7 +247,8 @@ class DecodeConfig:
 class EvalConfig:
     # bleu/chrf: sacreBLEU on detokenized text; tok_bleu: BLEU on already tokenized,
     # lowercased text (the form of published Multi30k results); wer/per: word and
-    # phoneme error rate (G2P); loss/ppl: per-token cross-entropy and perplexity.
+    # phoneme error rate (G2P); exact: percent of outputs equal to a reference;
+    # loss/ppl: per-token cross-entropy and perplexity.
     metrics: tuple[Metric, ...] = ("bleu", "chrf")
 
 
@@ -213,6 +269,8 @@ class Config:
                 f"train.early_stopping_metric: {metric!r} is not computed; "
                 f"add it to eval.metrics {list(self.eval.metrics)} or use loss"
             )
+        if self.model.share_embeddings and not self.data.shared_vocab:
+            raise ConfigError("model.share_embeddings: needs data.shared_vocab: true (one vocabulary)")
         if self.data.dev is None and (
             self.train.early_stopping_patience > 0 or self.train.schedule == "plateau"
         ):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import sacrebleu
 
-HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "tok_bleu": True, "wer": False, "per": False,
+HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "tok_bleu": True, "exact": True, "wer": False, "per": False,
                     "loss": False, "ppl": False}  # fmt: skip
 
 
@@ -29,8 +29,8 @@ class Scores:
 def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str]) -> Scores:
     """Score detokenized `hypotheses` against per-sentence reference lists.
 
-    `metrics` may hold bleu, chrf, tok_bleu, wer and per (loss and ppl need the model and
-    are skipped here).
+    `metrics` may hold bleu, chrf, tok_bleu, exact, wer and per (loss and ppl need the
+    model and are skipped here).
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
@@ -53,6 +53,8 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
             out.signatures[name] = str(chrf.get_signature())
         elif name == "wer":
             out.values[name] = word_error_rate(hypotheses, references)
+        elif name == "exact":  # percent of outputs equal to a reference, token for token
+            out.values[name] = 100.0 - word_error_rate(hypotheses, references)
         elif name == "per":
             out.values[name] = phoneme_error_rate(hypotheses, references)
         elif name not in ("loss", "ppl"):
@@ -97,3 +99,32 @@ def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
 
 def perplexity(loss_per_token: float) -> float:
     return math.exp(min(loss_per_token, 100.0))
+
+
+def bucket_labels(edges: Sequence[int]) -> list[str]:
+    """Edges 10, 20 -> ["1-10", "11-20", "21+"]."""
+    lows = [1, *(e + 1 for e in edges)]
+    return [f"{lo}-{hi}" for lo, hi in zip(lows, edges)] + [f"{lows[-1]}+"]
+
+
+def bucket_of(length: int, edges: Sequence[int]) -> int:
+    return next((i for i, edge in enumerate(edges) if length <= edge), len(edges))
+
+
+def score_by_length(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], lengths: Sequence[int],
+    edges: Sequence[int], metric: str,
+) -> list[tuple[str, int, float | None]]:  # fmt: skip
+    """`metric` within each source-length bucket: (label, sentences, score or None if empty)."""
+    members: list[list[int]] = [[] for _ in range(len(edges) + 1)]
+    for i, n in enumerate(lengths):
+        members[bucket_of(n, edges)].append(i)
+    rows = []
+    for label, index in zip(bucket_labels(edges), members):
+        value = None
+        if index:
+            value = score([hypotheses[i] for i in index], [references[i] for i in index], [metric]).values[
+                metric
+            ]
+        rows.append((label, len(index), value))
+    return rows

@@ -69,3 +69,10 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: tgt_in (B, T) = `<sos> y1..` -> logits (B, T, V)."""
         raise NotImplementedError
+
+    def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
+        """Every attention map of a teacher-forced pass, each (B, layers, heads, rows, cols):
+        "cross" (target positions x source positions) and, where the model has them,
+        "encoder" (source x source) and "decoder" (target x target) self-attention.
+        Empty for a model without attention."""
+        raise NotImplementedError

@@ -7,16 +7,21 @@ context vector C. The decoder starts from C (through a bridge where the two diff
 layers or sizes) and predicts y_t from y_{t-1} and its state. With ``feed_context``,
 C also enters every decoder step and the output layer, as in Cho et al. (2014) eq. (4);
 their maxout output layer is replaced by a plain linear projection.
+
+With attention the decoder looks back at every encoder state at every step instead:
+`BahdanauDecoder` (Bahdanau et al. 2015) attends before its recurrence, `LuongDecoder`
+(Luong et al. 2015) after it; the scorers live in `aligna.attention`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .attention import Attention
 from .model import Reorderable, Seq2Seq
 from .vocab import PAD_ID
 
@@ -27,6 +32,7 @@ class RNNEncoderOutput(Reorderable):
     mask: Tensor  # (B, S) True at real tokens
     hidden: Tensor  # (B, L_enc, D) final hidden state of every layer, directions concatenated
     cell: Tensor | None  # (B, L_enc, D) final LSTM cell state, None for a GRU
+    keys: Tensor | None = None  # (B, S, *) attention keys, prepared once per sentence
 
     @property
     def context(self) -> Tensor:
@@ -38,6 +44,7 @@ class RNNEncoderOutput(Reorderable):
 class RNNState(Reorderable):
     hidden: Tensor  # (B, L_dec, H)
     cell: Tensor | None  # (B, L_dec, H), LSTM only
+    attentional: Tensor | None = None  # (B, 1, H) Luong's h~_{t-1}, for input feeding
 
 
 def _rnn(
@@ -118,19 +125,22 @@ class Bridge(nn.Module):
         )
 
 
-class RNNDecoder(nn.Module):
-    """One decoder for both full teacher-forced sequences and single search steps."""
+class _Decoder(nn.Module):
+    """What every RNN decoder has: target embedding, recurrence, output projection.
+
+    Subclasses implement `forward(tokens (B, T), state, enc) -> (logits (B, T, V), state,
+    attention (B, T, S) or None)`; one call serves a whole teacher-forced sequence and a
+    single search step (T = 1) alike.
+    """
 
     def __init__(
-        self, vocab_size: int, emb_dim: int, hidden_size: int, layers: int, cell: str,
-        dropout: float, context_size: int, tie_embeddings: bool,
+        self, vocab_size: int, emb_dim: int, rnn_input: int, hidden_size: int, layers: int, cell: str,
+        dropout: float, features: int, tie_embeddings: bool,
     ) -> None:  # fmt: skip
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=PAD_ID)
         self.dropout = nn.Dropout(dropout)
-        self.feed_context = context_size > 0
-        self.rnn = _rnn(cell, emb_dim + context_size, hidden_size, layers, dropout)
-        features = hidden_size + (emb_dim + context_size if self.feed_context else 0)
+        self.rnn = _rnn(cell, rnn_input, hidden_size, layers, dropout)
         # Tying needs the projection's input size to be emb_dim.
         needs_readout = tie_embeddings and features != emb_dim
         self.readout = (
@@ -140,32 +150,150 @@ class RNNDecoder(nn.Module):
         if tie_embeddings:
             self.output.weight = self.embedding.weight
 
-    def forward(self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput) -> tuple[Tensor, RNNState]:
-        """tokens (B, T) -> logits (B, T, V) and the state after the last token."""
-        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
-        inputs = emb
-        if self.feed_context:
-            context = enc.context.unsqueeze(1).expand(-1, tokens.size(1), -1)  # (B, T, D)
-            inputs = torch.cat([emb, context], dim=-1)  # (B, T, E + D)
+    def prepare(self, enc: RNNEncoderOutput) -> RNNEncoderOutput:
+        """Per-sentence work before the first step (attention keys); none by default."""
+        return enc
+
+    def project(self, features: Tensor) -> Tensor:
+        """(B, T, F) -> logits (B, T, V)."""
+        return self.output(self.readout(self.dropout(features)))
+
+    def recur(self, inputs: Tensor, state: RNNState) -> tuple[Tensor, RNNState]:
+        """Run the RNN over inputs (B, T, I) from `state` -> outputs (B, T, H), new state."""
         h0 = state.hidden.transpose(0, 1).contiguous()  # (L, B, H)
         if state.cell is None:
-            out, h = self.rnn(inputs, h0)  # out: (B, T, H)
-            new_state = RNNState(h.transpose(0, 1), None)
-        else:
-            out, (h, c) = self.rnn(inputs, (h0, state.cell.transpose(0, 1).contiguous()))
-            new_state = RNNState(h.transpose(0, 1), c.transpose(0, 1))
-        features = torch.cat([out, emb, context], dim=-1) if self.feed_context else out
-        logits = self.output(self.readout(self.dropout(features)))  # (B, T, V)
-        return logits, new_state
+            out, h = self.rnn(inputs, h0)
+            return out, replace(state, hidden=h.transpose(0, 1))
+        out, (h, c) = self.rnn(inputs, (h0, state.cell.transpose(0, 1).contiguous()))
+        return out, replace(state, hidden=h.transpose(0, 1), cell=c.transpose(0, 1))
+
+
+class RNNDecoder(_Decoder):
+    """No attention: the decoder sees the source only through its initial state and, with
+    `feed_context`, through C at every step (Cho et al. 2014, eq. 4)."""
+
+    def __init__(
+        self, vocab_size: int, emb_dim: int, hidden_size: int, layers: int, cell: str,
+        dropout: float, context_size: int, tie_embeddings: bool,
+    ) -> None:  # fmt: skip
+        self.feed_context = context_size > 0
+        features = hidden_size + (emb_dim + context_size if self.feed_context else 0)
+        super().__init__(
+            vocab_size, emb_dim, emb_dim + context_size, hidden_size, layers, cell, dropout,
+            features, tie_embeddings,
+        )  # fmt: skip
+
+    def forward(
+        self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput
+    ) -> tuple[Tensor, RNNState, None]:
+        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        if not self.feed_context:
+            out, state = self.recur(emb, state)  # (B, T, H)
+            return self.project(out), state, None
+        context = enc.context.unsqueeze(1).expand(-1, tokens.size(1), -1)  # (B, T, D)
+        out, state = self.recur(torch.cat([emb, context], dim=-1), state)
+        return self.project(torch.cat([out, emb, context], dim=-1)), state, None
+
+
+class BahdanauDecoder(_Decoder):
+    """Attention before the recurrence (Bahdanau et al. 2015, eqs. 4-6): the previous state
+    s_{t-1} queries the encoder states, and the context c_t enters the RNN with y_{t-1}.
+
+    The output layer reads [s_t; c_t; E y_{t-1}] through a linear projection where the
+    paper uses s_{t-1} and a maxout layer (as in bentrevett's tutorial 3). The query is
+    the top decoder layer. Each step depends on the last, so training runs step by step;
+    the output projection still runs once over all steps.
+    """
+
+    def __init__(
+        self, vocab_size: int, emb_dim: int, hidden_size: int, layers: int, cell: str,
+        dropout: float, attention: Attention, context_size: int, tie_embeddings: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            vocab_size, emb_dim, emb_dim + context_size, hidden_size, layers, cell, dropout,
+            hidden_size + context_size + emb_dim, tie_embeddings,
+        )  # fmt: skip
+        self.attention = attention
+
+    def prepare(self, enc: RNNEncoderOutput) -> RNNEncoderOutput:
+        return replace(enc, keys=self.attention.prepare(enc.states))
+
+    def forward(
+        self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput
+    ) -> tuple[Tensor, RNNState, Tensor]:
+        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        features, weights = [], []
+        for t in range(tokens.size(1)):
+            query = state.hidden[:, -1:]  # (B, 1, H): s_{t-1}, top layer
+            context, w = self.attention(query, enc.keys, enc.states, enc.mask)  # (B, 1, D), (B, 1, S)
+            step_emb = emb[:, t : t + 1]  # (B, 1, E)
+            out, state = self.recur(torch.cat([step_emb, context], dim=-1), state)  # (B, 1, H)
+            features.append(torch.cat([out, context, step_emb], dim=-1))
+            weights.append(w)
+        logits = self.project(torch.cat(features, dim=1))  # (B, T, V)
+        return logits, state, torch.cat(weights, dim=1)  # (B, T, S)
+
+
+class LuongDecoder(_Decoder):
+    """Attention after the recurrence (Luong et al. 2015, eqs. 5-8): the new state s_t
+    queries the encoder states, and the attentional hidden state
+    h~_t = tanh(W_c [c_t; s_t]) predicts y_t.
+
+    With input feeding (Luong et al. 2015, section 3.3) h~_{t-1} joins the next input, so
+    training runs step by step; without it, all steps run at once.
+    """
+
+    def __init__(
+        self, vocab_size: int, emb_dim: int, hidden_size: int, layers: int, cell: str,
+        dropout: float, attention: Attention, context_size: int, input_feeding: bool,
+        tie_embeddings: bool,
+    ) -> None:  # fmt: skip
+        self.input_feeding = input_feeding
+        rnn_input = emb_dim + (hidden_size if input_feeding else 0)
+        super().__init__(
+            vocab_size, emb_dim, rnn_input, hidden_size, layers, cell, dropout, hidden_size, tie_embeddings
+        )
+        self.attention = attention
+        self.combine = nn.Linear(context_size + hidden_size, hidden_size, bias=False)  # W_c
+
+    def prepare(self, enc: RNNEncoderOutput) -> RNNEncoderOutput:
+        return replace(enc, keys=self.attention.prepare(enc.states))
+
+    def attend(self, out: Tensor, enc: RNNEncoderOutput) -> tuple[Tensor, Tensor]:
+        """s (B, T, H) -> h~ (B, T, H) after dropout, weights (B, T, S)."""
+        context, weights = self.attention(out, enc.keys, enc.states, enc.mask)  # (B, T, D)
+        return self.dropout(torch.tanh(self.combine(torch.cat([context, out], dim=-1)))), weights
+
+    def forward(
+        self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput
+    ) -> tuple[Tensor, RNNState, Tensor]:
+        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        if not self.input_feeding:
+            out, state = self.recur(emb, state)  # (B, T, H)
+            attentional, weights = self.attend(out, enc)
+            return self.output(self.readout(attentional)), state, weights
+        feed = (
+            state.attentional
+            if state.attentional is not None
+            else emb.new_zeros(emb.size(0), 1, self.combine.out_features)
+        )
+        steps, weights = [], []
+        for t in range(tokens.size(1)):
+            out, state = self.recur(torch.cat([emb[:, t : t + 1], feed], dim=-1), state)  # (B, 1, H)
+            feed, w = self.attend(out, enc)  # (B, 1, H), (B, 1, S)
+            steps.append(feed)
+            weights.append(w)
+        state = replace(state, attentional=feed)
+        return self.output(self.readout(torch.cat(steps, dim=1))), state, torch.cat(weights, dim=1)
 
 
 class RNNSeq2Seq(Seq2Seq):
-    def __init__(self, encoder: RNNEncoder, bridge: Bridge, decoder: RNNDecoder) -> None:
+    def __init__(self, encoder: RNNEncoder, bridge: Bridge, decoder: _Decoder) -> None:
         super().__init__()
         self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> RNNEncoderOutput:
-        return self.encoder(src, src_lengths)
+        return self.decoder.prepare(self.encoder(src, src_lengths))
 
     def init_state(self, encoder_output: RNNEncoderOutput) -> RNNState:  # type: ignore[override]
         return self.bridge(encoder_output)
@@ -175,11 +303,16 @@ class RNNSeq2Seq(Seq2Seq):
         prev_tokens: Tensor,
         state: RNNState,
         encoder_output: RNNEncoderOutput,  # type: ignore[override]
-    ) -> tuple[Tensor, RNNState, None]:
-        logits, state = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, V)
-        return logits.squeeze(1), state, None
+    ) -> tuple[Tensor, RNNState, Tensor | None]:
+        logits, state, weights = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, V)
+        return logits.squeeze(1), state, None if weights is None else weights.squeeze(1)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         enc = self.encode(src, src_lengths)
-        logits, _ = self.decoder(tgt_in, self.init_state(enc), enc)
+        logits, _, _ = self.decoder(tgt_in, self.init_state(enc), enc)
         return logits
+
+    def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
+        enc = self.encode(src, src_lengths)
+        _, _, weights = self.decoder(tgt_in, self.init_state(enc), enc)  # (B, T, S) or None
+        return {} if weights is None else {"cross": weights[:, None, None]}  # one layer, one head

@@ -47,7 +47,7 @@ from .data import (
 from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
-from .translate import Translator, resolve_device
+from .translate import Translator, autocast, resolve_device
 from .vocab import PAD_ID
 
 log = logging.getLogger("aligna")
@@ -133,22 +133,32 @@ def scheduled_sampling_logits(model: Seq2Seq, batch: Batch, ratio: float) -> Ten
 
 def train_step(
     model: Seq2Seq, batch: Batch, n_tokens: int, optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig, lr: float, tf_ratio: float,
+    cfg: TrainConfig, lr: float, tf_ratio: float, scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:  # fmt: skip
-    """One update on `batch`; returns the mean per-token loss (a 0-d tensor, not synced)."""
+    """One update on `batch`; returns the mean per-token loss (a 0-d tensor, not synced).
+    `scaler` scales the loss for fp16 training."""
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if tf_ratio >= 1.0:
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
-    else:
-        logits = scheduled_sampling_logits(model, batch, tf_ratio)
-    loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens
+    with autocast(batch.src.device, cfg.precision):
+        if tf_ratio >= 1.0:
+            logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+        else:
+            logits = scheduled_sampling_logits(model, batch, tf_ratio)
+        loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # so clipping sees the true gradients
+    else:
+        loss.backward()
     if cfg.clip_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return loss.detach()
 
 
@@ -173,6 +183,7 @@ class TrainState:
     best_step: int = 0
     bad_validations: int = 0
     plateau: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None  # fp16 loss scale
     history: list[dict[str, Any]] | None = None
 
 
@@ -238,6 +249,9 @@ class Trainer:
             "model: %s, %d parameters, on %s", config.model.arch, count_parameters(self.model), self.device
         )
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
+        # Training runs through the compiled module; search and checkpoints use the plain one.
+        self.train_model = torch.compile(self.model) if self.cfg.compile else self.model
         self.state = TrainState(history=[])
         self.plateau = Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience)
         if resume:
@@ -247,6 +261,8 @@ class Trainer:
             self.state = TrainState(**load_checkpoint(path, self.model, self.optimizer))
             if self.state.plateau:
                 self.plateau = Plateau(**self.state.plateau)
+            if self.scaler is not None and self.state.scaler:
+                self.scaler.load_state_dict(self.state.scaler)
             log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
         self.translator = Translator(self.model, self.pipeline, config, self.device)
         self._writer: Any = None
@@ -326,8 +342,9 @@ class Trainer:
         window.lr = learning_rate(st.step, self.cfg, self.plateau.scale)
         window.ratio = teacher_forcing_ratio(st.step, self.cfg)
         loss = train_step(
-            self.model, batch.to(self.device), n_tokens, self.optimizer, self.cfg, window.lr, window.ratio
-        )
+            self.train_model, batch.to(self.device), n_tokens, self.optimizer, self.cfg, window.lr, window.ratio,
+            self.scaler,
+        )  # fmt: skip
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -384,6 +401,7 @@ class Trainer:
                 log.info("early stopping: no improvement in %d validations", st.bad_validations)
                 stop = True
         st.plateau = asdict(self.plateau)
+        st.scaler = self.scaler.state_dict() if self.scaler is not None else None
         save_checkpoint(self.dir, st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
         return stop
 

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from .build import build_model
-from .checkpoint import BEST, latest_checkpoint, load_weights
+from .checkpoint import AVERAGED, BEST, average_checkpoints, latest_checkpoint, list_checkpoints, load_weights
 from .config import Config, load_config
 from .data import ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
 from .search import greedy_search
+from .vocab import SOS_ID
 
 log = logging.getLogger("aligna")
 
@@ -33,20 +34,45 @@ class Translation:
     tokens: list[str]  # output tokens, <eos> not included
     src_tokens: list[str]  # the source tokens the model saw
     score: float  # sum of token log-probabilities under the model
-    attention: Tensor | None  # (len(tokens) + 1, len(src_tokens)), the last row for <eos>
+    attention: Tensor | None  # (rows, len(src_tokens)): a row per output token, and <eos> if emitted
+
+    @property
+    def attention_rows(self) -> list[str]:
+        """Labels of the attention rows: the output tokens, then <eos> if it was emitted."""
+        rows = 0 if self.attention is None else self.attention.size(0)
+        return self.tokens + ["<eos>"] * (rows - len(self.tokens))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision (bf16 / fp16) on `device`; fp32 turns it off."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device")
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 
 class Translator:
     """A model with its tokenizers and vocabularies, ready to translate and evaluate."""
 
-    def __init__(self, model: Seq2Seq, pipeline: Pipeline, config: Config, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Seq2Seq,
+        pipeline: Pipeline,
+        config: Config,
+        device: torch.device,
+        precision: str = "fp32",
+    ) -> None:
         self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
+        self.precision = precision  # fp32, or bf16 / fp16 autocast for decoding
 
     def translate(self, texts: Sequence[str], batch_size: int | None = None) -> list[str]:
         return [t.text for t in self.translate_detailed(texts, batch_size)]
@@ -66,7 +92,8 @@ class Translator:
             chunk = order[start : start + batch_size]
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
-            found = greedy_search(self.model, src, lengths, decode.max_len_a, decode.max_len_b)
+            with autocast(self.device, self.precision):
+                found = greedy_search(self.model, src, lengths, decode.max_len_a, decode.max_len_b)
             for j, i in enumerate(chunk):
                 out = found.tokens[j]
                 results[i] = Translation(
@@ -79,6 +106,20 @@ class Translator:
         self.model.train(was_training)
         empty = Translation("", [], [], 0.0, None)  # an input with no tokens
         return [r if r is not None else empty for r in results]
+
+    @torch.no_grad()
+    def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
+        """Every attention map of the model for one translation, each (layers, heads, rows,
+        cols); see `Seq2Seq.attention_maps`. Rows follow `translation.attention_rows`."""
+        vocab = self.pipeline
+        src = torch.tensor([vocab.src_vocab.encode(translation.src_tokens)], device=self.device)
+        rows = len(translation.attention_rows) or len(translation.tokens) + 1
+        tgt_in = torch.tensor([[SOS_ID, *vocab.tgt_vocab.encode(translation.tokens)]], device=self.device)[
+            :, :rows
+        ]
+        self.model.eval()
+        maps = self.model.attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
+        return {name: m[0].float().cpu() for name, m in maps.items()}
 
     def evaluate(
         self, sources: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str],
@@ -108,8 +149,10 @@ class Translator:
         return scores
 
 
-def load(model_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> Translator:
-    """Load a trained model directory. `checkpoint`: best, latest, or a checkpoint path."""
+def load(
+    model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str = "fp32"
+) -> Translator:
+    """Load a trained model directory. `checkpoint`: best, latest, averaged, or a path."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.yaml"
     if not config_path.is_file():
@@ -120,10 +163,29 @@ def load(model_dir: str | Path, checkpoint: str = "best", device: str = "auto") 
     load_weights(model, _weights_path(model_dir, checkpoint))
     dev = resolve_device(device)
     model.to(dev).eval()
-    return Translator(model, pipeline, config, dev)
+    return Translator(model, pipeline, config, dev, precision)
+
+
+def average(model_dir: str | Path, last: int) -> Path:
+    """Average the weights of the `last` newest step checkpoints into averaged.safetensors."""
+    model_dir = Path(model_dir)
+    translator = load(model_dir, checkpoint="latest", device="cpu")
+    paths = list_checkpoints(model_dir)[-last:]
+    if len(paths) < last:
+        raise ValueError(
+            f"{model_dir} keeps {len(paths)} checkpoints, fewer than --last {last} "
+            "(train.keep_checkpoints sets how many are kept)"
+        )
+    average_checkpoints(translator.model, paths, model_dir / AVERAGED)
+    log.info("averaged %s into %s", ", ".join(p.name for p in paths), model_dir / AVERAGED)
+    return model_dir / AVERAGED
 
 
 def _weights_path(model_dir: Path, checkpoint: str) -> Path:
+    if checkpoint == "averaged":
+        if not (model_dir / AVERAGED).is_file():
+            raise FileNotFoundError(f"{model_dir} has no {AVERAGED}: run `aligna average {model_dir}` first")
+        return model_dir / AVERAGED
     if checkpoint == "best" and (model_dir / BEST).is_file():
         return model_dir / BEST
     if checkpoint in ("best", "latest"):  # no validation has run yet: the latest weights

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
 from aligna.config import Config, config_from_dict
+from aligna.synthetic import make_pairs
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
-SYMBOLS = list("abcdefghij")
 
 
-def reverse_pairs(n: int, seed: int, min_len: int = 3, max_len: int = 8) -> list[tuple[str, str]]:
-    """The toy task: a sequence of symbols -> the same symbols reversed."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        x = [rng.choice(SYMBOLS) for _ in range(rng.randint(min_len, max_len))]
-        pairs.append((" ".join(x), " ".join(reversed(x))))
-    return pairs
+def reverse_pairs(
+    n: int, seed: int, min_len: int = 3, max_len: int = 8, symbols: int = 10
+) -> list[tuple[str, str]]:
+    """The toy task: a sequence of symbols -> the same sequence reversed."""
+    return make_pairs("reverse", n, seed, min_len, max_len, symbols)
 
 
 def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:

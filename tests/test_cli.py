@@ -112,3 +112,120 @@ def test_quickstart_config_runs_on_real_data(tmp_path, monkeypatch):
     )
     out = aligna.load(tmp_path / "qs").translate(["ein hund läuft im schnee ."])
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_prepare_synthetic(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "prepare-synthetic",
+                "reverse",
+                str(tmp_path),
+                "--min-len",
+                "3",
+                "--max-len",
+                "5",
+                "--sizes",
+                "5,2,3",
+            ]
+        )
+        == 0
+    )
+    lines = (tmp_path / "test.tsv").read_text().splitlines()
+    assert len(lines) == 3
+    src, tgt = lines[0].split("\t")
+    assert tgt.split() == src.split()[::-1] and 3 <= len(src.split()) <= 5
+
+
+def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
+    plain = toy_config(train={"max_steps": 10}, model_dir=str(tmp_path / "plain"))
+    attentive = toy_config(train={"max_steps": 10}, model_dir=str(tmp_path / "attn"),
+                           model={"rnn": {"attention": "bahdanau", "bidirectional": True}})  # fmt: skip
+    for config in (plain, attentive):
+        path = tmp_path / f"{Path(config.model_dir).name}.yaml"
+        path.write_text(yaml.safe_dump(config_to_dict(config)))
+        assert main(["train", str(path), "--no-progress"]) == 0
+    src = tmp_path / "in.txt"
+    src.write_text("a b c d\n\nj i h\n")
+    maps = tmp_path / "maps"
+    assert (
+        main(
+            [
+                "translate",
+                attentive.model_dir,
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "o.txt"),
+                "--attention",
+                str(maps),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in maps.iterdir()) == ["0001.json", "0001.png", "0003.json", "0003.png"]
+    record = json.loads((maps / "0003.json").read_text())
+    assert record["src_tokens"] == ["j", "i", "h"] and len(record["weights"][0]) == 3
+    assert len(record["weights"]) == len(record["tgt_tokens"])
+    assert all(abs(sum(row) - 1) < 1e-4 for row in record["weights"])
+    assert (maps / "0001.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        main(
+            [
+                "translate",
+                plain.model_dir,
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "o.txt"),
+                "--attention",
+                str(maps),
+            ]
+        )
+        == 1
+    )
+    assert "has no attention" in capsys.readouterr().err
+
+    test = write_tsv(tmp_path / "test.tsv", reverse_pairs(40, seed=9, min_len=2, max_len=12))
+    out = tmp_path / "cmp"
+    assert main(["compare", plain.model_dir, attentive.model_dir, "--tsv", str(test), "--buckets", "4,8",
+                 "--metric", "exact", "--names", "plain,bahdanau", "--out", str(out)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| plain |" in table and "| bahdanau |" in table and "1-4" in table and "9+" in table
+    result = json.loads((out / "compare.json").read_text())
+    assert sum(b["sentences"] for b in result["models"]["plain"]["buckets"]) == 40
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):
+    config = toy_config(train={"max_steps": 5}, model={"arch": "transformer", "emb_dim": 16, "encoder_layers": 2,
+                                                       "decoder_layers": 2, "transformer": {"heads": 2, "ff_size": 16}})  # fmt: skip
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    src = tmp_path / "in.txt"
+    src.write_text("a b c d\n")
+    maps = tmp_path / "maps"
+    assert (
+        main(
+            [
+                "translate",
+                config.model_dir,
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "o.txt"),
+                "--attention",
+                str(maps),
+            ]
+        )
+        == 0
+    )
+    names = sorted(p.name for p in (maps / "0001").iterdir())
+    assert names == [f"{kind}_layer{i}.png" for kind in ("cross", "decoder", "encoder") for i in (1, 2)] + [
+        "maps.json"
+    ]
+    record = json.loads((maps / "0001" / "maps.json").read_text())
+    cross = record["weights"]["cross"]  # layers x heads x rows x cols
+    assert len(cross) == 2 and len(cross[0]) == 2 and len(cross[0][0][0]) == 4
+    assert record["labels"]["encoder"] == [["a", "b", "c", "d"]] * 2

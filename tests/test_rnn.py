@@ -6,20 +6,33 @@ from aligna.config import ModelConfig, RNNConfig
 from aligna.vocab import PAD_ID, SOS_ID
 
 VOCAB = 23
-VARIANTS = [
-    # cell, bidirectional, feed_context, encoder_layers, decoder_layers, tie
-    ("lstm", False, False, 2, 2, False),  # Sutskever et al.: identity bridge
-    ("gru", False, True, 1, 1, False),  # Cho et al.: C at every step
-    ("lstm", True, False, 2, 1, True),  # bridge across directions and layer counts
-    ("gru", True, True, 1, 2, True),
-]
+VARIANTS = {
+    # Sutskever et al.: 2-layer LSTM, identity bridge
+    "lstm": dict(cell="lstm", encoder_layers=2, decoder_layers=2),
+    # Cho et al.: C at every step
+    "gru-context": dict(cell="gru", feed_context=True),
+    # bridges across directions and layer counts, tied embeddings
+    "bilstm-2to1-tied": dict(cell="lstm", bidirectional=True, encoder_layers=2, tie_embeddings=True),
+    "bigru-context-1to2-tied": dict(
+        cell="gru", bidirectional=True, feed_context=True, decoder_layers=2, tie_embeddings=True
+    ),
+    # attention
+    "bahdanau-bigru": dict(cell="gru", bidirectional=True, attention="bahdanau"),
+    "bahdanau-lstm-2layers": dict(cell="lstm", attention="bahdanau", encoder_layers=2, decoder_layers=2),
+    "luong-general-feed-bilstm": dict(cell="lstm", bidirectional=True, attention="general"),
+    "luong-dot-nofeed-lstm": dict(cell="lstm", attention="dot", input_feeding=False),
+    "luong-concat-feed-gru-tied": dict(cell="gru", attention="concat", tie_embeddings=True),
+}
+MODEL_KEYS = {"encoder_layers", "decoder_layers", "tie_embeddings"}
 
 
-def make(cell, bidirectional, feed_context, enc_layers, dec_layers, tie, seed=0):
+def make(seed=0, **options):
     torch.manual_seed(seed)
+    model_options = {k: v for k, v in options.items() if k in MODEL_KEYS}
+    rnn_options = {k: v for k, v in options.items() if k not in MODEL_KEYS}
     config = ModelConfig(
-        emb_dim=8, hidden_size=12, encoder_layers=enc_layers, decoder_layers=dec_layers, dropout=0.2,
-        tie_embeddings=tie, rnn=RNNConfig(cell=cell, bidirectional=bidirectional, feed_context=feed_context),
+        emb_dim=8, hidden_size=12, dropout=0.2, **{"encoder_layers": 1, "decoder_layers": 1, **model_options},
+        rnn=RNNConfig(**rnn_options),
     )  # fmt: skip
     return build_model(config, VOCAB, VOCAB).eval()
 
@@ -34,9 +47,9 @@ def random_batch(lengths, tgt_len=6, seed=1):
     return src, torch.tensor(lengths), tgt
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_padding_does_not_change_outputs(variant):
-    model = make(*variant)
+    model = make(**VARIANTS[variant])
     src, lengths, tgt = random_batch([7, 3, 5])
     enc = model.encode(src, lengths)
     logits = model(src, lengths, tgt)
@@ -49,44 +62,51 @@ def test_padding_does_not_change_outputs(variant):
         torch.testing.assert_close(model(alone_src, lengths[i : i + 1], tgt[i : i + 1])[0], logits[i])
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_decode_step_equals_teacher_forced_forward(variant):
-    model = make(*variant)
+    model = make(**VARIANTS[variant])
     src, lengths, tgt = random_batch([4, 6])
     full = model(src, lengths, tgt)  # (B, T, V)
     enc = model.encode(src, lengths)
+    _, _, full_weights = model.decoder(tgt, model.init_state(enc), enc)  # (B, T, S) or None
     state = model.init_state(enc)
     for t in range(tgt.size(1)):
-        logits, state, attention = model.decode_step(tgt[:, t], state, enc)
-        assert attention is None
+        logits, state, weights = model.decode_step(tgt[:, t], state, enc)
         torch.testing.assert_close(logits, full[:, t])
+        if full_weights is None:
+            assert weights is None
+        else:
+            torch.testing.assert_close(weights, full_weights[:, t])
 
 
-def test_reorder_follows_batch_rows():
-    model = make("lstm", True, True, 2, 2, False)
+@pytest.mark.parametrize("variant", ["bigru-context-1to2-tied", "luong-general-feed-bilstm"])
+def test_reorder_follows_batch_rows(variant):
+    model = make(**VARIANTS[variant])
     src, lengths, tgt = random_batch([4, 6, 2])
     enc = model.encode(src, lengths)
     state = model.init_state(enc)
+    _, state, _ = model.decode_step(tgt[:, 0], state, enc)  # a state with history
     index = torch.tensor([2, 0, 0])
-    logits, _, _ = model.decode_step(tgt[index, 0], state.reorder(index), enc.reorder(index))
-    direct, _, _ = model.decode_step(tgt[:, 0], state, enc)
+    logits, _, _ = model.decode_step(tgt[index, 1], state.reorder(index), enc.reorder(index))
+    direct, _, _ = model.decode_step(tgt[:, 1], state, enc)
     torch.testing.assert_close(logits, direct[index])
 
 
-def test_tied_embeddings_share_one_tensor():
-    model = make("gru", True, True, 1, 1, True)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "tied" in v])
+def test_tied_embeddings_share_one_tensor(variant):
+    model = make(**VARIANTS[variant])
     assert model.decoder.output.weight is model.decoder.embedding.weight
 
 
 def test_sutskever_bridge_is_identity_and_others_are_learned():
-    same = make("lstm", False, False, 2, 2, False)
+    same = make(**VARIANTS["lstm"])
     assert same.bridge.identity and not any(True for _ in same.bridge.parameters())
-    for variant in VARIANTS[2:]:
-        assert not make(*variant).bridge.identity
+    for variant in ("bilstm-2to1-tied", "bigru-context-1to2-tied", "bahdanau-bigru"):
+        assert not make(**VARIANTS[variant]).bridge.identity
 
 
 def test_dropout_is_active_only_in_training():
-    model = make("lstm", False, False, 2, 2, False)
+    model = make(**VARIANTS["lstm"])
     src, lengths, tgt = random_batch([5, 5])
     model.train()
     a, b = model(src, lengths, tgt), model(src, lengths, tgt)
@@ -95,8 +115,9 @@ def test_dropout_is_active_only_in_training():
     assert torch.equal(model(src, lengths, tgt), model(src, lengths, tgt))
 
 
-def test_gradients_reach_every_parameter():
-    model = make("gru", True, True, 2, 1, False).train()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_parameter(variant):
+    model = make(**VARIANTS[variant]).train()
     src, lengths, tgt = random_batch([5, 3])
     model(src, lengths, tgt).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

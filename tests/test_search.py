@@ -1,7 +1,8 @@
 from dataclasses import dataclass
 
+import pytest
 import torch
-from test_rnn import make, random_batch
+from test_rnn import VARIANTS, make, random_batch
 from torch import Tensor
 
 from aligna.model import Reorderable, Seq2Seq
@@ -23,14 +24,21 @@ def manual_greedy(model, src, lengths, limit):
     return out
 
 
-def test_greedy_in_a_batch_equals_each_sentence_alone():
-    model = make("gru", True, True, 1, 2, False, seed=3)
+@pytest.mark.parametrize(
+    "variant", ["bigru-context-1to2-tied", "bahdanau-bigru", "luong-general-feed-bilstm"]
+)
+def test_greedy_in_a_batch_equals_each_sentence_alone(variant):
+    model = make(seed=3, **VARIANTS[variant])
     src, lengths, _ = random_batch([7, 2, 5, 9], seed=4)
     batched = greedy_search(model, src, lengths, 1.0, 3)
     for i, n in enumerate(lengths.tolist()):
         alone = greedy_search(model, src[i : i + 1, :n], lengths[i : i + 1], 1.0, 3)
         assert alone.tokens[0] == batched.tokens[i]
         torch.testing.assert_close(alone.scores[0], batched.scores[i])
+        if batched.attention is not None:  # a row per emitted token (<eos> too), a column per source token
+            rows, cols = batched.attention[i].shape
+            assert cols == n and rows - len(batched.tokens[i]) in (0, 1)
+            torch.testing.assert_close(alone.attention[0], batched.attention[i])
         limit = int(max_lengths(lengths[i : i + 1], 1.0, 3))
         assert batched.tokens[i] == manual_greedy(model, src[i : i + 1, :n], lengths[i : i + 1], limit)
 
@@ -74,3 +82,13 @@ def test_length_limit_is_relative_to_the_source():
     model = ScriptedModel([[6] * 30])
     result = greedy_search(model, torch.ones(1, 4, dtype=torch.long), torch.tensor([4]), 2.0, 1)
     assert len(result.tokens[0]) == 9
+
+
+@pytest.mark.parametrize("variant", ["bahdanau-bigru", "luong-general-feed-bilstm"])
+def test_attention_keys_are_projected_once_per_sentence_not_per_step(variant):
+    model = make(**VARIANTS[variant])
+    calls = []
+    model.decoder.attention.key_proj.register_forward_hook(lambda *args: calls.append(1))
+    src, lengths, _ = random_batch([7, 2, 5], seed=4)
+    result = greedy_search(model, src, lengths, 1.0, 5)
+    assert max(len(t) for t in result.tokens) > 1 and len(calls) == 1

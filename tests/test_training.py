@@ -177,3 +177,32 @@ def test_label_smoothed_loss_matches_its_definition():
     expected = ((1 - eps) * nll + eps * smooth)[mask].sum()
     torch.testing.assert_close(sequence_loss(logits, targets, eps), expected)
     assert math.isclose(float(sequence_loss(logits, targets)), float(nll[mask].sum()), rel_tol=1e-6)
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_last_n(toy_config, capsys):
+    from aligna.cli import main
+
+    config = toy_config(train={"max_steps": 40, "validate_every": 10, "keep_checkpoints": 3})
+    train(config, progress=False)
+    model_dir = ckpt.Path(config.model_dir)
+    assert main(["average", str(model_dir), "--last", "2"]) == 0
+    paths = ckpt.list_checkpoints(model_dir)[-2:]
+    assert [p.name for p in paths] == ["step-000030", "step-000040"]
+    parts = [load_file(str(p / "model.safetensors")) for p in paths]
+    averaged = load_file(str(model_dir / ckpt.AVERAGED))
+    assert averaged.keys() == parts[0].keys()
+    for name in averaged:
+        torch.testing.assert_close(averaged[name], (parts[0][name] + parts[1][name]) / 2)
+    assert aligna.load(model_dir, checkpoint="averaged").translate(["a b"])
+    assert main(["average", str(model_dir), "--last", "5"]) == 1
+    assert "keeps 3 checkpoints, fewer than --last 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_bf16_autocast_trains_and_decodes_on_cpu(toy_config, arch):
+    model = {"arch": arch, "rnn": {"attention": "general"}, "transformer": {"heads": 2, "ff_size": 32}}
+    config = toy_config(model=model, train={"max_steps": 8, "precision": "bf16"})
+    state = Trainer(config, progress=False).train()
+    assert all(math.isfinite(h["loss"]) for h in state.history)
+    translator = aligna.load(config.model_dir, checkpoint="latest", precision="bf16")
+    assert len(translator.translate(["a b c", "d"])) == 2

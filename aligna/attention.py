@@ -1,0 +1,177 @@
+"""Attention: score a query against every key, softmax the scores over the real (unpadded)
+positions, and return the weighted sum of the values.
+
+Every scorer has the same call shape::
+
+    keys = attention.prepare(encoder_states)           # once per sentence, not once per step
+    context, weights = attention(query, keys, values, mask)
+
+    query   (B, Tq, Dq)   decoder state(s); Tq = 1 for one search step
+    keys    (B, S, *)     `prepare`d keys (projected where the scorer projects them)
+    values  (B, S, Dv)
+    mask    (B, S) or (B, Tq, S), True where a key may be attended to
+    context (B, Tq, Dv),  weights (B, Tq, S): rows sum to 1, exactly 0 where masked
+
+Nothing is stored on the module between calls; prepared keys travel in the encoder output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Attention(nn.Module):
+    """Base class: subclasses define `score` (and `prepare` if they project the keys)."""
+
+    def prepare(self, keys: Tensor) -> Tensor:
+        """Per-sentence key preprocessing, (B, S, Dk) -> (B, S, *)."""
+        return keys
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        """(B, Tq, Dq), prepared keys (B, S, *) -> scores (B, Tq, S)."""
+        raise NotImplementedError
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.score(query, keys).masked_fill(
+            ~_broadcastable(mask, query), float("-inf")
+        )  # (B, Tq, S)
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # (B, Tq, S)
+        return torch.bmm(weights, values), weights  # (B, Tq, Dv)
+
+
+class AdditiveAttention(Attention):
+    """score(s, h) = vᵀ tanh(W s + U h).
+
+    Bahdanau et al. (2015), "Neural Machine Translation by Jointly Learning to Align and
+    Translate", eq. (6) and appendix A.1.2. It is also Luong et al.'s (2015) "concat"
+    score vᵀ tanh(W [s; h]), since W [s; h] = W_s s + W_h h. U h is computed once per
+    sentence by `prepare`.
+    """
+
+    def __init__(self, query_size: int, key_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.query_proj = nn.Linear(query_size, hidden_size, bias=False)  # W
+        self.key_proj = nn.Linear(key_size, hidden_size)  # U (its bias is W's bias too)
+        self.v = nn.Linear(hidden_size, 1, bias=False)
+
+    def prepare(self, keys: Tensor) -> Tensor:
+        return self.key_proj(keys)  # (B, S, A)
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        q = self.query_proj(query).unsqueeze(2)  # (B, Tq, 1, A)
+        return self.v(torch.tanh(q + keys.unsqueeze(1))).squeeze(-1)  # (B, Tq, S)
+
+
+class DotAttention(Attention):
+    """score(s, h) = sᵀ h (Luong et al. 2015, "Effective Approaches to Attention-based
+    Neural Machine Translation", eq. 8, dot). Needs the query and key sizes to match."""
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        return torch.bmm(query, keys.transpose(1, 2))  # (B, Tq, S)
+
+
+class GeneralAttention(DotAttention):
+    """score(s, h) = sᵀ W h (Luong et al. 2015, eq. 8, general); W h is computed once
+    per sentence by `prepare`, after which the score is a dot product."""
+
+    def __init__(self, query_size: int, key_size: int) -> None:
+        super().__init__()
+        self.key_proj = nn.Linear(key_size, query_size, bias=False)  # W
+
+    def prepare(self, keys: Tensor) -> Tensor:
+        return self.key_proj(keys)  # (B, S, Dq)
+
+
+class ScaledDotProductAttention(DotAttention):
+    """score(q, k) = qᵀ k / sqrt(d_k) (Vaswani et al. 2017, "Attention Is All You Need",
+    eq. 1). `forward` uses torch's fused kernel unless the weights are asked for; both
+    paths compute the same function."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def score(self, query: Tensor, keys: Tensor) -> Tensor:
+        return torch.matmul(query, keys.transpose(-2, -1)) / math.sqrt(query.size(-1))
+
+    def forward(  # type: ignore[override]
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Also accepts a head dimension: query (B, h, Tq, d), keys/values (B, h, S, d),
+        mask broadcastable to (B, h, Tq, S)."""
+        p = self.dropout if self.training else 0.0
+        mask = _broadcastable(mask, query)
+        if not need_weights:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p), None
+        scores = self.score(query, keys).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        return torch.matmul(F.dropout(weights, p) if p else weights, values), weights
+
+
+class MultiHeadAttention(nn.Module):
+    """h heads of scaled dot-product attention over learned projections (Vaswani et al.
+    2017, section 3.2.2): MultiHead(Q, K, V) = Concat(head_1..head_h) W^O with
+    head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+    Keys and values are projected by `project` (once per sentence for encoder-decoder
+    attention, once per new token for a decoder's self-attention cache), so `forward`
+    takes them already split into heads: (B, h, S, d_k).
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
+        self.heads, self.d_k = heads, d_model // heads
+        self.query_proj = nn.Linear(d_model, d_model)  # W^Q of all heads
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)  # W^K and W^V of all heads
+        self.out_proj = nn.Linear(d_model, d_model)  # W^O
+        self.attention = ScaledDotProductAttention(dropout)
+
+    def split(self, x: Tensor) -> Tensor:
+        """(B, T, h * d_k) -> (B, h, T, d_k)."""
+        return x.view(x.size(0), x.size(1), self.heads, self.d_k).transpose(1, 2)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, S, d_model) -> keys, values, each (B, h, S, d_k)."""
+        keys, values = self.kv_proj(x).chunk(2, dim=-1)
+        return self.split(keys), self.split(values)
+
+    def forward(
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S)
+        -> output (B, T, d_model), weights (B, h, T, S) if asked for."""
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
+        context, weights = self.attention(
+            self.split(self.query_proj(query)), keys, values, mask, need_weights
+        )
+        context = context.transpose(1, 2).reshape(query.size(0), query.size(1), -1)  # (B, T, h * d_k)
+        return self.out_proj(context), weights
+
+
+def _broadcastable(mask: Tensor, query: Tensor) -> Tensor:
+    """A key mask (B, S) -> (B, 1, S), or (B, 1, 1, S) for queries with a head dimension."""
+    if mask.dim() == 2:
+        return mask.view(mask.size(0), *([1] * (query.dim() - 2)), mask.size(1))
+    return mask
+
+
+def build_attention(kind: str, query_size: int, key_size: int, hidden_size: int) -> Attention:
+    """The scorer named in the config: bahdanau, dot, general or concat."""
+    if kind in ("bahdanau", "concat"):
+        return AdditiveAttention(query_size, key_size, hidden_size)
+    if kind == "general":
+        return GeneralAttention(query_size, key_size)
+    if kind == "dot":
+        if query_size != key_size:
+            raise ValueError(
+                f"dot attention needs equal query and key sizes, got {query_size} and {key_size}"
+            )
+        return DotAttention()
+    raise ValueError(f"unknown attention {kind!r}")

@@ -1,0 +1,122 @@
+"""Figures: one function per kind, each taking plain numbers and labels and writing a file.
+
+matplotlib is imported inside the functions with the non-interactive Agg backend, so
+nothing here needs a display and importing aligna stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Tried in order for each glyph (matplotlib >= 3.6 falls back per character), so German,
+# French, Greek, Cyrillic and, where such a font is installed, CJK labels all render.
+FONTS = ["DejaVu Sans", "Noto Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style() -> dict[str, Any]:
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return {"font.family": [f for f in FONTS if f in installed] or ["sans-serif"], "font.size": 9}
+
+
+def plot_attention(
+    weights: Any, src_tokens: Sequence[str], tgt_tokens: Sequence[str], path: str | Path,
+    title: str | None = None,
+) -> None:  # fmt: skip
+    """A heatmap of attention weights (T_out, S): one row per output token, one column per
+    source token. Weights (h, T_out, S) of several heads give one panel per head plus
+    their mean. Subword tokens are shown as the model saw them (sentencepiece's `▁` marks
+    the start of a word)."""
+    import numpy as np
+
+    plt = _pyplot()
+    data = np.asarray(weights, dtype=float)
+    panels = [data] if data.ndim == 2 else [*data, data.mean(axis=0)]
+    names = [None] if data.ndim == 2 else [f"head {i + 1}" for i in range(len(data))] + ["mean"]
+    src_tokens, tgt_tokens = readable(src_tokens), readable(tgt_tokens)
+    if panels[0].shape != (len(tgt_tokens), len(src_tokens)):
+        raise ValueError(
+            f"weights {panels[0].shape} do not match {len(tgt_tokens)} x {len(src_tokens)} labels"
+        )
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    width = min(1.6 + 0.3 * len(src_tokens), 30.0)
+    height = min(1.4 + 0.28 * len(tgt_tokens), 30.0)
+    with plt.rc_context(_style()):
+        fig, axes = plt.subplots(
+            rows, columns, figsize=(max(width, 3.5) * columns, max(height, 2.5) * rows), squeeze=False,
+            layout="constrained",
+        )  # fmt: skip
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax, panel, name in zip(axes.flat, panels, names):
+            image = ax.imshow(
+                panel, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+            )
+            ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=60, ha="right", rotation_mode="anchor")
+            ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
+            ax.tick_params(length=0)
+            if name:
+                ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def readable(tokens: Sequence[str]) -> list[str]:
+    """Axis labels for tokens. For sentencepiece pieces (some start with `▁`, the word
+    boundary), a word's first piece is shown bare and a continuation as `·piece`;
+    other tokens are shown as they are."""
+    if not any(t.startswith("\u2581") for t in tokens):
+        return list(tokens)
+    special = {"<sos>", "<eos>", "<unk>", "<pad>"}
+    return [t if t in special else t[1:] or "\u2423" if t.startswith("\u2581") else f"·{t}" for t in tokens]
+
+
+def save_attention(
+    stem: str | Path, weights: Sequence[Sequence[float]], src_tokens: Sequence[str],
+    tgt_tokens: Sequence[str], title: str | None = None,
+) -> None:  # fmt: skip
+    """Write STEM.json (tokens and raw weights) and STEM.png (the heatmap)."""
+    import json
+
+    stem = Path(stem)
+    rows = [[round(float(w), 6) for w in row] for row in weights]
+    record = {"src_tokens": list(src_tokens), "tgt_tokens": list(tgt_tokens), "weights": rows}
+    stem.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_attention(rows, src_tokens, tgt_tokens, stem.with_suffix(".png"), title)
+
+
+def plot_lines(
+    series: dict[str, tuple[Sequence[Any], Sequence[float]]], path: str | Path, xlabel: str, ylabel: str,
+    title: str | None = None,
+) -> None:  # fmt: skip
+    """One line per named series of (x, y) points, e.g. score by source-length bucket."""
+    plt = _pyplot()
+    with plt.rc_context(_style()):
+        fig, ax = plt.subplots(figsize=(6.0, 3.8))
+        for name, (xs, ys) in series.items():
+            ax.plot([str(x) for x in xs], ys, marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=130)
+        plt.close(fig)

@@ -1,0 +1,285 @@
+"""The Transformer (Vaswani et al. 2017, "Attention Is All You Need").
+
+Encoder layers: multi-head self-attention (Q = K = V from the source) and a position-wise
+feed-forward network. Decoder layers: masked multi-head self-attention (a position sees
+only itself and earlier positions), encoder-decoder attention (Q from the decoder,
+K = V from the encoder) and a feed-forward network. Each sublayer has a residual
+connection and layer normalization: after the residual as in the paper (post-norm), or
+before the sublayer (pre-norm, Wang et al. 2019), which trains more stably without
+warmup tricks and is the default here.
+
+Decoding is incremental: the decoder state caches every layer's self-attention keys and
+values, so a step projects only the new token; the encoder-decoder keys and values are
+projected once per sentence in `encode`. The cache is part of the explicit state and
+reorders along the batch like any other state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import MultiHeadAttention
+from .model import Reorderable, Seq2Seq
+from .vocab import PAD_ID
+
+
+@dataclass
+class TransformerEncoderOutput(Reorderable):
+    states: Tensor  # (B, S, d_model) the encoder's output ("memory")
+    mask: Tensor  # (B, S) True at real tokens
+    cross_keys: list[Tensor]  # per decoder layer (B, h, S, d_k), projected once per sentence
+    cross_values: list[Tensor]  # per decoder layer (B, h, S, d_k)
+    self_weights: list[Tensor] | None = None  # per encoder layer (B, h, S, S), when asked for
+
+
+@dataclass
+class TransformerState(Reorderable):
+    keys: list[Tensor]  # per decoder layer (B, h, t, d_k): self-attention keys of the t tokens so far
+    values: list[Tensor]  # per decoder layer (B, h, t, d_k)
+
+    @property
+    def length(self) -> int:
+        """Tokens decoded so far, the position of the next one."""
+        return self.keys[0].size(2)
+
+
+class PositionalEncoding(nn.Module):
+    """Adds position information to scaled embeddings: sinusoidal (Vaswani et al. 2017,
+    section 3.5; any length) or learned (one vector per position, up to `max_positions`)."""
+
+    def __init__(self, d_model: int, kind: str, max_positions: int) -> None:
+        super().__init__()
+        self.kind, self.d_model, self.max_positions = kind, d_model, max_positions
+        if kind == "learned":
+            self.table = nn.Embedding(max_positions, d_model)
+            nn.init.normal_(self.table.weight, std=d_model**-0.5)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x (B, T, d_model) for positions offset..offset+T-1."""
+        positions = torch.arange(offset, offset + x.size(1), device=x.device)
+        if self.kind == "learned":
+            if offset + x.size(1) > self.max_positions:
+                raise ValueError(
+                    f"sequence of {offset + x.size(1)} tokens is longer than max_positions={self.max_positions}"
+                )
+            return x + self.table(positions)
+        return x + sinusoids(positions, self.d_model).to(x.dtype)
+
+
+def sinusoids(positions: Tensor, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) -> (T, d_model)."""
+    rates = torch.exp(torch.arange(0, d_model, 2, device=positions.device) * (-math.log(10000.0) / d_model))
+    angles = positions.float().unsqueeze(1) * rates  # (T, d_model / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :d_model]
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2 (section 3.3), with dropout on the activations."""
+
+    def __init__(self, d_model: int, ff_size: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(d_model, ff_size), nn.Linear(ff_size, d_model)
+        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.activation(self.w1(x))))
+
+
+class Sublayer(nn.Module):
+    """x + Dropout(f(LayerNorm(x))) (pre-norm) or LayerNorm(x + Dropout(f(x))) (post-norm)."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+
+    def forward(self, x: Tensor, f) -> tuple[Tensor, Tensor | None]:  # f: (B, T, d) -> ((B, T, d), weights)
+        out, weights = f(self.norm(x) if self.pre_norm else x)
+        x = x + self.dropout(out)
+        return (x if self.pre_norm else self.norm(x)), weights
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ff_size: int, dropout: float, attention_dropout: float,
+                 activation_dropout: float, activation: str, pre_norm: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.self_attention = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.feed_forward = FeedForward(d_model, ff_size, activation_dropout, activation)
+        self.attention_block = Sublayer(d_model, dropout, pre_norm)
+        self.ff_block = Sublayer(d_model, dropout, pre_norm)
+
+    def forward(self, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, S, d), mask (B, S) -> x (B, S, d), self-attention weights (B, h, S, S)."""
+        x, weights = self.attention_block(
+            x, lambda h: self.self_attention(h, *self.self_attention.project(h), mask, need_weights)
+        )
+        x, _ = self.ff_block(x, lambda h: (self.feed_forward(h), None))
+        return x, weights
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ff_size: int, dropout: float, attention_dropout: float,
+                 activation_dropout: float, activation: str, pre_norm: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.self_attention = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.cross_attention = MultiHeadAttention(d_model, heads, attention_dropout)
+        self.feed_forward = FeedForward(d_model, ff_size, activation_dropout, activation)
+        self.self_block = Sublayer(d_model, dropout, pre_norm)
+        self.cross_block = Sublayer(d_model, dropout, pre_norm)
+        self.ff_block = Sublayer(d_model, dropout, pre_norm)
+
+    def forward(
+        self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor, cross: tuple[Tensor, Tensor],
+        src_mask: Tensor, need_weights: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor | None]:  # fmt: skip
+        """x (B, T, d): the new positions; cache: keys/values (B, h, t, d_k) of the earlier ones;
+        causal (T, t + T): which positions each new one may see.
+        -> x (B, T, d), the extended cache, self- and cross-attention weights."""
+        extended = cache
+
+        def self_attend(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            nonlocal extended
+            keys, values = self.self_attention.project(h)  # (B, h, T, d_k): only the new tokens
+            extended = (torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2))
+            return self.self_attention(h, *extended, causal.unsqueeze(0), need_weights)
+
+        x, self_weights = self.self_block(x, self_attend)
+        x, cross_weights = self.cross_block(
+            x, lambda h: self.cross_attention(h, cross[0], cross[1], src_mask, need_weights)
+        )
+        x, _ = self.ff_block(x, lambda h: (self.feed_forward(h), None))
+        return x, extended, self_weights, cross_weights
+
+
+class Transformer(Seq2Seq):
+    def __init__(
+        self, src_vocab_size: int, tgt_vocab_size: int, d_model: int, heads: int, ff_size: int,
+        encoder_layers: int, decoder_layers: int, dropout: float, attention_dropout: float,
+        activation_dropout: float, activation: str, pre_norm: bool, positions: str, max_positions: int,
+        scale_embeddings: bool, share_embeddings: bool, tie_embeddings: bool,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.d_model, self.heads = d_model, heads
+        self.src_embedding = nn.Embedding(src_vocab_size, d_model, padding_idx=PAD_ID)
+        self.tgt_embedding = (
+            self.src_embedding
+            if share_embeddings
+            else nn.Embedding(tgt_vocab_size, d_model, padding_idx=PAD_ID)
+        )
+        self.scale = math.sqrt(d_model) if scale_embeddings else 1.0  # section 3.4
+        self.src_positions = PositionalEncoding(d_model, positions, max_positions)
+        self.tgt_positions = PositionalEncoding(d_model, positions, max_positions)
+        self.dropout = nn.Dropout(dropout)
+        layer_args = (
+            d_model,
+            heads,
+            ff_size,
+            dropout,
+            attention_dropout,
+            activation_dropout,
+            activation,
+            pre_norm,
+        )
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(decoder_layers))
+        # Pre-norm leaves the residual stream unnormalized: one last LayerNorm per stack.
+        self.encoder_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
+        self.output = nn.Linear(d_model, tgt_vocab_size)
+        self._init_weights()
+        if tie_embeddings:  # Press & Wolf (2017); section 3.4
+            self.output.weight = self.tgt_embedding.weight
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embedding" not in name and "table" not in name:
+                nn.init.xavier_uniform_(p)
+        for embedding in {self.src_embedding, self.tgt_embedding}:
+            nn.init.normal_(embedding.weight, std=self.d_model**-0.5)  # x sqrt(d) gives unit scale
+            nn.init.zeros_(embedding.weight[PAD_ID])
+
+    # ------------------------------------------------------------------ encoder
+
+    def encode(
+        self, src: Tensor, src_lengths: Tensor, need_weights: bool = False
+    ) -> TransformerEncoderOutput:
+        mask = src != PAD_ID  # (B, S)
+        x = self.dropout(self.src_positions(self.src_embedding(src) * self.scale))  # (B, S, d)
+        maps = []
+        for layer in self.encoder_layers:
+            x, weights = layer(x, mask, need_weights)
+            maps.append(weights)
+        x = self.encoder_norm(x)
+        cross = [layer.cross_attention.project(x) for layer in self.decoder_layers]  # once per sentence
+        return TransformerEncoderOutput(
+            x, mask, [k for k, _ in cross], [v for _, v in cross], maps if need_weights else None
+        )
+
+    def init_state(self, encoder_output: TransformerEncoderOutput) -> TransformerState:  # type: ignore[override]
+        batch, device = encoder_output.states.size(0), encoder_output.states.device
+        empty = torch.zeros(
+            batch, self.heads, 0, self.d_model // self.heads, device=device, dtype=encoder_output.states.dtype
+        )
+        return TransformerState([empty] * len(self.decoder_layers), [empty] * len(self.decoder_layers))
+
+    # ------------------------------------------------------------------ decoder
+
+    def decode(
+        self,
+        tokens: Tensor,
+        state: TransformerState,
+        enc: TransformerEncoderOutput,
+        need_weights: str = "last",
+    ) -> tuple[Tensor, TransformerState, Tensor | None, dict[str, list[Tensor]]]:
+        """tokens (B, T) at positions state.length.. -> logits (B, T, V), the extended state,
+        the last layer's encoder-decoder attention averaged over heads (B, T, S), and with
+        need_weights="all" every layer's self- and cross-attention weights (B, h, T, *)."""
+        past, steps = state.length, tokens.size(1)
+        x = self.dropout(
+            self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)
+        )  # (B, T, d)
+        # The new position past + i may see positions 0 .. past + i.
+        causal = torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+        keys, values, maps = [], [], {"decoder_self": [], "cross": []}
+        summary = None
+        for i, layer in enumerate(self.decoder_layers):
+            wanted = need_weights == "all" or (need_weights == "last" and i == len(self.decoder_layers) - 1)
+            x, (k, v), self_w, cross_w = layer(
+                x, (state.keys[i], state.values[i]), causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted
+            )  # fmt: skip
+            keys.append(k)
+            values.append(v)
+            if need_weights == "all":
+                maps["decoder_self"].append(self_w)
+                maps["cross"].append(cross_w)
+            if wanted and i == len(self.decoder_layers) - 1:
+                summary = cross_w.mean(dim=1)  # (B, T, S)
+        logits = self.output(self.decoder_norm(x))  # (B, T, V)
+        return logits, TransformerState(keys, values), summary, maps
+
+    def decode_step(
+        self,
+        prev_tokens: Tensor,
+        state: TransformerState,
+        encoder_output: TransformerEncoderOutput,  # type: ignore[override]
+    ) -> tuple[Tensor, TransformerState, Tensor]:
+        logits, state, weights, _ = self.decode(prev_tokens.unsqueeze(1), state, encoder_output)
+        return logits.squeeze(1), state, weights.squeeze(1)  # type: ignore[union-attr]
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        enc = self.encode(src, src_lengths)
+        logits, _, _, _ = self.decode(tgt_in, self.init_state(enc), enc, need_weights="none")
+        return logits
+
+    def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
+        enc = self.encode(src, src_lengths, need_weights=True)
+        _, _, _, maps = self.decode(tgt_in, self.init_state(enc), enc, need_weights="all")
+        return {
+            "encoder": torch.stack(enc.self_weights, dim=1),  # type: ignore[arg-type]  # (B, L, h, S, S)
+            "decoder": torch.stack(maps["decoder_self"], dim=1),  # (B, L, h, T, T)
+            "cross": torch.stack(maps["cross"], dim=1),  # (B, L, h, T, S)
+        }

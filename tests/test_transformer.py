@@ -1,0 +1,148 @@
+import pytest
+import torch
+from conftest import reverse_pairs, write_tsv
+from test_rnn import random_batch
+
+import aligna
+from aligna.build import build_model
+from aligna.config import ModelConfig, TransformerConfig
+from aligna.training import train
+from aligna.transformer import sinusoids
+from aligna.vocab import PAD_ID
+
+VOCAB = 23
+VARIANTS = {
+    "pre-norm-sinusoidal": {},
+    "post-norm-learned": {"pre_norm": False, "positions": "learned", "max_positions": 32},
+    "gelu-unscaled-tied": {"activation": "gelu", "scale_embeddings": False, "tie": True},
+}
+
+
+def make(seed=0, tie=False, dropout=0.1, **options):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        arch="transformer", emb_dim=16, encoder_layers=2, decoder_layers=2, dropout=dropout, tie_embeddings=tie,
+        transformer=TransformerConfig(heads=4, ff_size=32, attention_dropout=0.1, **options),
+    )  # fmt: skip
+    return build_model(config, VOCAB, VOCAB).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_mask_hides_the_future(variant):
+    model = make(**VARIANTS[variant])
+    src, lengths, tgt = random_batch([5, 3], tgt_len=7)
+    logits = model(src, lengths, tgt)
+    changed = tgt.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % VOCAB  # only positions 4.. differ
+    after = model(src, lengths, changed)
+    torch.testing.assert_close(after[:, :4], logits[:, :4])
+    assert not torch.allclose(after[:, 4:], logits[:, 4:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_source_and_target_padding_change_nothing(variant):
+    model = make(**VARIANTS[variant])
+    src, lengths, tgt = random_batch([6, 2, 4], tgt_len=6)
+    tgt_lengths = [6, 3, 5]
+    for i, n in enumerate(tgt_lengths):
+        tgt[i, n:] = PAD_ID
+    logits = model(src, lengths, tgt)
+    for i, (n, m) in enumerate(zip(lengths.tolist(), tgt_lengths)):
+        alone = model(src[i : i + 1, :n], lengths[i : i + 1], tgt[i : i + 1, :m])
+        torch.testing.assert_close(alone[0], logits[i, :m])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_incremental_decoding_equals_the_full_pass(variant):
+    model = make(**VARIANTS[variant])
+    src, lengths, tgt = random_batch([6, 3], tgt_len=8)
+    full = model(src, lengths, tgt)  # (B, T, V)
+    enc = model.encode(src, lengths)
+    _, _, full_weights, _ = model.decode(tgt, model.init_state(enc), enc)
+    state = model.init_state(enc)
+    for t in range(tgt.size(1)):
+        logits, state, weights = model.decode_step(tgt[:, t], state, enc)
+        assert state.length == t + 1
+        torch.testing.assert_close(logits, full[:, t])
+        torch.testing.assert_close(weights, full_weights[:, t])
+
+
+def test_a_step_projects_only_the_new_token():
+    model = make()
+    src, lengths, tgt = random_batch([6, 3], tgt_len=5)
+    enc = model.encode(src, lengths)
+    state = model.init_state(enc)
+    for t in range(4):
+        _, state, _ = model.decode_step(tgt[:, t], state, enc)
+    seen = []
+    model.decoder_layers[0].self_attention.kv_proj.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape)
+    )
+    model.decoder_layers[0].cross_attention.kv_proj.register_forward_hook(
+        lambda m, i, o: seen.append(("cross", i[0].shape))
+    )
+    model.decode_step(tgt[:, 4], state, enc)
+    assert seen == [torch.Size([2, 1, 16])]  # one new position; the encoder side is not re-projected
+
+
+def test_fast_attention_path_equals_the_reference_path():
+    model = make()
+    src, lengths, tgt = random_batch([6, 3], tgt_len=6)
+    enc_fast = model.encode(src, lengths)
+    enc_ref = model.encode(src, lengths, need_weights=True)
+    torch.testing.assert_close(enc_fast.states, enc_ref.states)
+    fast, *_ = model.decode(tgt, model.init_state(enc_fast), enc_fast, need_weights="none")
+    ref, _, _, maps = model.decode(tgt, model.init_state(enc_ref), enc_ref, need_weights="all")
+    torch.testing.assert_close(fast, ref)
+    assert len(maps["cross"]) == 2 and maps["cross"][0].shape == (2, 4, 6, 6)
+    assert enc_ref.self_weights[0].shape == (2, 4, 6, 6)
+    assert torch.all(maps["decoder_self"][1][0, :, 0, 1:] == 0)  # the first position sees only itself
+
+
+def test_reorder_moves_the_cache():
+    model = make()
+    src, lengths, tgt = random_batch([6, 3, 4], tgt_len=4)
+    enc = model.encode(src, lengths)
+    state = model.init_state(enc)
+    for t in range(2):
+        _, state, _ = model.decode_step(tgt[:, t], state, enc)
+    index = torch.tensor([2, 2, 0])
+    moved, _, _ = model.decode_step(tgt[index, 2], state.reorder(index), enc.reorder(index))
+    direct, _, _ = model.decode_step(tgt[:, 2], state, enc)
+    torch.testing.assert_close(moved, direct[index])
+
+
+def test_sinusoids_follow_the_paper():
+    pe = sinusoids(torch.arange(50), 8)
+    assert torch.allclose(pe[7, 0], torch.sin(torch.tensor(7.0)))
+    assert torch.allclose(pe[7, 3], torch.cos(torch.tensor(7.0 / 10000 ** (2 / 8))))
+
+
+def test_learned_positions_have_a_limit():
+    model = make(positions="learned", max_positions=8)
+    src, lengths, tgt = random_batch([9], tgt_len=3)
+    with pytest.raises(ValueError, match="max_positions=8"):
+        model(src, lengths, tgt)
+
+
+def test_shared_and_tied_embeddings():
+    torch.manual_seed(0)
+    config = ModelConfig(arch="transformer", emb_dim=16, share_embeddings=True, tie_embeddings=True,
+                         transformer=TransformerConfig(heads=2, ff_size=8))  # fmt: skip
+    model = build_model(config, VOCAB, VOCAB)
+    assert model.src_embedding is model.tgt_embedding and model.output.weight is model.src_embedding.weight
+
+
+def test_toy_reverse_task_is_learned(toy_config, tmp_path):
+    config = toy_config(
+        model={"arch": "transformer", "emb_dim": 64, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0,
+               "transformer": {"heads": 4, "ff_size": 128, "attention_dropout": 0.0}},
+        train={"batch_tokens": 1024, "epochs": 30, "lr": 0.002, "schedule": "inverse_sqrt", "warmup_steps": 100,
+               "validate_every": 0, "optimizer": "adamw"},
+    )  # fmt: skip
+    write_tsv(tmp_path / "train.tsv", reverse_pairs(3000, seed=1))
+    train(config, progress=False)
+    test = reverse_pairs(200, seed=3)
+    hyps = aligna.load(config.model_dir).translate([s for s, _ in test])
+    exact = sum(h == r for h, (_, r) in zip(hyps, test)) / len(test)
+    assert exact >= 0.95, exact

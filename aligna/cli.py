@@ -138,6 +138,22 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument(
         "--batch-size", type=int, help="sentences per batch (default: the config's decode.batch_size)"
     )
+    g = p.add_argument_group("search (defaults: the model config's decode section)")
+    g.add_argument("--beam", type=int, dest="beam_size", help="beam size (1: greedy)")
+    g.add_argument("--nbest", type=int, help="hypotheses per sentence, written as `i ||| text ||| score`")
+    g.add_argument("--alpha", type=float, help="GNMT length penalty ((5 + |y|) / 6)^alpha (0: off)")
+    g.add_argument("--coverage", type=float, help="GNMT coverage penalty weight (attention models)")
+    g.add_argument("--min-len", type=int, dest="min_len", help="no <eos> before this many tokens")
+    g.add_argument(
+        "--no-repeat-ngram", type=int, dest="no_repeat_ngram", help="never repeat an n-gram of this size"
+    )
+    g.add_argument("--sample", action="store_const", const=True, help="sample instead of searching")
+    g.add_argument("--temperature", type=float, help="sampling temperature")
+    g.add_argument("--top-k", type=int, dest="top_k", help="sample from the k most probable tokens")
+    g.add_argument(
+        "--top-p", type=float, dest="top_p", help="sample from the smallest set with this much mass"
+    )
+    g.add_argument("--seed", type=int, help="sampling seed")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -150,6 +166,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_OPTIONS = ("beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram", "sample",
+                  "temperature", "top_k", "top_p", "seed")  # fmt: skip
+
+
+def _search_options(args: argparse.Namespace) -> dict[str, object]:
+    return {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
     from .translate import load
@@ -159,12 +183,18 @@ def _translate(args: argparse.Namespace) -> int:
         lines = read_lines(args.input)
     else:  # bytes, so the terminal's locale cannot garble UTF-8
         lines = decode_lines(sys.stdin.buffer.read(), "<stdin>")
-    results = translator.translate_detailed(lines, args.batch_size)
-    text = "".join(r.text + "\n" for r in results).encode("utf-8")
-    if args.output:
-        Path(args.output).write_bytes(text)
+    options = _search_options(args)
+    results = translator.translate_detailed(lines, args.batch_size, **options)
+    if translator.decode_config(**options).nbest > 1:  # Moses n-best format
+        text = "".join(
+            f"{i} ||| {hyp} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
+        )
     else:
-        sys.stdout.buffer.write(text)
+        text = "".join(r.text + "\n" for r in results)
+    if args.output:
+        Path(args.output).write_bytes(text.encode("utf-8"))
+    else:
+        sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.flush()
     if args.attention:
         _write_attention(translator, results, Path(args.attention))
@@ -244,7 +274,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
     sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
-    hypotheses = translator.translate(sources, args.batch_size)
+    hypotheses = translator.translate(sources, args.batch_size, **_search_options(args))
     scores = translator.evaluate(sources, references, metrics, hypotheses)
     for name, value in scores.values.items():
         signature = scores.signatures.get(name)
@@ -279,7 +309,7 @@ def _compare(args: argparse.Namespace) -> int:
         if sources is None:
             sources, references = _test_set(args, translator.config.data.group_references)
         metric = args.metric or translator.config.eval.metrics[0]
-        hypotheses = translator.translate(sources, args.batch_size)
+        hypotheses = translator.translate(sources, args.batch_size, **_search_options(args))
         lengths = [len(s.split()) for s in sources]
         rows = score_by_length(hypotheses, references, lengths, edges, metric)
         overall = score(hypotheses, references, [metric]).values[metric]

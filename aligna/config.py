@@ -232,15 +232,41 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Search settings used for validation and as `translate` defaults."""
+    """Search settings: the defaults of `translate` and `evaluate`. Validation during
+    training always decodes greedily (fast and comparable across checks)."""
 
     max_len_a: float = 1.5  # output length limit: a * source_length + b tokens
     max_len_b: int = 10
     batch_size: int = 64  # sentences per batch
+    beam_size: int = 1  # 1: greedy search
+    nbest: int = 1  # hypotheses returned per sentence (beam search, <= beam_size)
+    alpha: float = 0.0  # GNMT length penalty ((5 + |y|) / 6)^alpha; 0: rank by log-probability
+    coverage: float = 0.0  # GNMT coverage penalty weight (models with attention)
+    min_len: int = 0  # no <eos> before this many tokens
+    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0: off)
+    sample: bool = False  # sample instead of searching
+    temperature: float = 1.0  # sampling: softmax(logits / temperature)
+    top_k: int = 0  # sampling: only the k most probable tokens (0: all)
+    top_p: float = 1.0  # sampling: only the most probable tokens holding this much mass
+    seed: int = 1  # sampling: random seed
 
     def __post_init__(self) -> None:
         _check(self.max_len_a >= 0 and self.max_len_b >= 0, "max_len_a", "a and b must be >= 0")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        for key in ("batch_size", "beam_size", "nbest"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1")
+        _check(self.nbest <= self.beam_size, "nbest", "must be <= beam_size")
+        _check(
+            not (self.sample and self.beam_size > 1),
+            "sample",
+            "sampling and beam_size > 1 exclude each other",
+        )
+        _check(self.alpha >= 0, "alpha", "must be >= 0")
+        _check(self.coverage >= 0, "coverage", "must be >= 0")
+        _check(self.min_len >= 0, "min_len", "must be >= 0")
+        _check(self.no_repeat_ngram >= 0, "no_repeat_ngram", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.top_k >= 0, "top_k", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -344,6 +370,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def replace_validated(section: Any, where: str, **changes: Any) -> Any:
+    """A copy of a config section with `changes`, validated as if read from YAML
+    (`where`, e.g. "decode", names the section in errors)."""
+    return _build(type(section), config_to_dict(section) | changes, where)
 
 
 def save_config(config: Config, path: str | Path) -> None:

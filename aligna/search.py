@@ -2,26 +2,56 @@
 
 No branch here knows which architecture it drives: every model-specific detail lives in
 the encoder output and decoder state, which reorder themselves along the batch.
+
+* `greedy_search`: feed back the most probable token (Sutskever et al. 2014).
+* `sample_search`: feed back a sampled token (temperature, top-k, top-p / nucleus).
+* `beam_search`: keep the k best prefixes of every sentence, all sentences in one batch,
+  with the GNMT length and coverage penalties (Wu et al. 2016, eq. 14), a minimum
+  length, n-gram blocking and n-best output.
+
+All three drop finished sentences from the batch, so no work is spent on them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .config import DecodeConfig
 from .model import Seq2Seq
 from .vocab import EOS_ID, PAD_ID, SOS_ID
 
 
 @dataclass
-class SearchResult:
-    """One hypothesis per sentence, in the order of the input batch."""
+class Hypothesis:
+    tokens: list[int]  # output ids without <sos> and <eos>
+    score: float  # what hypotheses are ranked by (log_prob, length- and coverage-normalized)
+    log_prob: float  # sum of token log-probabilities under the model, <eos> included
+    attention: Tensor | None  # (rows, S_src): a row per emitted token, <eos> included
 
-    tokens: list[list[int]]  # output ids without <sos>, up to but not including <eos>
-    scores: Tensor  # (B,) sum of log-probabilities, <eos> included
-    attention: list[Tensor] | None  # per sentence (T_out, S_src): weights per output token
+
+@dataclass
+class SearchResult:
+    """Hypotheses of each sentence, best first, in the order of the input batch."""
+
+    nbest: list[list[Hypothesis]]
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [h[0].tokens for h in self.nbest]
+
+    @property
+    def scores(self) -> Tensor:
+        """(B,) log-probability of each best hypothesis."""
+        return torch.tensor([h[0].log_prob for h in self.nbest])
+
+    @property
+    def attention(self) -> list[Tensor] | None:
+        maps = [h[0].attention for h in self.nbest]
+        return None if any(m is None for m in maps) else maps  # type: ignore[return-value]
 
 
 def max_lengths(src_lengths: Tensor, a: float, b: int) -> Tensor:
@@ -29,36 +59,107 @@ def max_lengths(src_lengths: Tensor, a: float, b: int) -> Tensor:
     return (a * src_lengths.float() + b).long().clamp(min=1)
 
 
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al. 2016, eq. 14); 1 when alpha = 0."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def coverage_penalty(coverage: Tensor, beta: float) -> float:
+    """GNMT's cp = beta * sum_j log(min(sum_i p_ij, 1)) over the source positions j."""
+    return beta * float(torch.log(coverage.clamp(min=1e-10, max=1.0)).sum()) if beta else 0.0
+
+
+def search(
+    model: Seq2Seq,
+    src: Tensor,
+    src_lengths: Tensor,
+    cfg: DecodeConfig,
+    generator: torch.Generator | None = None,
+) -> SearchResult:
+    """The search `cfg` asks for: sampling, beam search (beam_size > 1) or greedy."""
+    limits = (cfg.max_len_a, cfg.max_len_b)
+    if cfg.sample:
+        return sample_search(model, src, src_lengths, *limits, cfg.temperature, cfg.top_k, cfg.top_p,
+                             generator, cfg.min_len)  # fmt: skip
+    if cfg.beam_size > 1:
+        return beam_search(model, src, src_lengths, cfg.beam_size, *limits, cfg.alpha, cfg.nbest, cfg.min_len,
+                           cfg.no_repeat_ngram, cfg.coverage)  # fmt: skip
+    return greedy_search(model, src, src_lengths, *limits, cfg.min_len)
+
+
+# --------------------------------------------------------------------------- one path
+
+
+Pick = Callable[[Tensor], Tensor]  # log-probabilities (b, V) -> chosen tokens (b,)
+
+
 @torch.no_grad()
 def greedy_search(
-    model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10
-) -> SearchResult:
-    """From `<sos>`, feed back the most probable token until `<eos>` or the length limit.
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+    min_len: int = 0,
+) -> SearchResult:  # fmt: skip
+    """From `<sos>`, feed back the most probable token until `<eos>` or the length limit."""
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1))
 
-    Sentences that finish leave the batch (their rows are dropped from the state), so no
-    work is spent on them.
-    """
+
+@torch.no_grad()
+def sample_search(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    min_len: int = 0,
+) -> SearchResult:  # fmt: skip
+    """Feed back a token sampled from softmax(logits / temperature), restricted to the k
+    most probable tokens (top_k > 0) and to the smallest set holding top_p of the mass
+    (Holtzman et al. 2020). Scores are log-probabilities under the unmodified model."""
+
+    def pick(log_probs: Tensor) -> Tensor:
+        logits = log_probs / temperature
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            mass = sorted_logits.softmax(-1).cumsum(-1)
+            drop = mass - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick)
+
+
+def _one_path(
+    model: Seq2Seq,
+    src: Tensor,
+    src_lengths: Tensor,
+    max_len_a: float,
+    max_len_b: int,
+    min_len: int,
+    pick: Pick,
+) -> SearchResult:
     batch, src_len = src.shape
+    device = src.device
     limit = max_lengths(src_lengths, max_len_a, max_len_b)  # (B,)
     steps = int(limit.max())
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
-    tokens = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=src.device)
-    scores = torch.zeros(batch, device=src.device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=src.device)  # tokens emitted, <eos> too
+    tokens = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens emitted, <eos> too
     attention: Tensor | None = None
-    active = torch.arange(batch, device=src.device)  # input row of each live row
-    prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=src.device)
+    active = torch.arange(batch, device=device)  # input row of each live row
+    prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=device)
     for t in range(steps):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b, V), (b, S) or None
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        best, prev = log_probs.max(dim=-1)  # (b,)
+        if t < min_len:
+            log_probs[:, EOS_ID] = float("-inf")
+        prev = pick(log_probs)  # (b,)
         tokens[active, t] = prev
-        scores[active] += best
+        scores[active] += log_probs.gather(1, prev.unsqueeze(1)).squeeze(1)
         lengths[active] += 1
         if attn is not None:
             if attention is None:
-                attention = torch.zeros(batch, steps, src_len, device=src.device)
+                attention = torch.zeros(batch, steps, src_len, device=device)
             attention[active, t] = attn.float()
         done = (prev == EOS_ID) | (t + 1 >= limit[active])
         if bool(done.all()):
@@ -67,15 +168,112 @@ def greedy_search(
             keep = (~done).nonzero().squeeze(1)
             active, prev = active[keep], prev[keep]
             state, enc = state.reorder(keep), enc.reorder(keep)
-    return _result(tokens, lengths, scores, attention, src_lengths)
-
-
-def _result(
-    tokens: Tensor, lengths: Tensor, scores: Tensor, attention: Tensor | None, src_lengths: Tensor
-) -> SearchResult:
-    out, maps = [], []
+    nbest = []
     for i, (row, n) in enumerate(zip(tokens.tolist(), lengths.tolist())):
-        out.append(row[: n - 1] if row[n - 1] == EOS_ID else row[:n])
-        if attention is not None:  # a row per emitted token (<eos> too), a column per source token
-            maps.append(attention[i, :n, : int(src_lengths[i])].cpu())
-    return SearchResult(out, scores.cpu(), maps if attention is not None else None)
+        out = row[: n - 1] if row[n - 1] == EOS_ID else row[:n]
+        maps = None if attention is None else attention[i, :n, : int(src_lengths[i])].cpu()
+        nbest.append([Hypothesis(out, float(scores[i]), float(scores[i]), maps)])
+    return SearchResult(nbest)
+
+
+# --------------------------------------------------------------------------- beam
+
+
+@torch.no_grad()
+def beam_search(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int, max_len_a: float = 1.5,
+    max_len_b: int = 10, alpha: float = 0.0, nbest: int = 1, min_len: int = 0, no_repeat_ngram: int = 0,
+    coverage: float = 0.0,
+) -> SearchResult:  # fmt: skip
+    """Beam search over the whole batch at once: B sentences x k hypotheses are one tensor
+    batch of B * k rows.
+
+    Each step extends every live hypothesis by every token, keeps the 2k best candidates
+    per sentence (enough to refill k beams when some end in `<eos>`), moves those ending
+    in `<eos>` among the k best to the sentence's finished list, and continues with the k
+    best others. A sentence is done when it has k finished hypotheses or reaches its
+    length limit (then its live beams are finished as they are), and leaves the batch.
+    Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
+    log P(Y|X).
+    """
+    k = beam_size
+    batch = src.size(0)
+    device = src.device
+    limit = max_lengths(src_lengths, max_len_a, max_len_b)  # (B,)
+    enc = model.encode(src, src_lengths)
+    enc = enc.reorder(torch.arange(batch, device=device).repeat_interleave(k))  # (B * k, ...)
+    state = model.init_state(enc)
+    sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start as the same empty prefix: expand only one
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t)
+    attention: Tensor | None = None  # (rows, t, S) weights of every emitted token
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
+    for t in range(int(limit.max())):
+        logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        vocab = log_probs.size(-1)
+        if t < min_len:
+            log_probs[:, EOS_ID] = float("-inf")
+        if no_repeat_ngram and t >= no_repeat_ngram - 1:
+            log_probs = _block_ngrams(history, log_probs, no_repeat_ngram)
+        live = sentence.size(0)
+        candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
+        top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first
+        parent = top // vocab + torch.arange(live, device=device).unsqueeze(1) * k  # row of each candidate
+        token = top % vocab
+        if attn is not None:
+            attn = attn.float()
+            attention = (
+                attn.unsqueeze(1) if attention is None else torch.cat([attention, attn.unsqueeze(1)], 1)
+            )
+        at_limit = t + 1 >= limit[sentence]  # (b,)
+        # Finish the k best candidates that end in <eos>, and everything at the length limit.
+        rank = torch.arange(2 * k, device=device).unsqueeze(0)
+        finish = ((token == EOS_ID) | at_limit.unsqueeze(1)) & (rank < k) & (top_scores > float("-inf"))
+        for i, j in finish.nonzero().tolist():
+            row, n = int(parent[i, j]), t + 1
+            ids = history[row].tolist() + ([] if token[i, j] == EOS_ID else [int(token[i, j])])
+            maps = None if attention is None else attention[row, :, : int(src_lengths[sentence[i]])].cpu()
+            log_prob = float(top_scores[i, j])
+            penalty = coverage_penalty(maps.sum(0), coverage) if maps is not None else 0.0
+            finished[int(sentence[i])].append(
+                Hypothesis(ids, log_prob / length_penalty(n, alpha) + penalty, log_prob, maps)
+            )
+        # Continue with the k best candidates that do not end in <eos>.
+        order = torch.where(token == EOS_ID, 2 * k + rank, rank)  # <eos> candidates last
+        pick = order.argsort(dim=1)[:, :k]  # (b, k)
+        scores = top_scores.gather(1, pick)
+        rows = parent.gather(1, pick).view(-1)  # (b * k,)
+        prev = token.gather(1, pick).view(-1)
+        done = at_limit | torch.tensor([len(finished[int(s)]) >= k for s in sentence], device=device)
+        if bool(done.all()):
+            break
+        keep = (~done).nonzero().squeeze(1)  # live sentences that go on
+        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        rows, prev, scores, sentence = (
+            rows.view(live, k)[keep].view(-1),
+            prev.view(live, k)[keep].view(-1),
+            scores[keep],
+            sentence[keep],
+        )
+        history = torch.cat([history[rows], prev.unsqueeze(1)], dim=1)
+        attention = None if attention is None else attention[rows]
+        state, enc = state.reorder(rows), enc.reorder(keep_rows)
+    ranked = [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+    return SearchResult(ranked)
+
+
+def _block_ngrams(history: Tensor, log_probs: Tensor, n: int) -> Tensor:
+    """Forbid tokens that would repeat an n-gram already in the hypothesis.
+    history (rows, t), log_probs (rows, V)."""
+    if history.size(1) < n:
+        return log_probs
+    grams = history.unfold(1, n, 1)  # (rows, t - n + 1, n)
+    prefix = history[:, history.size(1) - n + 1 :]  # (rows, n - 1): the last n - 1 tokens
+    match = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(-1)  # (rows, t - n + 1)
+    rows, where = match.nonzero(as_tuple=True)
+    return log_probs.index_put(
+        (rows, grams[rows, where, -1]), torch.tensor(float("-inf"), device=log_probs.device)
+    )

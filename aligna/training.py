@@ -51,6 +51,7 @@ from .translate import Translator, autocast, resolve_device
 from .vocab import PAD_ID
 
 log = logging.getLogger("aligna")
+GREEDY = {"beam_size": 1, "nbest": 1, "sample": False}  # validation search, whatever decode says
 
 
 # --------------------------------------------------------------------------- schedules
@@ -364,10 +365,11 @@ class Trainer:
     # ------------------------------------------------------------------ validation
 
     def validate(self) -> Scores:
-        """Dev loss, perplexity and `eval.metrics` of greedy output."""
+        """Dev loss, perplexity and `eval.metrics` of greedy output (fast, and comparable
+        from one validation to the next whatever the decode section says)."""
         assert self.dev is not None
         metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in ("loss", "ppl"))]
-        return self.translator.evaluate(self.dev[0], self.dev[1], metrics)
+        return self.translator.evaluate(self.dev[0], self.dev[1], metrics, **GREEDY)
 
     def _validate_and_save(self) -> bool:
         """Validate (if there is a dev set), save a checkpoint; True when training should stop."""

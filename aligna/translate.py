@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,12 +17,12 @@ from torch import Tensor
 
 from .build import build_model
 from .checkpoint import AVERAGED, BEST, average_checkpoints, latest_checkpoint, list_checkpoints, load_weights
-from .config import Config, load_config
+from .config import Config, DecodeConfig, load_config, replace_validated
 from .data import ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
-from .search import greedy_search
+from .search import search
 from .vocab import SOS_ID
 
 log = logging.getLogger("aligna")
@@ -35,6 +35,7 @@ class Translation:
     src_tokens: list[str]  # the source tokens the model saw
     score: float  # sum of token log-probabilities under the model
     attention: Tensor | None  # (rows, len(src_tokens)): a row per output token, and <eos> if emitted
+    nbest: list[tuple[str, float]] = field(default_factory=list)  # (text, score) best first, beam search
 
     @property
     def attention_rows(self) -> list[str]:
@@ -74,18 +75,23 @@ class Translator:
         self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
         self.precision = precision  # fp32, or bf16 / fp16 autocast for decoding
 
-    def translate(self, texts: Sequence[str], batch_size: int | None = None) -> list[str]:
-        return [t.text for t in self.translate_detailed(texts, batch_size)]
+    def translate(self, texts: Sequence[str], batch_size: int | None = None, **search: object) -> list[str]:
+        """Translations of `texts`; `search` overrides decode settings (beam_size=5, ...)."""
+        return [t.text for t in self.translate_detailed(texts, batch_size, **search)]
 
     @torch.no_grad()
-    def translate_detailed(self, texts: Sequence[str], batch_size: int | None = None) -> list[Translation]:
-        """Greedy translations in input order; inputs are batched by length."""
-        decode = self.config.decode
+    def translate_detailed(
+        self, texts: Sequence[str], batch_size: int | None = None, **search_options: object
+    ) -> list[Translation]:
+        """Translations in input order with tokens, scores and attention; inputs are
+        batched by length. `search_options` override the config's decode section."""
+        decode = self.decode_config(**search_options)
         batch_size = batch_size or decode.batch_size
         src_tokens = [self.pipeline.src_tokens(t) for t in texts]
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
         results: list[Translation | None] = [None] * len(texts)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
         was_training = self.model.training
         self.model.eval()
         for start in range(0, len(order), batch_size):
@@ -93,19 +99,24 @@ class Translator:
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
             with autocast(self.device, self.precision):
-                found = greedy_search(self.model, src, lengths, decode.max_len_a, decode.max_len_b)
-            for j, i in enumerate(chunk):
-                out = found.tokens[j]
+                found = search(self.model, src, lengths, decode, generator)
+            for hyps, i in zip(found.nbest, chunk):
+                best = hyps[0]
                 results[i] = Translation(
-                    text=self.pipeline.detokenize(out),
-                    tokens=self.pipeline.tgt_vocab.decode(out),
+                    text=self.pipeline.detokenize(best.tokens),
+                    tokens=self.pipeline.tgt_vocab.decode(best.tokens),
                     src_tokens=src_tokens[i],
-                    score=float(found.scores[j]),
-                    attention=None if found.attention is None else found.attention[j],
+                    score=best.log_prob,
+                    attention=best.attention,
+                    nbest=[(self.pipeline.detokenize(h.tokens), h.score) for h in hyps],
                 )
         self.model.train(was_training)
-        empty = Translation("", [], [], 0.0, None)  # an input with no tokens
+        empty = Translation("", [], [], 0.0, None, [("", 0.0)])  # an input with no tokens
         return [r if r is not None else empty for r in results]
+
+    def decode_config(self, **options: object) -> DecodeConfig:
+        """The config's decode section with `options` applied and validated."""
+        return replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
 
     @torch.no_grad()
     def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
@@ -123,7 +134,7 @@ class Translator:
 
     def evaluate(
         self, sources: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str],
-        hypotheses: Sequence[str] | None = None,
+        hypotheses: Sequence[str] | None = None, **search_options: object,
     ) -> Scores:  # fmt: skip
         """Metrics of greedy output (or of `hypotheses`) against per-sentence reference lists.
 
@@ -133,7 +144,7 @@ class Translator:
         decoded = [m for m in metrics if m not in ("loss", "ppl")]
         scores = Scores()
         if decoded:
-            hypotheses = self.translate(sources) if hypotheses is None else hypotheses
+            hypotheses = self.translate(sources, **search_options) if hypotheses is None else hypotheses
             scores = score(hypotheses, references, decoded)
         if "loss" in metrics or "ppl" in metrics:
             pairs = ParallelText(

@@ -229,3 +229,20 @@ def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):
     cross = record["weights"]["cross"]  # layers x heads x rows x cols
     assert len(cross) == 2 and len(cross[0]) == 2 and len(cross[0][0][0]) == 4
     assert record["labels"]["encoder"] == [["a", "b", "c", "d"]] * 2
+
+
+def test_search_options_and_nbest_output(trained, tmp_path, capsys):
+    config, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\nd e\n")
+    out = tmp_path / "nbest.txt"
+    assert main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--beam", "3", "--nbest", "2",
+                 "--alpha", "0.6"]) == 0  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert [line.split(" ||| ")[0] for line in lines] == ["0", "0", "1", "1"]
+    assert float(lines[0].split(" ||| ")[2]) >= float(lines[1].split(" ||| ")[2])
+    assert (
+        main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--sample", "--seed", "3"]) == 0
+    )
+    assert main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--nbest", "4"]) == 1
+    assert "decode.nbest: must be <= beam_size" in capsys.readouterr().err

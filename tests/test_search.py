@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -92,3 +93,134 @@ def test_attention_keys_are_projected_once_per_sentence_not_per_step(variant):
     src, lengths, _ = random_batch([7, 2, 5], seed=4)
     result = greedy_search(model, src, lengths, 1.0, 5)
     assert max(len(t) for t in result.tokens) > 1 and len(calls) == 1
+
+
+# --------------------------------------------------------------------------- beam search
+
+from aligna.search import beam_search, coverage_penalty, length_penalty, sample_search  # noqa: E402
+
+A, Bt, C = 4, 5, 6  # token ids of a tiny vocabulary (0-3 are the specials)
+
+
+@dataclass
+class LastToken(Reorderable):
+    token: Tensor  # (B,)
+
+
+class MarkovModel(Seq2Seq):
+    """P(next | previous token) from a fixed table: a language model ignoring the source."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab: int = 7):
+        super().__init__()
+        self.log_probs = torch.full((vocab, vocab), -30.0)
+        for prev, row in table.items():
+            for tok, p in row.items():
+                self.log_probs[prev, tok] = torch.tensor(p).log()
+
+    def encode(self, src, src_lengths):
+        return LastToken(torch.zeros(src.size(0), dtype=torch.long))
+
+    def init_state(self, enc):
+        return LastToken(torch.full_like(enc.token, SOS_ID))
+
+    def decode_step(self, prev_tokens, state, enc):
+        return self.log_probs[prev_tokens], LastToken(prev_tokens), None
+
+
+def run(model, fn, **kw):
+    src = torch.ones(1, 3, dtype=torch.long)
+    return fn(model, src, torch.tensor([3]), max_len_a=0.0, max_len_b=6, **kw)
+
+
+def test_beam_finds_what_greedy_misses():
+    # Greedy takes A (0.6) and ends with A C <eos> at 0.6 * 0.4 * 0.6 = 0.144;
+    # beam 2 keeps B as well, which ends at 0.4 * 1.0.
+    model = MarkovModel({SOS_ID: {A: 0.6, Bt: 0.4}, A: {C: 0.4, EOS_ID: 0.3, A: 0.3}, Bt: {EOS_ID: 1.0},
+                         C: {EOS_ID: 0.6, C: 0.4}})  # fmt: skip
+    greedy = run(model, greedy_search)
+    assert greedy.tokens == [[A, C]]
+    beam = run(model, beam_search, beam_size=2, nbest=2)
+    assert beam.tokens == [[Bt]]
+    torch.testing.assert_close(beam.scores, torch.tensor([0.4]).log(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(greedy.scores, torch.tensor([0.144]).log(), atol=1e-4, rtol=0)
+    assert [h.tokens for h in beam.nbest[0]] == [[Bt], [A, C]]
+    scores = [h.score for h in beam.nbest[0]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_length_penalty_prefers_longer_hypotheses():
+    model = MarkovModel(
+        {SOS_ID: {A: 0.5, Bt: 0.5}, A: {EOS_ID: 0.6, C: 0.4}, Bt: {C: 1.0}, C: {C: 0.45, EOS_ID: 0.55}}
+    )
+    short = run(model, beam_search, beam_size=2, alpha=0.0)
+    long = run(model, beam_search, beam_size=2, alpha=3.0)
+    assert short.tokens == [[A]] and long.tokens == [[Bt, C]]  # log P: -1.20 vs -1.29; / lp: -0.76 vs -0.54
+    assert length_penalty(1, 0.0) == 1.0 and length_penalty(7, 1.0) == 2.0
+
+
+def test_min_length_and_ngram_blocking():
+    model = MarkovModel(
+        {SOS_ID: {A: 1.0}, A: {Bt: 0.6, EOS_ID: 0.4}, Bt: {A: 0.6, EOS_ID: 0.2, C: 0.2}, C: {EOS_ID: 1.0}}
+    )
+    assert run(model, beam_search, beam_size=2).tokens == [[A]]
+    assert len(run(model, beam_search, beam_size=2, min_len=3).tokens[0]) >= 3
+    blocked = run(model, beam_search, beam_size=2, min_len=3, no_repeat_ngram=2).tokens[0]
+    bigrams = list(zip(blocked, blocked[1:]))
+    assert len(bigrams) == len(set(bigrams))  # A B A B would repeat "A B"
+
+
+def test_coverage_penalty():
+    assert coverage_penalty(torch.tensor([1.0, 2.0]), 1.0) == 0.0  # fully covered costs nothing
+    assert coverage_penalty(torch.tensor([0.5, 1.0]), 2.0) == pytest.approx(2 * math.log(0.5))
+
+
+@pytest.mark.parametrize("variant", ["gru-context", "bahdanau-bigru", "luong-general-feed-bilstm"])
+def test_beam_of_one_equals_greedy(variant):
+    model = make(seed=5, **VARIANTS[variant])
+    src, lengths, _ = random_batch([7, 2, 5, 9], seed=6)
+    greedy = greedy_search(model, src, lengths, 1.0, 3)
+    beam = beam_search(model, src, lengths, 1, 1.0, 3)
+    assert beam.tokens == greedy.tokens
+    torch.testing.assert_close(beam.scores, greedy.scores)
+    if greedy.attention is not None:
+        for a, b in zip(beam.attention, greedy.attention):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ["bigru-context-1to2-tied", "bahdanau-bigru"])
+def test_beam_results_do_not_depend_on_the_batch(variant):
+    model = make(seed=3, **VARIANTS[variant])
+    src, lengths, _ = random_batch([7, 2, 5, 9], seed=4)
+    batched = beam_search(model, src, lengths, 4, 1.0, 3, alpha=0.6, nbest=3)
+    for i, n in enumerate(lengths.tolist()):
+        alone = beam_search(model, src[i : i + 1, :n], lengths[i : i + 1], 4, 1.0, 3, alpha=0.6, nbest=3)
+        assert [h.tokens for h in alone.nbest[0]] == [h.tokens for h in batched.nbest[i]]
+        for a, b in zip(alone.nbest[0], batched.nbest[i]):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_beam_attention_follows_the_surviving_hypothesis():
+    model = make(seed=2, **VARIANTS["bahdanau-bigru"])
+    src, lengths, _ = random_batch([6, 4], seed=8)
+    result = beam_search(model, src, lengths, 3, 1.5, 2)
+    for i, hyps in enumerate(result.nbest):
+        hyp, n = hyps[0], int(lengths[i])
+        tgt_in = torch.tensor([[SOS_ID, *hyp.tokens]])[:, : hyp.attention.size(0)]
+        maps = model.attention_maps(src[i : i + 1, :n], lengths[i : i + 1], tgt_in)["cross"][0, 0, 0]
+        torch.testing.assert_close(hyp.attention, maps)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = make(seed=1, **VARIANTS["gru-context"])
+    src, lengths, _ = random_batch([7, 2, 5], seed=2)
+    first = sample_search(model, src, lengths, 1.0, 3, generator=torch.Generator().manual_seed(0))
+    again = sample_search(model, src, lengths, 1.0, 3, generator=torch.Generator().manual_seed(0))
+    other = sample_search(
+        model, src, lengths, 1.0, 3, temperature=5.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert first.tokens == again.tokens and first.tokens != other.tokens
+    top1 = sample_search(model, src, lengths, 1.0, 3, top_k=1, generator=torch.Generator().manual_seed(3))
+    nucleus = sample_search(
+        model, src, lengths, 1.0, 3, top_p=1e-6, generator=torch.Generator().manual_seed(3)
+    )
+    assert top1.tokens == nucleus.tokens == greedy_search(model, src, lengths, 1.0, 3).tokens

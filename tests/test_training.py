@@ -21,9 +21,19 @@ def test_toy_reverse_task_is_learned(toy_config, tmp_path):
     write_tsv(tmp_path / "train.tsv", reverse_pairs(3000, seed=1))
     train(config, progress=False)
     test = reverse_pairs(200, seed=3)
-    hyps = aligna.load(config.model_dir).translate([s for s, _ in test])
+    translator = aligna.load(config.model_dir)
+    hyps = translator.translate([s for s, _ in test])
     exact = sum(h == r for h, (_, r) in zip(hyps, test)) / len(test)
     assert exact >= 0.95, exact
+    # Beam search never ends below greedy under the model, and its n-best lists are sorted.
+    sources = [s for s, _ in reverse_pairs(100, seed=4, min_len=6, max_len=12)]  # longer than trained on
+    greedy = translator.translate_detailed(sources)
+    beam = translator.translate_detailed(sources, beam_size=5, nbest=5)
+    assert all(b.score >= g.score - 1e-4 for b, g in zip(beam, greedy))
+    assert sum(b.score > g.score + 1e-4 for b, g in zip(beam, greedy)) > 0  # and sometimes finds better
+    for b in beam:
+        scores = [score for _, score in b.nbest]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True)
 
 
 def test_save_then_load_gives_identical_outputs(toy_config):

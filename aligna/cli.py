@@ -294,48 +294,30 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .metrics import bucket_labels, score, score_by_length
-    from .plotting import plot_lines
+    from .compare import compare_by_length
     from .translate import load
 
-    edges = sorted(int(e) for e in args.buckets.split(","))
     names = args.names.split(",") if args.names else [Path(m).name for m in args.model_dirs]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
-    sources = references = None
-    table: dict[str, dict] = {}
-    for name, model_dir in zip(names, args.model_dirs):
-        translator = load(model_dir, args.checkpoint, args.device, args.precision)
-        if sources is None:
-            sources, references = _test_set(args, translator.config.data.group_references)
-        metric = args.metric or translator.config.eval.metrics[0]
-        hypotheses = translator.translate(sources, args.batch_size, **_search_options(args))
-        lengths = [len(s.split()) for s in sources]
-        rows = score_by_length(hypotheses, references, lengths, edges, metric)
-        overall = score(hypotheses, references, [metric]).values[metric]
-        table[name] = {"model_dir": model_dir, "metric": metric, "all": overall,
-                       "buckets": [{"lengths": b, "sentences": n, "score": v} for b, n, v in rows]}  # fmt: skip
-    labels = bucket_labels(edges)
-    counts = [b["sentences"] for b in next(iter(table.values()))["buckets"]]
-    metric_names = {t["metric"] for t in table.values()}
-    print(f"score ({', '.join(sorted(metric_names))}) by source length in tokens\n")
-    print("| model | " + " | ".join(f"{lab} ({n})" for lab, n in zip(labels, counts)) + " | all |")
-    print("|---" * (len(labels) + 2) + "|")
-    for name, t in table.items():
-        cells = ["-" if b["score"] is None else f"{b['score']:.1f}" for b in t["buckets"]]
-        print(f"| {name} | " + " | ".join(cells) + f" | {t['all']:.1f} |")
+    translators = {
+        n: load(m, args.checkpoint, args.device, args.precision) for n, m in zip(names, args.model_dirs)
+    }
+    first = next(iter(translators.values()))
+    sources, references = _test_set(args, first.config.data.group_references)
+    edges = [int(e) for e in args.buckets.split(",")]
+    result = compare_by_length(
+        translators, sources, references, edges, args.metric, args.batch_size, **_search_options(args)
+    )
+    print(f"{result.metric} by source length in tokens (sentences per bucket in brackets)\n")
+    print(result.table())
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(
-            json.dumps({"edges": edges, "models": table}, indent=1) + "\n", "utf-8"
-        )
-        series = {
-            name: ([b["lengths"] for b in t["buckets"] if b["score"] is not None],
-                   [b["score"] for b in t["buckets"] if b["score"] is not None])
-            for name, t in table.items()
-        }  # fmt: skip
-        plot_lines(series, out / "compare.png", "source length (tokens)", "/".join(sorted(metric_names)))
+        record = {"edges": result.edges, "models": {n: {"model_dir": m, **result.models[n]}
+                                                      for n, m in zip(names, args.model_dirs)}}  # fmt: skip
+        (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n", "utf-8")
+        result.plot(out / "compare.png")
         print(f"\ntable and plot written to {out}/compare.json and {out}/compare.png", file=sys.stderr)
     return 0
 

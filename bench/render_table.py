@@ -64,10 +64,19 @@ def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
     quality = [r for r in records if "metrics" in r]
     speed = [r for r in records if r.get("benchmark") == "train_speed"]
+    lengths = [r for r in records if r.get("benchmark") == "length_buckets"]
     parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]
     parts += quality_rows(quality) if quality else ["(no records yet)"]
     parts += ["", "Training speed (`bench/results/train_speed_*.json`):", ""]
     parts += speed_rows(speed) if speed else ["(no records yet)"]
+    for r in lengths:
+        parts += [
+            "",
+            f"Score by source length, {Path(r['test_set'].split(' / ')[0]).name} "
+            f"({r['metric']}, {r['search']}; `{r['command']}`, `bench/results/{r['name']}.json`):",
+            "",
+        ]
+        parts += [r["table"], "", f"![{r['name']}]({r['plot']})"]
     return "\n".join([*parts, "", END])
 
 

@@ -1,0 +1,96 @@
+"""The long-sentence experiment: models with and without attention, scored by source length.
+
+    python bench/long_sentences.py multi30k [--train]   # no attention vs Bahdanau vs Luong, Multi30k de->en
+    python bench/long_sentences.py reverse [--train]    # the same models on reversing 10-60 symbols
+
+Loads each config's trained model_dir (with --train, trains the ones that have none yet),
+translates the task's test set greedily, scores it within source-length buckets, prints
+the table, and writes bench/results/length_TASK.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, config_hash, write_record  # noqa: E402
+
+import aligna  # noqa: E402
+from aligna.checkpoint import latest_checkpoint  # noqa: E402
+from aligna.compare import compare_by_length  # noqa: E402
+from aligna.config import load_config  # noqa: E402
+from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.synthetic import write_task  # noqa: E402
+from aligna.training import setup_logging, train  # noqa: E402
+
+TASKS = {
+    "multi30k": {
+        "configs": {"no attention": "multi30k_de_en_gru", "Bahdanau": "multi30k_de_en_bahdanau",
+                    "Luong general": "multi30k_de_en_luong"},
+        "edges": [10, 15, 20, 25],
+        "metric": "tok_bleu",
+    },
+    "reverse": {
+        "configs": {"no attention": "reverse_none", "Bahdanau": "reverse_bahdanau", "Luong general": "reverse_luong"},
+        "edges": [20, 30, 40, 50],
+        "metric": "exact",
+    },
+}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--train", action="store_true", help="train the models that have no checkpoint yet")
+    args = parser.parse_args()
+    task = TASKS[args.task]
+    setup_logging()
+    if args.task == "reverse" and not (ROOT / "data/reverse/test.tsv").exists():
+        write_task(ROOT / "data/reverse", "reverse", 10, 60, symbols=26)
+    translators, configs = {}, {}
+    for name, stem in task["configs"].items():
+        config = load_config(ROOT / "configs" / f"{stem}.yaml")
+        if latest_checkpoint(Path(config.model_dir)) is None:
+            if not args.train:
+                parser.error(
+                    f"{config.model_dir} has no trained model: run with --train, or `aligna train configs/{stem}.yaml`"
+                )
+            train(config, progress=False)
+        translators[name], configs[name] = aligna.load(config.model_dir), config
+    first = next(iter(configs.values()))
+    test = read_parallel(first.data.test, "test")  # type: ignore[arg-type]
+    sources, references = reference_sets(test, first.data.group_references)
+    result = compare_by_length(translators, sources, references, task["edges"], task["metric"])
+    print(f"{result.metric} by source length in tokens (sentences per bucket in brackets), {test.origin}\n")
+    print(result.table())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot = RESULTS / f"length_{args.task}.png"
+    result.plot(plot, title=f"{args.task}: {result.metric} by source length")
+    write_record(
+        f"length_{args.task}",
+        {
+            "benchmark": "length_buckets",
+            "test_set": test.origin,
+            "search": "greedy",
+            "metric": result.metric,
+            "edges": result.edges,
+            "models": {
+                n: {
+                    "config": f"configs/{task['configs'][n]}.yaml",
+                    "config_sha256": config_hash(configs[n]),
+                    **m,
+                }
+                for n, m in result.models.items()
+            },  # fmt: skip
+            "table": result.table(),
+            "plot": str(plot.relative_to(ROOT)),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

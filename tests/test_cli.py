@@ -11,6 +11,10 @@ from aligna.cli import main
 from aligna.config import config_to_dict
 
 
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
 @pytest.mark.parametrize("command", [[], ["train"], ["translate"], ["evaluate"], ["prepare-cmudict"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
@@ -99,37 +103,14 @@ def test_quickstart_config_runs_on_real_data(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs name data relative to the repo
     overrides = [f"model_dir={tmp_path / 'qs'}", "train.max_steps=5", "model.hidden_size=32", "model.emb_dim=16",
                  "data.test=null", "eval.metrics=[tok_bleu]"]  # fmt: skip
-    assert (
-        main(
-            [
-                "train",
-                "configs/quickstart.yaml",
-                "--no-progress",
-                *[a for o in overrides for a in ("--set", o)],
-            ]
-        )
-        == 0
-    )
+    assert cli("train", "configs/quickstart.yaml", "--no-progress", *[a for o in overrides for a in ("--set", o)]) == 0  # fmt: skip
     out = aligna.load(tmp_path / "qs").translate(["ein hund läuft im schnee ."])
     assert len(out) == 1 and isinstance(out[0], str)
 
 
 def test_prepare_synthetic(tmp_path, capsys):
     assert (
-        main(
-            [
-                "prepare-synthetic",
-                "reverse",
-                str(tmp_path),
-                "--min-len",
-                "3",
-                "--max-len",
-                "5",
-                "--sizes",
-                "5,2,3",
-            ]
-        )
-        == 0
+        cli("prepare-synthetic", "reverse", tmp_path, "--min-len", 3, "--max-len", 5, "--sizes", "5,2,3") == 0
     )
     lines = (tmp_path / "test.tsv").read_text().splitlines()
     assert len(lines) == 3
@@ -149,19 +130,7 @@ def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
     src.write_text("a b c d\n\nj i h\n")
     maps = tmp_path / "maps"
     assert (
-        main(
-            [
-                "translate",
-                attentive.model_dir,
-                "-i",
-                str(src),
-                "-o",
-                str(tmp_path / "o.txt"),
-                "--attention",
-                str(maps),
-            ]
-        )
-        == 0
+        cli("translate", attentive.model_dir, "-i", src, "-o", tmp_path / "o.txt", "--attention", maps) == 0
     )
     assert sorted(p.name for p in maps.iterdir()) == ["0001.json", "0001.png", "0003.json", "0003.png"]
     record = json.loads((maps / "0003.json").read_text())
@@ -169,21 +138,7 @@ def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
     assert len(record["weights"]) == len(record["tgt_tokens"])
     assert all(abs(sum(row) - 1) < 1e-4 for row in record["weights"])
     assert (maps / "0001.png").read_bytes()[:4] == b"\x89PNG"
-    assert (
-        main(
-            [
-                "translate",
-                plain.model_dir,
-                "-i",
-                str(src),
-                "-o",
-                str(tmp_path / "o.txt"),
-                "--attention",
-                str(maps),
-            ]
-        )
-        == 1
-    )
+    assert cli("translate", plain.model_dir, "-i", src, "-o", tmp_path / "o.txt", "--attention", maps) == 1
     assert "has no attention" in capsys.readouterr().err
 
     test = write_tsv(tmp_path / "test.tsv", reverse_pairs(40, seed=9, min_len=2, max_len=12))
@@ -206,21 +161,7 @@ def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("a b c d\n")
     maps = tmp_path / "maps"
-    assert (
-        main(
-            [
-                "translate",
-                config.model_dir,
-                "-i",
-                str(src),
-                "-o",
-                str(tmp_path / "o.txt"),
-                "--attention",
-                str(maps),
-            ]
-        )
-        == 0
-    )
+    assert cli("translate", config.model_dir, "-i", src, "-o", tmp_path / "o.txt", "--attention", maps) == 0
     names = sorted(p.name for p in (maps / "0001").iterdir())
     assert names == [f"{kind}_layer{i}.png" for kind in ("cross", "decoder", "encoder") for i in (1, 2)] + [
         "maps.json"

@@ -38,25 +38,27 @@ def quality_rows(records: list[dict]) -> list[str]:
     for r in records:
         scores = " · ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in r["metrics"].items() if k != "loss")
         threads = f" ({r['train_threads']} thread)" if r.get("train_threads") else ""
+        note = f" ({r['train_note']})" if r.get("train_note") else ""
         rows.append(
             f"| {r['name']} | {Path(r['test_set'].split(' / ')[0]).name} | {scores} | "
-            f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps | "
-            f"{r['train_target_tokens_per_s']:,.0f}{threads} | {_machine(r['machine'])} | `{r['command']}` |"
+            f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps{note} | "
+            f"{r['train_target_tokens_per_s']:,.0f}{threads} | {_machine(r['machine'])} | `{r.get('reproduce', r['command'])}` |"
         )
     return rows
 
 
-def speed_rows(records: list[dict]) -> list[str]:
+def speed_rows(record: dict) -> list[str]:
     rows = [
-        "| config | parameters | batch tokens | train target tok/s | machine | reproduce |",
-        "|---|---|---|---|---|---|",
+        f"`{record['command']}` on {_machine(record['machine'])}:",
+        "",
+        "| config | parameters | batch tokens | train target tok/s |",
+        "|---|---|---|---|",
     ]
-    for r in records:
-        for run in r["runs"]:
-            rows.append(
-                f"| {run['config']} | {run['parameters'] / 1e6:.1f} M | {run['batch_tokens']} | "
-                f"{run['target_tokens_per_s']:,.0f} | {_machine(r['machine'])} | `{r['command']}` |"
-            )
+    for run in record["runs"]:
+        rows.append(
+            f"| {run['config']} | {run['parameters'] / 1e6:.1f} M | {run['batch_tokens']} | "
+            f"{run['target_tokens_per_s']:,.0f} |"
+        )
     return rows
 
 
@@ -67,8 +69,11 @@ def render() -> str:
     lengths = [r for r in records if r.get("benchmark") == "length_buckets"]
     parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]
     parts += quality_rows(quality) if quality else ["(no records yet)"]
-    parts += ["", "Training speed (`bench/results/train_speed_*.json`):", ""]
-    parts += speed_rows(speed) if speed else ["(no records yet)"]
+    parts += ["", "Training speed (`bench/results/train_speed_*.json`):"]
+    for r in speed:
+        parts += ["", *speed_rows(r)]
+    if not speed:
+        parts += ["", "(no records yet)"]
     for r in lengths:
         parts += [
             "",

@@ -53,9 +53,12 @@ def main() -> None:
     scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
     for metric, value in scores.values.items():
         print(f"{metric:>9} {value:8.2f}  {scores.signatures.get(metric, '')}")
+    sets = "".join(f" --set {o}" for o in args.overrides)
     write_record(
         name,
         {
+            # the whole recipe: with --skip-train, the training happened before this command
+            "reproduce": f"aligna train {args.config}{sets} && " * args.skip_train + " ".join(["python", *sys.argv]),
             "config": args.config,
             "overrides": args.overrides,
             "config_sha256": config_hash(config),

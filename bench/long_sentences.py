@@ -46,6 +46,8 @@ def main() -> None:
     )
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--train", action="store_true", help="train the models that have no checkpoint yet")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the models trained here, e.g. train.epochs=4")  # fmt: skip
     args = parser.parse_args()
     task = TASKS[args.task]
     setup_logging()
@@ -53,7 +55,7 @@ def main() -> None:
         write_task(ROOT / "data/reverse", "reverse", 10, 60, symbols=26)
     translators, configs = {}, {}
     for name, stem in task["configs"].items():
-        config = load_config(ROOT / "configs" / f"{stem}.yaml")
+        config = load_config(ROOT / "configs" / f"{stem}.yaml", args.overrides)
         if latest_checkpoint(Path(config.model_dir)) is None:
             if not args.train:
                 parser.error(
@@ -81,7 +83,9 @@ def main() -> None:
             "models": {
                 n: {
                     "config": f"configs/{task['configs'][n]}.yaml",
-                    "config_sha256": config_hash(configs[n]),
+                    # the config the model was trained with (saved in its model_dir, overrides included)
+                    "config_sha256": config_hash(translators[n].config),
+                    "epochs": translators[n].config.train.epochs,
                     **m,
                 }
                 for n, m in result.models.items()

@@ -53,12 +53,15 @@ def main() -> None:
     scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
     for metric, value in scores.values.items():
         print(f"{metric:>9} {value:8.2f}  {scores.signatures.get(metric, '')}")
-    sets = "".join(f" --set {o}" for o in args.overrides)
+    command = " ".join(["python", *sys.argv])
+    if args.skip_train:  # the training happened before this command: the recipe names it
+        command = (
+            f"aligna train {args.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command
+        )
     write_record(
         name,
         {
-            # the whole recipe: with --skip-train, the training happened before this command
-            "reproduce": f"aligna train {args.config}{sets} && " * args.skip_train + " ".join(["python", *sys.argv]),
+            "reproduce": command,
             "config": args.config,
             "overrides": args.overrides,
             "config_sha256": config_hash(config),

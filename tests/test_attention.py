@@ -135,14 +135,16 @@ def test_attention_learns_the_long_reversal_that_the_bottleneck_cannot(toy_confi
     model size, data and number of updates, Bahdanau attention learns it; without
     attention the model gets (almost) no sentence right."""
     lengths = {"min_len": 30, "max_len": 34, "symbols": 26}
-    write_tsv(tmp_path / "train.tsv", reverse_pairs(3000, seed=1, **lengths))
-    write_tsv(tmp_path / "dev.tsv", reverse_pairs(100, seed=2, **lengths))
+    # not tmp_path/train.tsv: toy_config writes its own short-sequence corpus there
+    (tmp_path / "long").mkdir()
+    train_tsv = write_tsv(tmp_path / "long" / "train.tsv", reverse_pairs(3000, seed=1, **lengths))
+    dev_tsv = write_tsv(tmp_path / "long" / "dev.tsv", reverse_pairs(100, seed=2, **lengths))
     test = reverse_pairs(200, seed=3, **lengths)
     exact = {}
     for attention in ("bahdanau", "none"):
         config = toy_config(
             model_dir=str(tmp_path / attention),
-            data={"max_len": 40},
+            data={"train": {"tsv": str(train_tsv)}, "dev": {"tsv": str(dev_tsv)}, "max_len": 40},
             model={"emb_dim": 32, "hidden_size": 64, "dropout": 0.0,
                    "rnn": {"cell": "gru", "bidirectional": True, "attention": attention}},
             train={"batch_tokens": 2048, "epochs": 12, "lr": 0.003, "validate_every": 0},

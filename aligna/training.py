@@ -393,7 +393,9 @@ class Trainer:
                 st.bad_validations += 1
             if cfg.schedule == "plateau":
                 self.plateau.update(value, higher)
-            st.history = (st.history or []) + [{"step": st.step, "epoch": st.epoch + 1, **scores.values}]
+            # train_seconds: the time-to-quality curve (update time, validation not counted)
+            checkpoint = {"step": st.step, "epoch": st.epoch + 1, "train_seconds": st.train_seconds}
+            st.history = (st.history or []) + [checkpoint | scores.values]
             self._log_scalars("dev", scores.values)
             log.info(
                 "step %d dev: %s%s (%.1f s)", st.step, scores, "  *best*" if improved else "",

@@ -79,6 +79,7 @@ def main() -> None:
             "train_threads": config.train.num_threads or None,
             "test_sentences": len(sources),
             "greedy_decode_seconds": decode_seconds,
+            "dev_history": state.get("history") or [],  # every validation: step, train_seconds, scores
         },
     )
 

@@ -1,0 +1,132 @@
+"""Translation speed: greedy and beam search at several batch sizes, on a config's test set.
+
+    python bench/decode_speed.py runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer
+    python bench/decode_speed.py runs/multi30k_de_en_transformer --beams 1 --batch-sizes 64 --no-cache
+
+For each model directory, each beam size and each batch size, the whole test set
+(`data.test` of the model's config) is translated once untimed (warm-up) and then timed:
+sentences/s, output tokens/s (target tokens, `<eos>` not counted) and the tokenized BLEU of
+the output. `--no-cache` adds, for Transformers, the same search with an uncached decoder
+that re-runs the whole prefix at every step (what the key/value cache saves), and checks
+that both give the same output. Writes bench/results/decode_speed_<device>.json (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import config_hash, write_record  # noqa: E402
+
+import aligna  # noqa: E402
+from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.metrics import score  # noqa: E402
+from aligna.model import Reorderable, Seq2Seq  # noqa: E402
+from aligna.transformer import Transformer, TransformerEncoderOutput  # noqa: E402
+
+
+@dataclass
+class Prefix(Reorderable):
+    tokens: Tensor  # (B, t) the tokens fed so far
+
+
+class Uncached(Seq2Seq):
+    """A Transformer decoded without its key/value cache: each step runs the decoder over
+    the whole prefix again, O(t) work for the t-th token instead of O(1)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> TransformerEncoderOutput:
+        return self.model.encode(src, src_lengths)
+
+    def init_state(self, encoder_output: TransformerEncoderOutput) -> Prefix:  # type: ignore[override]
+        return Prefix(encoder_output.mask.new_zeros(encoder_output.mask.size(0), 0, dtype=torch.long))
+
+    def decode_step(self, prev_tokens: Tensor, state: Prefix, encoder_output: TransformerEncoderOutput):  # type: ignore[override]
+        tokens = torch.cat([state.tokens, prev_tokens.unsqueeze(1)], dim=1)  # (B, t + 1)
+        empty = self.model.init_state(encoder_output)
+        logits, _, weights, _ = self.model.decode(tokens, empty, encoder_output)  # (B, t + 1, V)
+        return logits[:, -1], Prefix(tokens), weights[:, -1]  # type: ignore[index]
+
+
+def measure(
+    translator: aligna.Translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int
+) -> tuple[dict, list[str]]:
+    translator.translate(sources[: 2 * batch_size], batch_size=batch_size, beam_size=beam)  # warm-up
+    started = time.perf_counter()
+    found = translator.translate_detailed(sources, batch_size=batch_size, beam_size=beam)
+    seconds = time.perf_counter() - started
+    hypotheses = [t.text for t in found]
+    tokens = sum(len(t.tokens) for t in found)
+    metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
+    return {
+        "beam": beam,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "sentences_per_s": len(sources) / seconds,
+        "target_tokens": tokens,
+        "target_tokens_per_s": tokens / seconds,
+        metric: score(hypotheses, references, [metric]).values[metric],
+    }, hypotheses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model_dirs", nargs="+")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--no-cache", action="store_true", help="also time Transformers without the KV cache")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpoint", default="best")
+    parser.add_argument("--name", help="record name (default: decode_speed_<device>)")
+    args = parser.parse_args()
+    runs = []
+    print(f"{'model':<32} {'cache':>6} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6}")
+    for model_dir in args.model_dirs:
+        translator = aligna.load(model_dir, checkpoint=args.checkpoint, device=args.device)
+        config = translator.config
+        if config.data.test is None:
+            parser.error(f"{model_dir}: its config has no data.test")
+        test = read_parallel(config.data.test, "test")
+        sources, references = reference_sets(test, config.data.group_references)
+        variants = [("yes" if isinstance(translator.model, Transformer) else "-", translator.model)]
+        if args.no_cache and isinstance(translator.model, Transformer):
+            variants.append(("no", Uncached(translator.model).eval()))
+        for beam in args.beams:
+            for batch_size in args.batch_sizes:
+                outputs = {}
+                for cache, model in variants:
+                    translator.model = model
+                    run, outputs[cache] = measure(translator, sources, references, beam, batch_size)
+                    run |= {"model_dir": model_dir, "config_sha256": config_hash(config),
+                            "arch": config.model.arch, "kv_cache": cache, "test_set": test.origin}  # fmt: skip
+                    runs.append(run)
+                    bleu = run.get("tok_bleu", run.get("bleu"))
+                    print(
+                        f"{Path(model_dir).name:<32} {cache:>6} {beam:>4} {batch_size:>5} "
+                        f"{run['sentences_per_s']:8.1f} {run['target_tokens_per_s']:8.0f} {bleu:6.2f}",
+                        flush=True,
+                    )
+                if len(outputs) == 2 and outputs["yes"] != outputs["no"]:
+                    changed = sum(a != b for a, b in zip(outputs["yes"], outputs["no"]))
+                    print(f"  cached and uncached outputs differ in {changed} sentences (float rounding)")
+                translator.model = variants[0][1]
+    device = "cpu" if args.device == "cpu" else "gpu"
+    write_record(args.name or f"decode_speed_{device}", {
+        "benchmark": "decode_speed", "threads": torch.get_num_threads(), "runs": runs,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

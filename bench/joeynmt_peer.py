@@ -3,7 +3,7 @@
     python bench/joeynmt_peer.py train-speed configs/multi30k_de_en_transformer.yaml [--steps 30] [--threads 2]
     python bench/joeynmt_peer.py train configs/multi30k_de_en_transformer.yaml [--max-steps N] [--overwrite]
     python bench/joeynmt_peer.py translate-speed configs/multi30k_de_en_transformer.yaml \\
-        --joey-model runs/peer/joeynmt/multi30k_de_en_transformer [--batch-sizes 1 16 64] [--beams 1 5]
+        [--joey-model runs/peer/joeynmt/multi30k_de_en_transformer] [--batch-sizes 1 16 64] [--beams 1 5]
     ... --venv /work/joey_venv     # use this JoeyNMT virtualenv (default runs/peer/joeynmt-venv, made if missing)
     ... --set train.batch_tokens=2000 --name tmp_try   # aligna config overrides; record name
 
@@ -20,9 +20,11 @@ translate_speed}_NAME.json.
   JoeyNMT's time to fetch each batch from its DataLoader (sampling, tokenizing, collating)
   is reported apart. Target tokens count non-pad target tokens, <eos> included, on both.
 - train: full JoeyNMT training into runs/peer/joeynmt/NAME/. The record has the dev BLEU
-  (tok_bleu) of every validation against seconds since the training loop started
-  (JoeyNMT's "EPOCH 1" log line), and the same curve from aligna's train.log in the config's
-  model_dir when there is one (seconds since its "training: N batches per epoch" line).
+  (tok_bleu) of every validation against `seconds` since the training loop started (JoeyNMT's
+  "EPOCH 1" log line; validation time included) and `train_seconds` (validation left out:
+  the driver logs each validation's duration), and the same curve of the aligna run in the
+  config's model_dir when there is one (`seconds` since its "training: N batches per epoch"
+  log line, `train_seconds` from the validation history in its latest checkpoint).
 - translate-speed: decodes data.test with aligna's trained model (config.model_dir, best
   weights) and a trained JoeyNMT model, for each (beam, batch size): seconds without model
   loading (tokenizing and detokenizing included), sentences/s, output tokens/s, tok_bleu.
@@ -40,6 +42,8 @@ What still differs:
 
 Data and vocabulary
 - JoeyNMT puts its own specials first (<unk> <pad> <s> </s>): same tokens and sizes, other ids.
+- JoeyNMT's venv has sentencepiece 0.2.1 (JoeyNMT 2.3.0 needs an API that 0.2.2 removed);
+  it reads the same model file.
 - BPE: JoeyNMT restricts sentencepiece to the vocabulary (SetVocabulary), so a piece never seen
   in training is split into known pieces; aligna maps it to <unk>. Rare on dev and test.
 - JoeyNMT tokenizes each sentence whenever a batch is drawn (twice: sampler and collate);
@@ -66,10 +70,10 @@ RNN with attention (multi30k_de_en_bahdanau)
   with s_{t-1}, feeds c_t into the GRU and predicts from [s_t; c_t; E y_{t-1}]. The additive
   scorer, the sizes (embeddings 256, biGRU 512 encoder, GRU 512 decoder, attention 512) and the
   tanh bridge from the final encoder states are the same; the parameter counts differ (both
-  in the records). Dropout 0.5 acts on JoeyNMT's [E y; h~] input and on [s_t; c_t] before W.
+  in the records; 13.0M JoeyNMT vs 20.6M aligna, mostly aligna's wider output layer). Dropout 0.5 acts on JoeyNMT's [E y; h~] input and on [s_t; c_t] before W.
   (aligna's concat and general scorers use the Luong layout, as JoeyNMT does.)
 - Init: JoeyNMT uniform(+-1/sqrt(hidden)) weights and biases and N(0, 1) embeddings, near
-  torch's defaults, which aligna keeps.
+  torch's defaults, which aligna keeps (an LSTM also gets JoeyNMT's forget-gate bias 1).
 - JoeyNMT needs a bidirectional encoder and a decoder with attention (bahdanau, general or
   concat); tied output embeddings need emb_dim == hidden_size there.
 Training
@@ -77,8 +81,10 @@ Training
   against a materialized tokens x V distribution); aligna eps/V to every token.
 - Learning rate: JoeyNMT steps its scheduler after each update, so update 1 runs at the peak
   learning_rate and update n at the rate of step n-1. A constant rate is JoeyNMT's
-  warmupexponentialdecay with decay 1.0. learning_rate_min is 1e-8 so that JoeyNMT's stop on
-  a low rate never fires during warmup.
+  exponential schedule with decay 1.0. learning_rate_min is 1e-8 so that JoeyNMT's stop on a
+  low rate never fires during warmup. aligna's plateau schedule and a constant rate with
+  warmup have no working JoeyNMT 2.3.0 counterpart (its plateau and warmupexponentialdecay
+  schedulers fail to build with torch 2.13).
 - JoeyNMT has no early stopping: it trains all epochs (or --max-steps); aligna stops after
   early_stopping_patience validations without improvement.
 - aligna validates once per epoch (validate_every 0); JoeyNMT every validation_freq updates:
@@ -165,7 +171,11 @@ def rel(path: Path) -> str:
 
 
 def joeynmt_version(python: Path) -> str | None:
-    probe = "import importlib.metadata as m; print(m.version('joeynmt'))"
+    """The JoeyNMT version that `python` can import and train with, or None."""
+    probe = (
+        "import importlib.metadata as m, joeynmt.training, sentencepiece as s; "
+        "assert hasattr(s.SentencePieceProcessor, 'SetVocabulary'); print(m.version('joeynmt'))"
+    )
     done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else None
 
@@ -176,12 +186,16 @@ def ensure_venv(venv: Path) -> Path:
     if not python.exists():
         print(f"creating {venv} for JoeyNMT {JOEYNMT}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    found = joeynmt_version(python)
-    if found != JOEYNMT:
-        print(f"{venv}: joeynmt {found or 'missing'}, installing torch=={TORCH} and joeynmt=={JOEYNMT}")
+    if joeynmt_version(python) != JOEYNMT:
+        print(f"{venv}: installing torch=={TORCH} and joeynmt=={JOEYNMT}")
         pip = str(venv / "bin" / "pip")
         subprocess.run([pip, "install", f"torch=={TORCH}"], check=True)
-        subprocess.run([pip, "install", f"joeynmt=={JOEYNMT}"], check=True)
+        # JoeyNMT 2.3.0 imports importlib_metadata without declaring it, and calls
+        # SentencePieceProcessor.SetVocabulary, which sentencepiece 0.2.2 removed.
+        requirements = [f"joeynmt=={JOEYNMT}", "importlib-metadata", "sentencepiece<0.2.2"]
+        subprocess.run([pip, "install", *requirements], check=True)
+        if joeynmt_version(python) != JOEYNMT:
+            raise SystemExit(f"{venv}: JoeyNMT {JOEYNMT} still does not import")
     return python
 
 
@@ -274,10 +288,6 @@ def load_pipeline(config: Config, train: ParallelText, work: Path) -> tuple[Pipe
 
 def prepare_workspace(config: Config) -> Workspace:
     data = config.data
-    if data.too_long != "filter":
-        raise Unsupported("data.too_long: JoeyNMT can filter long pairs but not truncate them")
-    if data.src_lang == data.tgt_lang:
-        raise Unsupported("data.src_lang and data.tgt_lang must differ: JoeyNMT names its files by them")
     work = PEER / "work" / f"{config.name or 'config'}-{data_hash(data)}"
     work.mkdir(parents=True, exist_ok=True)
     train = read_parallel(data.train, "train")
@@ -441,16 +451,32 @@ def joey_rnn(m: ModelConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def joey_model(m: ModelConfig) -> dict[str, Any]:
+    return joey_transformer(m) if m.arch == "transformer" else joey_rnn(m)
+
+
+def check_comparable(config: Config) -> None:
+    """Raise Unsupported for what JoeyNMT cannot express, before any work is done."""
+    joey_model(config.model), joey_schedule(config.train), joey_metric(config.train)
+    if config.train.teacher_forcing < 1:
+        raise Unsupported("train.teacher_forcing < 1: JoeyNMT has no scheduled sampling")
+    if config.data.too_long != "filter":
+        raise Unsupported("data.too_long: JoeyNMT can filter long pairs but not truncate them")
+    if config.data.src_lang == config.data.tgt_lang:
+        raise Unsupported("data.src_lang and data.tgt_lang must differ: JoeyNMT names its files by them")
+
+
 def joey_schedule(cfg: TrainConfig) -> dict[str, Any]:
+    """JoeyNMT's learning-rate schedule; learning_rate_min is where JoeyNMT stops training."""
     if cfg.schedule == "inverse_sqrt":
         return {"scheduling": "warmupinversesquareroot", "learning_rate_warmup": max(cfg.warmup_steps, 1),
                 "learning_rate_min": 1e-8}  # fmt: skip
-    if cfg.schedule == "constant":  # linear warmup (if any), then exponential decay by 1.0
-        return {"scheduling": "warmupexponentialdecay", "learning_rate_peak": cfg.lr, "learning_rate_decay": 1.0,
-                "learning_rate_warmup": cfg.warmup_steps, "learning_rate_min": 1e-8}  # fmt: skip
-    # JoeyNMT stops training below learning_rate_min where aligna keeps min_lr.
-    return {"scheduling": "plateau", "patience": cfg.plateau_patience, "decrease_factor": cfg.plateau_factor,
-            "learning_rate_min": cfg.min_lr}  # fmt: skip
+    if cfg.schedule == "constant" and not cfg.warmup_steps:  # decay by 1.0 each epoch
+        return {"scheduling": "exponential", "decrease_factor": 1.0, "learning_rate_min": 1e-8}
+    # JoeyNMT 2.3.0's warmupexponentialdecay omits the optimizer and its plateau passes
+    # verbose=, which torch 2.13 no longer takes: both fail when built.
+    raise Unsupported(f"train.schedule {cfg.schedule!r} with warmup_steps {cfg.warmup_steps}: JoeyNMT "
+                      "2.3.0 runs inverse_sqrt and a constant rate without warmup only")  # fmt: skip
 
 
 def joey_metric(cfg: TrainConfig) -> str:
@@ -467,8 +493,6 @@ def joey_metric(cfg: TrainConfig) -> str:
 def joey_training(
     cfg: TrainConfig, batch_size: int, epochs: int, updates: int, validation_freq: int, overwrite: bool
 ) -> dict[str, Any]:
-    if cfg.teacher_forcing < 1:
-        raise Unsupported("train.teacher_forcing < 1: JoeyNMT has no scheduled sampling")
     out = {
         "optimizer": cfg.optimizer, "adam_betas": list(cfg.betas), "learning_rate": cfg.lr,
         "weight_decay": cfg.weight_decay, **joey_schedule(cfg),
@@ -498,14 +522,13 @@ def joey_config(
     overwrite: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The JoeyNMT 2.3.0 config of `config`'s model, data and training."""
-    model = joey_transformer(config.model) if config.model.arch == "transformer" else joey_rnn(config.model)
     return {
         "name": config.name or "aligna_peer", "joeynmt_version": JOEYNMT, "model_dir": rel(model_dir),
         "use_cuda": device.startswith("cuda"), "fp16": False, "random_seed": config.train.seed,
         "data": joey_data(config, ws, splits, dev_subset),
         "training": joey_training(config.train, batch_size, epochs, updates, validation_freq, overwrite),
         "testing": joey_testing(config.decode, max_output_length, joey_metric(config.train)),
-        "model": model,
+        "model": joey_model(config.model),
     }  # fmt: skip
 
 
@@ -560,10 +583,10 @@ def joey_curve(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def aligna_curve(model_dir: Path) -> dict[str, Any] | None:
+def aligna_curve(model_dir: Path, config: Config) -> dict[str, Any] | None:
     """The same curve for an aligna run: `seconds` from its train.log (since the "training:"
     line), `train_seconds` from the validation history of its latest checkpoint, where the
-    trainer records it."""
+    trainer records it. `same_config`: was that run trained with `config`?"""
     log = model_dir / "train.log"
     if not log.is_file():
         return None
@@ -583,8 +606,10 @@ def aligna_curve(model_dir: Path) -> dict[str, Any] | None:
                            "tok_bleu": float(values["tok_bleu"]) if "tok_bleu" in values else None})  # fmt: skip
     ends = [t for t, text in lines if text.startswith("INFO trained ")]
     scored = [p for p in points if p["tok_bleu"] is not None]
+    saved = model_dir / "config.yaml"
     return {
         "model_dir": rel(model_dir),
+        "same_config": saved.is_file() and config_hash(load_config(saved)) == config_hash(config),
         "finished": bool(ends),
         "resumed": len(starts) > 1,  # then `seconds` include the pause
         "loop_seconds": ends[-1] - starts[0] if ends else None,
@@ -630,7 +655,8 @@ def train_speed_command(args: argparse.Namespace, config: Config, python: Path) 
         {
             "benchmark": "peer_joeynmt_train_speed",
             "config": args.config, "overrides": args.overrides, "config_sha256": config_hash(config),
-            "arch": config.model.arch, "device": args.device, "threads": torch.get_num_threads(),
+            "arch": config.model.arch, "device": args.device,
+            "threads": {"aligna": torch.get_num_threads(), "joeynmt": joey["torch_threads"]},
             "measured": "target tokens (non-pad, <eos> included) per second of the update alone (forward, "
                         "loss, backward, clipping, optimizer and scheduler step; the batch already built), "
                         f"{args.steps} updates after {args.warmup} untimed, first batches of epoch 1; "
@@ -668,24 +694,27 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
     started = time.time()
     run = run_driver(python, "train", path, [], args.threads, ws.dir / "train.stderr.log")
     process_seconds = time.time() - started
-    joey, peer = joey_curve(model_dir), aligna_curve(Path(config.model_dir))
+    joey, peer = joey_curve(model_dir), aligna_curve(Path(config.model_dir), config)
     print(
         f"\nJoeyNMT: {joey['steps']} updates, {joey['epochs']} epochs, training loop {joey['loop_seconds']:.0f} s"
     )
-    print(f"{'step':>7} {'seconds':>9} {'tok_bleu':>8}")
+    print(f"{'step':>7} {'seconds':>9} {'train_seconds':>13} {'tok_bleu':>8}")
     for p in joey["points"]:
-        print(f"{p['step']:>7} {p['seconds']:>9.0f} {p['tok_bleu']:>8.2f}")
+        print(f"{p['step']:>7} {p['seconds']:>9.0f} {p['train_seconds']:>13.0f} {p['tok_bleu']:>8.2f}")
     if peer:
-        print(f"aligna ({peer['model_dir']}): best {peer['best']}, finished {peer['finished']}")
+        print(f"aligna ({peer['model_dir']}, same config: {peer['same_config']}, finished: {peer['finished']}): "
+              f"best {peer['best']}")  # fmt: skip
     write_record(
         args.name or f"peer_joeynmt_train_{name}",
         {
             "benchmark": "peer_joeynmt_train",
             "config": args.config, "overrides": args.overrides, "config_sha256": config_hash(config),
-            "arch": config.model.arch, "device": args.device, "threads": torch.get_num_threads(),
+            "arch": config.model.arch, "device": args.device, "joeynmt_threads": run["torch_threads"],
             "metric": "tok_bleu on the dev set, greedy: sacrebleu tokenize=none lowercase (both sides)",
-            "seconds": "since the training loop started (JoeyNMT's 'EPOCH 1' line, aligna's 'training:' line); "
-                       "validation and checkpoint time included",
+            "seconds": "wall clock since the training loop started (JoeyNMT's 'EPOCH 1' log line, aligna's "
+                       "'training:' line), validation and checkpoints included; train_seconds: the same "
+                       "without validation (JoeyNMT: less each logged validation time; aligna: its "
+                       "trainer's train_seconds, update time only)",
             "joeynmt_model_dir": rel(model_dir),
             "joeynmt_process_seconds": process_seconds,
             "joeynmt_train_seconds": run["seconds"],
@@ -746,9 +775,9 @@ def speed_row(run: dict[str, Any], references: list[str]) -> dict[str, Any]:
 
 
 def translate_speed_command(args: argparse.Namespace, config: Config, python: Path) -> None:
-    joey_dir = Path(args.joey_model)
+    joey_dir = Path(args.joey_model or PEER / "joeynmt" / config_name(config, args.config))
     if not (joey_dir / "config.yaml").is_file():
-        raise SystemExit(f"{args.joey_model}: no JoeyNMT model (config.yaml) there")
+        raise SystemExit(f"{joey_dir}: no JoeyNMT model (config.yaml) there")
     if config.data.test is None:
         raise Unsupported(f"{args.config} has no data.test to decode")
     translator = aligna.load(config.model_dir, device=args.device)
@@ -786,7 +815,8 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
         {
             "benchmark": "peer_joeynmt_translate_speed",
             "config": args.config, "overrides": args.overrides, "config_sha256": config_hash(config),
-            "arch": config.model.arch, "device": args.device, "threads": torch.get_num_threads(),
+            "arch": config.model.arch, "device": args.device,
+            "threads": {"aligna": torch.get_num_threads(), "joeynmt": joey["torch_threads"]},
             "test_set": test.origin, "sentences": len(sources),
             "aligna_model_dir": config.model_dir,
             "aligna_weights": "best.safetensors" if best.is_file() else "latest checkpoint",
@@ -839,7 +869,9 @@ def main() -> None:
     )
     train_cmd.add_argument("--overwrite", action="store_true", help="replace runs/peer/joeynmt/NAME")
     decode = commands.add_parser("translate-speed", parents=[common], help="decoding speed and BLEU of both")
-    decode.add_argument("--joey-model", required=True, help="a trained JoeyNMT model directory")
+    decode.add_argument(
+        "--joey-model", help="a trained JoeyNMT model (default: runs/peer/joeynmt/NAME, from train)"
+    )
     decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     decode.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     decode.add_argument("--limit", type=int, default=0, help="decode only the first N test sentences")
@@ -848,6 +880,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args.overrides)
+        check_comparable(config)
         python = ensure_venv(args.venv)
         {
             "train-speed": train_speed_command,

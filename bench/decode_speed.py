@@ -59,17 +59,20 @@ class Uncached(Seq2Seq):
 
 
 def measure(
-    translator: aligna.Translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int
-) -> tuple[dict, list[str]]:
-    translator.translate(sources[: 2 * batch_size], batch_size=batch_size, beam_size=beam)  # warm-up
+    translator: aligna.Translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
+    alpha: float,
+) -> tuple[dict, list[str]]:  # fmt: skip
+    search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0}
+    translator.translate(sources[: 2 * batch_size], batch_size=batch_size, **search)  # warm-up
     started = time.perf_counter()
-    found = translator.translate_detailed(sources, batch_size=batch_size, beam_size=beam)
+    found = translator.translate_detailed(sources, batch_size=batch_size, **search)
     seconds = time.perf_counter() - started
     hypotheses = [t.text for t in found]
     tokens = sum(len(t.tokens) for t in found)
     metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
     return {
         "beam": beam,
+        "alpha": search["alpha"],
         "batch_size": batch_size,
         "seconds": seconds,
         "sentences_per_s": len(sources) / seconds,
@@ -86,6 +89,7 @@ def main() -> None:
     parser.add_argument("model_dirs", nargs="+")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty for beam search")
     parser.add_argument("--no-cache", action="store_true", help="also time Transformers without the KV cache")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default="best")
@@ -108,7 +112,7 @@ def main() -> None:
                 outputs = {}
                 for cache, model in variants:
                     translator.model = model
-                    run, outputs[cache] = measure(translator, sources, references, beam, batch_size)
+                    run, outputs[cache] = measure(translator, sources, references, beam, batch_size, args.alpha)
                     run |= {"model_dir": model_dir, "config_sha256": config_hash(config),
                             "arch": config.model.arch, "kv_cache": cache, "test_set": test.origin}  # fmt: skip
                     runs.append(run)

@@ -62,6 +62,24 @@ def speed_rows(record: dict) -> list[str]:
     return rows
 
 
+def decode_rows(record: dict) -> list[str]:
+    rows = [
+        f"`{record['command']}` on {_machine(record['machine'])}, {record['threads']} threads:",
+        "",
+        "| model | KV cache | search | batch | sentences/s | target tok/s | BLEU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in record["runs"]:
+        search = "greedy" if run["beam"] == 1 else f"beam {run['beam']}"
+        search += f", alpha {run['alpha']}" if run.get("alpha") else ""
+        bleu = run.get("tok_bleu", run.get("bleu"))
+        rows.append(
+            f"| {Path(run['model_dir']).name} | {run['kv_cache']} | {search} | {run['batch_size']} | "
+            f"{run['sentences_per_s']:,.1f} | {run['target_tokens_per_s']:,.0f} | {bleu:.1f} |"
+        )
+    return rows
+
+
 def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
     quality = [r for r in records if "metrics" in r]
@@ -74,6 +92,9 @@ def render() -> str:
         parts += ["", *speed_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
+    for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
+        parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
+                  "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip
     for r in lengths:
         parts += [
             "",

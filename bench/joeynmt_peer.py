@@ -88,7 +88,7 @@ Training
 - JoeyNMT has no early stopping: it trains all epochs (or --max-steps); aligna stops after
   early_stopping_patience validations without improvement.
 - aligna validates once per epoch (validate_every 0); JoeyNMT every validation_freq updates:
-  its simulated updates per epoch, rounded to 10 (or --validate-every).
+  its updates in epoch 1 as simulated (or --validate-every); later epochs may differ by one.
 - aligna computes dev loss, ppl, tok_bleu, bleu, chrF and saves a checkpoint at every
   validation (safetensors); JoeyNMT computes loss, ppl, accuracy and BLEU and saves (torch.save,
   with the optimizer) only validations among its keep_best_ckpts best.
@@ -682,7 +682,7 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
     ws = prepare_workspace(config)
     batching = match_batches(ws.examples, config.train, args.joey_batch)
     dev = read_parallel(config.data.dev, "dev")
-    validation_freq = args.validate_every or max(10, round(batching["joeynmt_batches_per_epoch"] / 10) * 10)
+    validation_freq = args.validate_every or batching["joeynmt_batches_per_epoch"]  # about one epoch
     cfg = joey_config(
         config, ws, model_dir, splits=["train", "dev"], batch_size=batching["joeynmt_batch_size"],
         epochs=args.epochs or config.train.epochs, updates=args.max_steps or config.train.max_steps,
@@ -777,7 +777,7 @@ def speed_row(run: dict[str, Any], references: list[str]) -> dict[str, Any]:
 def translate_speed_command(args: argparse.Namespace, config: Config, python: Path) -> None:
     joey_dir = Path(args.joey_model or PEER / "joeynmt" / config_name(config, args.config))
     if not (joey_dir / "config.yaml").is_file():
-        raise SystemExit(f"{joey_dir}: no JoeyNMT model (config.yaml) there")
+        raise SystemExit(f"{rel(joey_dir)}: no JoeyNMT model (config.yaml) there")
     if config.data.test is None:
         raise Unsupported(f"{args.config} has no data.test to decode")
     translator = aligna.load(config.model_dir, device=args.device)
@@ -849,7 +849,9 @@ def main() -> None:
     common.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads on both sides (0: torch's default)"
     )
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
     common.add_argument("--joey-batch", choices=["matched", "nominal"], default="matched",
                         help="JoeyNMT batch_size: same real target tokens per update, or aligna's number")  # fmt: skip
     common.add_argument("--name", help="record name (default peer_joeynmt_COMMAND_CONFIGNAME)")

@@ -103,14 +103,15 @@ def save_attention(
 
 def plot_lines(
     series: dict[str, tuple[Sequence[Any], Sequence[float]]], path: str | Path, xlabel: str, ylabel: str,
-    title: str | None = None,
+    title: str | None = None, categorical: bool = True,
 ) -> None:  # fmt: skip
-    """One line per named series of (x, y) points, e.g. score by source-length bucket."""
+    """One line per named series of (x, y) points: x as labels (categorical, e.g. source-length
+    buckets) or as numbers (e.g. training time)."""
     plt = _pyplot()
     with plt.rc_context(_style()):
         fig, ax = plt.subplots(figsize=(6.0, 3.8))
         for name, (xs, ys) in series.items():
-            ax.plot([str(x) for x in xs], ys, marker="o", label=name)
+            ax.plot([str(x) for x in xs] if categorical else list(xs), ys, marker="o", label=name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

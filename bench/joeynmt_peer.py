@@ -130,7 +130,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, config_hash, write_record  # noqa: E402
+from common import RESULTS, ROOT, config_hash, machine, write_record  # noqa: E402
 from train_speed import measure  # noqa: E402
 
 import aligna  # noqa: E402
@@ -147,6 +147,7 @@ from aligna.config import (  # noqa: E402
     save_config,
 )
 from aligna.data import Examples, ParallelText, Pipeline, encode_pairs, epoch_batches, read_parallel  # noqa: E402
+from aligna.plotting import plot_lines  # noqa: E402
 from aligna.translate import Translator  # noqa: E402
 from aligna.vocab import SPECIALS, Vocabulary  # noqa: E402
 
@@ -464,6 +465,9 @@ def check_comparable(config: Config) -> None:
         raise Unsupported("data.too_long: JoeyNMT can filter long pairs but not truncate them")
     if config.data.src_lang == config.data.tgt_lang:
         raise Unsupported("data.src_lang and data.tgt_lang must differ: JoeyNMT names its files by them")
+    if config.train.precision != "fp32" and config.train.device != "cuda":
+        # JoeyNMT's fp16 is CUDA autocast only: on the CPU both sides must run fp32
+        raise Unsupported("train.precision: JoeyNMT has no CPU mixed precision; compare with fp32")
 
 
 def joey_schedule(cfg: TrainConfig) -> dict[str, Any]:
@@ -704,8 +708,19 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
     if peer:
         print(f"aligna ({peer['model_dir']}, same config: {peer['same_config']}, finished: {peer['finished']}): "
               f"best {peer['best']}")  # fmt: skip
+    record_name = args.name or f"peer_joeynmt_train_{name}"
+    plot = RESULTS / f"{record_name}.png"
+    curves = {"JoeyNMT 2.3.0": joey["points"]} | ({"aligna": peer["points"]} if peer else {})
+    plot_lines(
+        {
+            n: ([p["train_seconds"] / 60 for p in ps], [p["tok_bleu"] for p in ps])
+            for n, ps in ((n, [p for p in ps if p["train_seconds"] is not None]) for n, ps in curves.items())
+        },
+        plot, "training minutes (validation not counted)", "dev tok BLEU (greedy)",
+        title=f"{name}: time to quality, {machine()['cpu']}, {run['torch_threads']} threads", categorical=False,
+    )  # fmt: skip
     write_record(
-        args.name or f"peer_joeynmt_train_{name}",
+        record_name,
         {
             "benchmark": "peer_joeynmt_train",
             "config": args.config, "overrides": args.overrides, "config_sha256": config_hash(config),
@@ -715,6 +730,7 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
                        "'training:' line), validation and checkpoints included; train_seconds: the same "
                        "without validation (JoeyNMT: less each logged validation time; aligna: its "
                        "trainer's train_seconds, update time only)",
+            "plot": rel(plot),
             "joeynmt_model_dir": rel(model_dir),
             "joeynmt_process_seconds": process_seconds,
             "joeynmt_train_seconds": run["seconds"],

@@ -80,6 +80,22 @@ def decode_rows(record: dict) -> list[str]:
     return rows
 
 
+def peer_speed_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| config | parameters aligna / JoeyNMT | threads | aligna tok/s | JoeyNMT tok/s | ratio | machine | reproduce |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        a, j = r["aligna"], r["joeynmt"]
+        config = r["config"] + "".join(f" `{o}`" for o in r["overrides"])
+        rows.append(
+            f"| {config} | {a['parameters'] / 1e6:.1f} M / {j['parameters'] / 1e6:.1f} M | {r['threads']['aligna']} | "
+            f"{a['target_tokens_per_s']:,.0f} | {j['target_tokens_per_s']:,.0f} | "
+            f"{r['ratio_aligna_over_joeynmt']:.2f}x | {_machine(r['machine'])} | `{r['command']}` |"
+        )
+    return rows
+
+
 def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
     quality = [r for r in records if "metrics" in r]
@@ -92,6 +108,11 @@ def render() -> str:
         parts += ["", *speed_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
+    peers = [r for r in records if r.get("benchmark") == "peer_joeynmt_train_speed"]
+    if peers:
+        parts += ["", "Training speed against JoeyNMT 2.3.0, same data, same batches, fp32, target tokens/s of "
+                  "the update (`bench/results/peer_joeynmt_train_speed_*.json`; what differs is listed in "
+                  "`bench/joeynmt_peer.py`):", "", *peer_speed_rows(peers)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip

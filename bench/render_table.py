@@ -96,6 +96,24 @@ def peer_speed_rows(records: list[dict]) -> list[str]:
     return rows
 
 
+def published_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| row | test set | aligna | published | target | met | all scores | weights, search | train | reproduce |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        for metric, v in r["verdicts"].items():
+            verdict = f"yes (+{v['margin']:.2f})" if v["met"] else f"no ({v['margin']:.2f})"
+            scores = " · ".join(f"{LABELS.get(k, k)} {x:.1f}" for k, x in r["metrics"].items() if k != "loss")
+            rows.append(
+                f"| {r['row']} | {Path(r['test_set'].split(' / ')[0]).name} | {LABELS.get(metric, metric)} "
+                f"{v['aligna']:.2f} | {v['published']} | {v['target']} | {verdict} | {scores} | "
+                f"{r['weights']}; {r['search']} | {r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
+                f"{r['train_precision']}, {_machine(r['machine'])} | `{r['reproduce']}` |"
+            )
+    return rows
+
+
 def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
     quality = [r for r in records if "metrics" in r]
@@ -103,6 +121,10 @@ def render() -> str:
     lengths = [r for r in records if r.get("benchmark") == "length_buckets"]
     parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]
     parts += quality_rows(quality) if quality else ["(no records yet)"]
+    published = [r for r in records if r.get("benchmark") == "published"]
+    if published:
+        parts += ["", "Against published results (`bench/results/published_*.json`; what each published number "
+                  "measured is in `bench/published.py` and in the record):", "", *published_rows(published)]  # fmt: skip
     parts += ["", "Training speed (`bench/results/train_speed_*.json`):"]
     for r in speed:
         parts += ["", *speed_rows(r)]

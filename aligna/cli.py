@@ -134,7 +134,8 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 (default, exact), or bf16 / fp16 autocast for faster decoding on a GPU")  # fmt: skip
+                   help="fp32 (default, exact), or bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
+                        "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU")  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, help="sentences per batch (default: the config's decode.batch_size)"
     )

@@ -2,6 +2,7 @@
 
     python bench/decode_speed.py runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer
     python bench/decode_speed.py runs/multi30k_de_en_transformer --beams 1 --batch-sizes 64 --no-cache
+    python bench/decode_speed.py runs/multi30k_de_en_bahdanau --precisions fp32 bf16
 
 For each model directory, each beam size and each batch size, the whole test set
 (`data.test` of the model's config) is translated once untimed (warm-up) and then timed:
@@ -17,6 +18,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -91,12 +93,16 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty for beam search")
     parser.add_argument("--no-cache", action="store_true", help="also time Transformers without the KV cache")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                        help="fp32 (exact) and / or bf16 / fp16 autocast")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--name", help="record name (default: decode_speed_<device>)")
     args = parser.parse_args()
     runs = []
-    print(f"{'model':<32} {'cache':>6} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6}")
+    print(
+        f"{'model':<32} {'prec':>5} {'cache':>6} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6}"
+    )
     for model_dir in args.model_dirs:
         translator = aligna.load(model_dir, checkpoint=args.checkpoint, device=args.device)
         config = translator.config
@@ -107,25 +113,25 @@ def main() -> None:
         variants = [("yes" if isinstance(translator.model, Transformer) else "-", translator.model)]
         if args.no_cache and isinstance(translator.model, Transformer):
             variants.append(("no", Uncached(translator.model).eval()))
-        for beam in args.beams:
-            for batch_size in args.batch_sizes:
-                outputs = {}
-                for cache, model in variants:
-                    translator.model = model
-                    run, outputs[cache] = measure(translator, sources, references, beam, batch_size, args.alpha)
-                    run |= {"model_dir": model_dir, "config_sha256": config_hash(config),
-                            "arch": config.model.arch, "kv_cache": cache, "test_set": test.origin}  # fmt: skip
-                    runs.append(run)
-                    bleu = run.get("tok_bleu", run.get("bleu"))
-                    print(
-                        f"{Path(model_dir).name:<32} {cache:>6} {beam:>4} {batch_size:>5} "
-                        f"{run['sentences_per_s']:8.1f} {run['target_tokens_per_s']:8.0f} {bleu:6.2f}",
-                        flush=True,
-                    )
-                if len(outputs) == 2 and outputs["yes"] != outputs["no"]:
-                    changed = sum(a != b for a, b in zip(outputs["yes"], outputs["no"]))
-                    print(f"  cached and uncached outputs differ in {changed} sentences (float rounding)")
-                translator.model = variants[0][1]
+        for precision, beam, batch_size in product(args.precisions, args.beams, args.batch_sizes):
+            translator.precision = precision
+            outputs = {}
+            for cache, model in variants:
+                translator.model = model
+                run, outputs[cache] = measure(translator, sources, references, beam, batch_size, args.alpha)
+                run |= {"model_dir": model_dir, "config_sha256": config_hash(config), "precision": precision,
+                        "arch": config.model.arch, "kv_cache": cache, "test_set": test.origin}  # fmt: skip
+                runs.append(run)
+                bleu = run.get("tok_bleu", run.get("bleu"))
+                print(
+                    f"{Path(model_dir).name:<32} {precision:>5} {cache:>6} {beam:>4} {batch_size:>5} "
+                    f"{run['sentences_per_s']:8.1f} {run['target_tokens_per_s']:8.0f} {bleu:6.2f}",
+                    flush=True,
+                )
+            if len(outputs) == 2 and outputs["yes"] != outputs["no"]:
+                changed = sum(a != b for a, b in zip(outputs["yes"], outputs["no"]))
+                print(f"  cached and uncached outputs differ in {changed} sentences (float rounding)")
+            translator.model = variants[0][1]
     device = "cpu" if args.device == "cpu" else "gpu"
     write_record(args.name or f"decode_speed_{device}", {
         "benchmark": "decode_speed", "threads": torch.get_num_threads(), "runs": runs,

@@ -3,7 +3,8 @@
     python bench/joeynmt_peer.py train-speed configs/multi30k_de_en_transformer.yaml [--steps 30] [--threads 2]
     python bench/joeynmt_peer.py train configs/multi30k_de_en_transformer.yaml [--max-steps N] [--overwrite]
     python bench/joeynmt_peer.py translate-speed configs/multi30k_de_en_transformer.yaml \\
-        [--joey-model runs/peer/joeynmt/multi30k_de_en_transformer] [--batch-sizes 1 16 64] [--beams 1 5]
+        [--joey-model runs/peer/joeynmt/multi30k_de_en_transformer] [--batch-sizes 1 16 64] [--beams 1 5] \\
+        [--precisions fp32 bf16]
     ... --venv /work/joey_venv     # use this JoeyNMT virtualenv (default runs/peer/joeynmt-venv, made if missing)
     ... --set train.batch_tokens=2000 --name tmp_try   # aligna config overrides; record name
 
@@ -27,7 +28,8 @@ translate_speed}_NAME.json.
   log line, `train_seconds` from the validation history in its latest checkpoint).
 - translate-speed: decodes data.test with aligna's trained model (config.model_dir, best
   weights) and a trained JoeyNMT model, for each (beam, batch size): seconds without model
-  loading (tokenizing and detokenizing included), sentences/s, output tokens/s, tok_bleu.
+  loading (tokenizing and detokenizing included), sentences/s, output tokens/s, tok_bleu;
+  aligna in each of --precisions (fp32, and bf16 autocast), JoeyNMT in fp32 (its only CPU mode).
 
 Made equal: the training pairs (those aligna keeps after its max_len filter, whitespace
 normalized), the vocabularies (aligna's own, written as JoeyNMT voc_files: taken from
@@ -797,6 +799,7 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
     if config.data.test is None:
         raise Unsupported(f"{args.config} has no data.test to decode")
     translator = aligna.load(config.model_dir, device=args.device)
+    translator.translate(["warm up"], 1)  # first-call allocations, outside the timing
     test = read_parallel(config.data.test, "test")
     sources, references = test.src[: args.limit or None], test.tgt[: args.limit or None]
     decode = translator.config.decode
@@ -809,22 +812,31 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
         trained, joey_dir, work / f"test{args.limit or ''}", limit, decode.min_len, args.device
     )
     path = write_yaml(cfg, work / "translate.yaml")
-    aligna_runs = [aligna_translate(translator, sources, b, n) for b in args.beams for n in args.batch_sizes]
+    aligna_runs = {}
+    for precision in args.precisions:  # aligna in each precision; JoeyNMT 2.3.0 decodes in fp32 on a CPU
+        translator.precision = precision
+        aligna_runs[precision] = [
+            aligna_translate(translator, sources, b, n) for b in args.beams for n in args.batch_sizes
+        ]
     options = ["--beams", *map(str, args.beams), "--batch-sizes", *map(str, args.batch_sizes)]
     joey = run_driver(python, "translate", path, options, args.threads, work / "translate.log")
     rows = []
-    print(f"\n{'beam':>4} {'batch':>5} {'aligna sent/s':>13} {'JoeyNMT sent/s':>14} {'ratio':>6} "
+    print(f"\n{'aligna':>6} {'beam':>4} {'batch':>5} {'aligna sent/s':>13} {'JoeyNMT sent/s':>14} {'ratio':>6} "
           f"{'aligna tok/s':>12} {'JoeyNMT tok/s':>13} {'aligna BLEU':>11} {'JoeyNMT BLEU':>12}")  # fmt: skip
-    for a, j in zip(aligna_runs, joey["runs"]):
-        assert (a["beam"], a["batch_size"]) == (j["beam"], j["batch_size"])
-        row = {"beam": a["beam"], "batch_size": a["batch_size"], "aligna": speed_row(a, references),
-               "joeynmt": speed_row(j, references)}  # fmt: skip
-        row["ratio_sentences_per_s"] = row["aligna"]["sentences_per_s"] / row["joeynmt"]["sentences_per_s"]
-        rows.append(row)
-        al, jo = row["aligna"], row["joeynmt"]
-        print(f"{row['beam']:>4} {row['batch_size']:>5} {al['sentences_per_s']:>13.1f} {jo['sentences_per_s']:>14.1f} "
-              f"{row['ratio_sentences_per_s']:>5.2f}x {al['target_tokens_per_s']:>12.0f} "
-              f"{jo['target_tokens_per_s']:>13.0f} {al['tok_bleu']:>11.2f} {jo['tok_bleu']:>12.2f}")  # fmt: skip
+    for precision, runs in aligna_runs.items():
+        for a, j in zip(runs, joey["runs"]):
+            assert (a["beam"], a["batch_size"]) == (j["beam"], j["batch_size"])
+            row = {"aligna_precision": precision, "beam": a["beam"], "batch_size": a["batch_size"],
+                   "aligna": speed_row(a, references), "joeynmt": speed_row(j, references)}  # fmt: skip
+            row["ratio_sentences_per_s"] = (
+                row["aligna"]["sentences_per_s"] / row["joeynmt"]["sentences_per_s"]
+            )
+            rows.append(row)
+            al, jo = row["aligna"], row["joeynmt"]
+            print(f"{precision:>6} {row['beam']:>4} {row['batch_size']:>5} {al['sentences_per_s']:>13.1f} "
+                  f"{jo['sentences_per_s']:>14.1f} {row['ratio_sentences_per_s']:>5.2f}x "
+                  f"{al['target_tokens_per_s']:>12.0f} {jo['target_tokens_per_s']:>13.0f} "
+                  f"{al['tok_bleu']:>11.2f} {jo['tok_bleu']:>12.2f}")  # fmt: skip
     best = Path(config.model_dir) / "best.safetensors"
     write_record(
         args.name or f"peer_joeynmt_translate_speed_{config_name(config, args.config)}",
@@ -844,6 +856,7 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
                         "batching, search, detokenizing); target tokens = output tokens without <eos>",
             "max_output_length": {"aligna": f"{decode.max_len_a} * |x| + {decode.max_len_b} per sentence",
                                   "joeynmt": limit},
+            "precision": {"aligna": args.precisions, "joeynmt": "fp32"},
             "length_penalty": 0.0, "min_output_length": decode.min_len,
             "metric": "tok_bleu: sacrebleu.corpus_bleu(hyps, [refs], tokenize='none', lowercase=True)",
             "rows": rows,
@@ -893,6 +906,8 @@ def main() -> None:
     decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     decode.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     decode.add_argument("--limit", type=int, default=0, help="decode only the first N test sentences")
+    decode.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                        help="aligna's decoding precision(s): bf16 autocast is faster on CPUs with bf16 units")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

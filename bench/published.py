@@ -140,7 +140,9 @@ def main() -> None:
               f"{'met' if v['met'] else 'missed'} by {abs(v['margin']):.2f}")  # fmt: skip
     command = " ".join(["python", *sys.argv])
     if args.skip_train:
-        command = f"aligna train {row.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command
+        command = (
+            f"aligna train {row.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command
+        )
     write_record(
         f"published_{args.row}",
         {
@@ -156,7 +158,9 @@ def main() -> None:
             "metric": row.metric,
             "value": value,
             "verdicts": verdicts,
-            "weights": f"average of the last {args.average} checkpoints" if args.average else "best checkpoint",
+            "weights": f"average of the last {args.average} checkpoints"
+            if args.average
+            else "best checkpoint",
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
             "metrics": scores.values,
             "signatures": scores.signatures,

@@ -66,15 +66,16 @@ def decode_rows(record: dict) -> list[str]:
     rows = [
         f"`{record['command']}` on {_machine(record['machine'])}, {record['threads']} threads:",
         "",
-        "| model | KV cache | search | batch | sentences/s | target tok/s | BLEU |",
-        "|---|---|---|---|---|---|---|",
+        "| model | precision | KV cache | search | batch | sentences/s | target tok/s | BLEU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in record["runs"]:
         search = "greedy" if run["beam"] == 1 else f"beam {run['beam']}"
         search += f", alpha {run['alpha']}" if run.get("alpha") else ""
         bleu = run.get("tok_bleu", run.get("bleu"))
         rows.append(
-            f"| {Path(run['model_dir']).name} | {run['kv_cache']} | {search} | {run['batch_size']} | "
+            f"| {Path(run['model_dir']).name} | {run.get('precision', 'fp32')} | {run['kv_cache']} | {search} | "
+            f"{run['batch_size']} | "
             f"{run['sentences_per_s']:,.1f} | {run['target_tokens_per_s']:,.0f} | {bleu:.1f} |"
         )
     return rows
@@ -92,6 +93,29 @@ def peer_speed_rows(records: list[dict]) -> list[str]:
             f"| {config} | {a['parameters'] / 1e6:.1f} M / {j['parameters'] / 1e6:.1f} M | {r['threads']['aligna']} | "
             f"{a['target_tokens_per_s']:,.0f} | {j['target_tokens_per_s']:,.0f} | "
             f"{r['ratio_aligna_over_joeynmt']:.2f}x | {_machine(r['machine'])} | `{r['command']}` |"
+        )
+    return rows
+
+
+def peer_translate_rows(record: dict) -> list[str]:
+    config = record["config"] + "".join(f" `{o}`" for o in record["overrides"])
+    rows = [
+        f"{config}: aligna {record['aligna_parameters'] / 1e6:.1f} M parameters ({record['aligna_model_dir']}), "
+        f"JoeyNMT {record['joeynmt_parameters'] / 1e6:.1f} M ({record['joeynmt_model_dir']}); "
+        f"{record['sentences']} test sentences, {record['threads']['aligna']} thread(s) each, "
+        f"{_machine(record['machine'])}; `{record['command']}`",
+        "",
+        "| aligna precision | search | batch | aligna sent/s | JoeyNMT sent/s (fp32) | ratio | aligna tok/s | "
+        "JoeyNMT tok/s | aligna BLEU | JoeyNMT BLEU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        a, j = r["aligna"], r["joeynmt"]
+        search = "greedy" if r["beam"] == 1 else f"beam {r['beam']}"
+        rows.append(
+            f"| {r.get('aligna_precision', 'fp32')} | {search} | {r['batch_size']} | {a['sentences_per_s']:,.1f} | "
+            f"{j['sentences_per_s']:,.1f} | {r['ratio_sentences_per_s']:.2f}x | {a['target_tokens_per_s']:,.0f} | "
+            f"{j['target_tokens_per_s']:,.0f} | {a['tok_bleu']:.1f} | {j['tok_bleu']:.1f} |"
         )
     return rows
 
@@ -138,6 +162,9 @@ def render() -> str:
     for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip
+    for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_translate_speed"]:
+        parts += ["", f"Translation speed against JoeyNMT 2.3.0, same test set, same length limit, no length "
+                  f"penalty (`bench/results/{r['name']}.json`):", "", *peer_translate_rows(r)]  # fmt: skip
     for r in lengths:
         parts += [
             "",

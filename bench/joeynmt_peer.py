@@ -2,6 +2,7 @@
 
     python bench/joeynmt_peer.py train-speed configs/multi30k_de_en_transformer.yaml [--steps 30] [--threads 2]
     python bench/joeynmt_peer.py train configs/multi30k_de_en_transformer.yaml [--max-steps N] [--overwrite]
+    python bench/joeynmt_peer.py train CONFIG --existing runs/peer/joeynmt/NAME   # curve of a run made before
     python bench/joeynmt_peer.py translate-speed configs/multi30k_de_en_transformer.yaml \\
         [--joey-model runs/peer/joeynmt/multi30k_de_en_transformer] [--batch-sizes 1 16 64] [--beams 1 5] \\
         [--precisions fp32 bf16]
@@ -458,8 +459,10 @@ def joey_model(m: ModelConfig) -> dict[str, Any]:
     return joey_transformer(m) if m.arch == "transformer" else joey_rnn(m)
 
 
-def check_comparable(config: Config) -> None:
-    """Raise Unsupported for what JoeyNMT cannot express, before any work is done."""
+def check_comparable(config: Config, precision: bool = True) -> None:
+    """Raise Unsupported for what JoeyNMT cannot express, before any work is done
+    (`precision`: also refuse CPU mixed precision, which the record of a run made before
+    only states)."""
     joey_model(config.model), joey_schedule(config.train), joey_metric(config.train)
     if config.train.teacher_forcing < 1:
         raise Unsupported("train.teacher_forcing < 1: JoeyNMT has no scheduled sampling")
@@ -467,7 +470,7 @@ def check_comparable(config: Config) -> None:
         raise Unsupported("data.too_long: JoeyNMT can filter long pairs but not truncate them")
     if config.data.src_lang == config.data.tgt_lang:
         raise Unsupported("data.src_lang and data.tgt_lang must differ: JoeyNMT names its files by them")
-    if config.train.precision != "fp32" and config.train.device != "cuda":
+    if precision and config.train.precision != "fp32" and config.train.device != "cuda":
         # JoeyNMT's fp16 is CUDA autocast only: on the CPU both sides must run fp32
         raise Unsupported("train.precision: JoeyNMT has no CPU mixed precision; compare with fp32")
 
@@ -682,24 +685,35 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
     if config.data.dev is None:
         raise Unsupported("train needs data.dev: the record is dev BLEU over time")
     name = config_name(config, args.config)
-    model_dir = PEER / "joeynmt" / name
-    if model_dir.exists() and not args.overwrite:
-        raise SystemExit(f"{rel(model_dir)} exists: pass --overwrite to train it again")
     ws = prepare_workspace(config)
     batching = match_batches(ws.examples, config.train, args.joey_batch)
-    dev = read_parallel(config.data.dev, "dev")
-    validation_freq = args.validate_every or batching["joeynmt_batches_per_epoch"]  # about one epoch
-    cfg = joey_config(
-        config, ws, model_dir, splits=["train", "dev"], batch_size=batching["joeynmt_batch_size"],
-        epochs=args.epochs or config.train.epochs, updates=args.max_steps or config.train.max_steps,
-        validation_freq=validation_freq, max_output_length=joey_max_output_length(ws.pipeline, dev.src, config.decode),
-        device=args.device, dev_subset=args.dev_subset, overwrite=args.overwrite,
-    )  # fmt: skip
-    path = write_yaml(cfg, ws.dir / f"{name}.train.yaml")
-    print(f"JoeyNMT trains into {rel(model_dir)} (config {rel(path)}); follow {rel(model_dir / 'train.log')}")
-    started = time.time()
-    run = run_driver(python, "train", path, [], args.threads, ws.dir / "train.stderr.log")
-    process_seconds = time.time() - started
+    if args.existing:  # a JoeyNMT run trained (or stopped) before: its curve, no training
+        model_dir = Path(args.existing)
+        if not (model_dir / "validations.txt").is_file():
+            raise SystemExit(f"{rel(model_dir)}: no JoeyNMT validations.txt there")
+        cfg = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+        validation_freq = cfg["training"]["validation_freq"]
+        run, process_seconds = {"torch_threads": args.threads or None, "seconds": None}, None
+    else:
+        model_dir = PEER / "joeynmt" / name
+        if model_dir.exists() and not args.overwrite:
+            raise SystemExit(f"{rel(model_dir)} exists: pass --overwrite to train it again")
+        dev = read_parallel(config.data.dev, "dev")
+        validation_freq = args.validate_every or batching["joeynmt_batches_per_epoch"]  # about one epoch
+        cfg = joey_config(
+            config, ws, model_dir, splits=["train", "dev"], batch_size=batching["joeynmt_batch_size"],
+            epochs=args.epochs or config.train.epochs, updates=args.max_steps or config.train.max_steps,
+            validation_freq=validation_freq,
+            max_output_length=joey_max_output_length(ws.pipeline, dev.src, config.decode),
+            device=args.device, dev_subset=args.dev_subset, overwrite=args.overwrite,
+        )  # fmt: skip
+        path = write_yaml(cfg, ws.dir / f"{name}.train.yaml")
+        print(
+            f"JoeyNMT trains into {rel(model_dir)} (config {rel(path)}); follow {rel(model_dir / 'train.log')}"
+        )
+        started = time.time()
+        run = run_driver(python, "train", path, [], args.threads, ws.dir / "train.stderr.log")
+        process_seconds = time.time() - started
     joey, peer = joey_curve(model_dir), aligna_curve(Path(config.model_dir), config)
     print(
         f"\nJoeyNMT: {joey['steps']} updates, {joey['epochs']} epochs, training loop {joey['loop_seconds']:.0f} s"
@@ -719,7 +733,8 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
             for n, ps in ((n, [p for p in ps if p["train_seconds"] is not None]) for n, ps in curves.items())
         },
         plot, "training minutes (validation not counted)", "dev tok BLEU (greedy)",
-        title=f"{name}: time to quality, {machine()['cpu']}, {run['torch_threads']} threads", categorical=False,
+        title=f"{name}: time to quality\n{machine()['cpu']}, {run['torch_threads']} thread(s), "
+        f"aligna {config.train.precision}, JoeyNMT fp32", categorical=False,
     )  # fmt: skip
     write_record(
         record_name,
@@ -734,6 +749,8 @@ def train_command(args: argparse.Namespace, config: Config, python: Path) -> Non
                        "trainer's train_seconds, update time only)",
             "plot": rel(plot),
             "joeynmt_model_dir": rel(model_dir),
+            "joeynmt_existing_run": bool(args.existing),
+            "aligna_precision": config.train.precision,
             "joeynmt_process_seconds": process_seconds,
             "joeynmt_train_seconds": run["seconds"],
             "joeynmt": joey,
@@ -899,6 +916,9 @@ def main() -> None:
         "--dev-subset", type=int, default=0, help="validate on N random dev sentences (smoke tests)"
     )
     train_cmd.add_argument("--overwrite", action="store_true", help="replace runs/peer/joeynmt/NAME")
+    train_cmd.add_argument("--existing", metavar="JOEY_DIR",
+                           help="no training: record the curve of a JoeyNMT run already in JOEY_DIR (finished "
+                                "or stopped) against the aligna run in the config's model_dir")  # fmt: skip
     decode = commands.add_parser("translate-speed", parents=[common], help="decoding speed and BLEU of both")
     decode.add_argument(
         "--joey-model", help="a trained JoeyNMT model (default: runs/peer/joeynmt/NAME, from train)"
@@ -913,7 +933,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args.overrides)
-        check_comparable(config)
+        check_comparable(config, precision=not getattr(args, "existing", None))
         python = ensure_venv(args.venv)
         {
             "train-speed": train_speed_command,

@@ -120,6 +120,23 @@ def peer_translate_rows(record: dict) -> list[str]:
     return rows
 
 
+def peer_curve_rows(record: dict) -> list[str]:
+    a, j = record["aligna"], record["joeynmt"]
+    rows = [
+        f"`{record['command']}` on {_machine(record['machine'])}; aligna {record.get('aligna_precision', 'fp32')} "
+        f"({a['model_dir']}), JoeyNMT fp32 ({record['joeynmt_model_dir']}):",
+        "",
+        "| updates | aligna train min | aligna dev tok BLEU | JoeyNMT train min | JoeyNMT dev tok BLEU |",
+        "|---|---|---|---|---|",
+    ]
+    ours = {p["step"]: p for p in a["points"]}
+    for p in j["points"]:
+        o = ours.get(p["step"])
+        mine = f"{o['train_seconds'] / 60:.1f} | {o['tok_bleu']:.2f}" if o and o["train_seconds"] else "- | -"
+        rows.append(f"| {p['step']} | {mine} | {p['train_seconds'] / 60:.1f} | {p['tok_bleu']:.2f} |")
+    return [*rows, "", f"![{record['name']}]({record['plot']})"]
+
+
 def published_rows(records: list[dict]) -> list[str]:
     rows = [
         "| row | test set | aligna | published | target | met | all scores | weights, search | train | reproduce |",
@@ -159,6 +176,9 @@ def render() -> str:
         parts += ["", "Training speed against JoeyNMT 2.3.0, same data, same batches, fp32, target tokens/s of "
                   "the update (`bench/results/peer_joeynmt_train_speed_*.json`; what differs is listed in "
                   "`bench/joeynmt_peer.py`):", "", *peer_speed_rows(peers)]  # fmt: skip
+    for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_train"]:
+        parts += ["", f"Time to quality against JoeyNMT 2.3.0, same data and batches, dev BLEU by training "
+                  f"time without validation (`bench/results/{r['name']}.json`):", "", *peer_curve_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip

@@ -157,7 +157,7 @@ def published_rows(records: list[dict]) -> list[str]:
 
 def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
-    quality = [r for r in records if "metrics" in r]
+    quality = [r for r in records if "metrics" in r and r.get("benchmark") != "published"]
     speed = [r for r in records if r.get("benchmark") == "train_speed"]
     lengths = [r for r in records if r.get("benchmark") == "length_buckets"]
     parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]

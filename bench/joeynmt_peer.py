@@ -459,10 +459,8 @@ def joey_model(m: ModelConfig) -> dict[str, Any]:
     return joey_transformer(m) if m.arch == "transformer" else joey_rnn(m)
 
 
-def check_comparable(config: Config, precision: bool = True) -> None:
-    """Raise Unsupported for what JoeyNMT cannot express, before any work is done
-    (`precision`: also refuse CPU mixed precision, which the record of a run made before
-    only states)."""
+def check_comparable(config: Config) -> None:
+    """Raise Unsupported for what JoeyNMT cannot express, before any work is done."""
     joey_model(config.model), joey_schedule(config.train), joey_metric(config.train)
     if config.train.teacher_forcing < 1:
         raise Unsupported("train.teacher_forcing < 1: JoeyNMT has no scheduled sampling")
@@ -470,8 +468,12 @@ def check_comparable(config: Config, precision: bool = True) -> None:
         raise Unsupported("data.too_long: JoeyNMT can filter long pairs but not truncate them")
     if config.data.src_lang == config.data.tgt_lang:
         raise Unsupported("data.src_lang and data.tgt_lang must differ: JoeyNMT names its files by them")
-    if precision and config.train.precision != "fp32" and config.train.device != "cuda":
-        # JoeyNMT's fp16 is CUDA autocast only: on the CPU both sides must run fp32
+
+
+def check_trains_alike(config: Config) -> None:
+    """Before training both sides: JoeyNMT's fp16 is CUDA autocast only, so on the CPU both
+    must run fp32. (Decoding, and the record of runs made before, only state precision.)"""
+    if config.train.precision != "fp32" and config.train.device != "cuda":
         raise Unsupported("train.precision: JoeyNMT has no CPU mixed precision; compare with fp32")
 
 
@@ -635,6 +637,7 @@ def config_name(config: Config, path: str) -> str:
 
 
 def train_speed_command(args: argparse.Namespace, config: Config, python: Path) -> None:
+    check_trains_alike(config)
     ws = prepare_workspace(config)
     batching = match_batches(ws.examples, config.train, args.joey_batch)
     with tempfile.TemporaryDirectory(dir=ws.dir, prefix="speed-") as tmp:
@@ -684,6 +687,8 @@ def train_speed_command(args: argparse.Namespace, config: Config, python: Path) 
 def train_command(args: argparse.Namespace, config: Config, python: Path) -> None:
     if config.data.dev is None:
         raise Unsupported("train needs data.dev: the record is dev BLEU over time")
+    if not args.existing:
+        check_trains_alike(config)
     name = config_name(config, args.config)
     ws = prepare_workspace(config)
     batching = match_batches(ws.examples, config.train, args.joey_batch)
@@ -816,7 +821,6 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
     if config.data.test is None:
         raise Unsupported(f"{args.config} has no data.test to decode")
     translator = aligna.load(config.model_dir, device=args.device)
-    translator.translate(["warm up"], 1)  # first-call allocations, outside the timing
     test = read_parallel(config.data.test, "test")
     sources, references = test.src[: args.limit or None], test.tgt[: args.limit or None]
     decode = translator.config.decode
@@ -933,7 +937,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args.overrides)
-        check_comparable(config, precision=not getattr(args, "existing", None))
+        check_comparable(config)
         python = ensure_venv(args.venv)
         {
             "train-speed": train_speed_command,

@@ -30,13 +30,25 @@ def _machine(m: dict) -> str:
     return f"{m['device'] if m['device'] != 'cpu' else m['cpu']}, {m['cores']} cores, torch {m['torch']}"
 
 
+def _search(beam: int, alpha: float | None = None) -> str:
+    return ("greedy" if beam == 1 else f"beam {beam}") + (f", alpha {alpha}" if alpha else "")
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return " · ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in metrics.items() if k != "loss")
+
+
+def _config(record: dict) -> str:
+    return record["config"] + "".join(f" `{o}`" for o in record["overrides"])
+
+
 def quality_rows(records: list[dict]) -> list[str]:
     rows = [
         "| model | test set | scores (greedy) | train time | train tok/s | machine | reproduce |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        scores = " · ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in r["metrics"].items() if k != "loss")
+        scores = _scores(r["metrics"])
         threads = f" ({r['train_threads']} thread)" if r.get("train_threads") else ""
         note = f" ({r['train_note']})" if r.get("train_note") else ""
         rows.append(
@@ -70,8 +82,7 @@ def decode_rows(record: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in record["runs"]:
-        search = "greedy" if run["beam"] == 1 else f"beam {run['beam']}"
-        search += f", alpha {run['alpha']}" if run.get("alpha") else ""
+        search = _search(run["beam"], run.get("alpha"))
         bleu = run.get("tok_bleu", run.get("bleu"))
         rows.append(
             f"| {Path(run['model_dir']).name} | {run.get('precision', 'fp32')} | {run['kv_cache']} | {search} | "
@@ -88,9 +99,8 @@ def peer_speed_rows(records: list[dict]) -> list[str]:
     ]
     for r in records:
         a, j = r["aligna"], r["joeynmt"]
-        config = r["config"] + "".join(f" `{o}`" for o in r["overrides"])
         rows.append(
-            f"| {config} | {a['parameters'] / 1e6:.1f} M / {j['parameters'] / 1e6:.1f} M | {r['threads']['aligna']} | "
+            f"| {_config(r)} | {a['parameters'] / 1e6:.1f} M / {j['parameters'] / 1e6:.1f} M | {r['threads']['aligna']} | "
             f"{a['target_tokens_per_s']:,.0f} | {j['target_tokens_per_s']:,.0f} | "
             f"{r['ratio_aligna_over_joeynmt']:.2f}x | {_machine(r['machine'])} | `{r['command']}` |"
         )
@@ -98,9 +108,8 @@ def peer_speed_rows(records: list[dict]) -> list[str]:
 
 
 def peer_translate_rows(record: dict) -> list[str]:
-    config = record["config"] + "".join(f" `{o}`" for o in record["overrides"])
     rows = [
-        f"{config}: aligna {record['aligna_parameters'] / 1e6:.1f} M parameters ({record['aligna_model_dir']}), "
+        f"{_config(record)}: aligna {record['aligna_parameters'] / 1e6:.1f} M parameters ({record['aligna_model_dir']}), "
         f"JoeyNMT {record['joeynmt_parameters'] / 1e6:.1f} M ({record['joeynmt_model_dir']}); "
         f"{record['sentences']} test sentences, {record['threads']['aligna']} thread(s) each, "
         f"{_machine(record['machine'])}; `{record['command']}`",
@@ -111,9 +120,8 @@ def peer_translate_rows(record: dict) -> list[str]:
     ]
     for r in record["rows"]:
         a, j = r["aligna"], r["joeynmt"]
-        search = "greedy" if r["beam"] == 1 else f"beam {r['beam']}"
         rows.append(
-            f"| {r.get('aligna_precision', 'fp32')} | {search} | {r['batch_size']} | {a['sentences_per_s']:,.1f} | "
+            f"| {r.get('aligna_precision', 'fp32')} | {_search(r['beam'])} | {r['batch_size']} | {a['sentences_per_s']:,.1f} | "
             f"{j['sentences_per_s']:,.1f} | {r['ratio_sentences_per_s']:.2f}x | {a['target_tokens_per_s']:,.0f} | "
             f"{j['target_tokens_per_s']:,.0f} | {a['tok_bleu']:.1f} | {j['tok_bleu']:.1f} |"
         )
@@ -143,9 +151,9 @@ def published_rows(records: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        scores = _scores(r["metrics"])
         for metric, v in r["verdicts"].items():
             verdict = f"yes (+{v['margin']:.2f})" if v["met"] else f"no ({v['margin']:.2f})"
-            scores = " · ".join(f"{LABELS.get(k, k)} {x:.1f}" for k, x in r["metrics"].items() if k != "loss")
             rows.append(
                 f"| {r['row']} | {Path(r['test_set'].split(' / ')[0]).name} | {LABELS.get(metric, metric)} "
                 f"{v['aligna']:.2f} | {v['published']} | {v['target']} | {verdict} | {scores} | "

@@ -133,9 +133,10 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
         "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="fp32 (default, exact), or bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
-                        "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU")  # fmt: skip
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="fp32 (default, exact); bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
+                        "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU; int8: weights quantized "
+                        "to int8 for CPU decoding (fastest on a CPU at small batches)")  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, help="sentences per batch (default: the config's decode.batch_size)"
     )

@@ -8,12 +8,13 @@ translator.translate(["Ein Hund läuft im Schnee."])
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .build import build_model
 from .checkpoint import AVERAGED, BEST, average_checkpoints, latest_checkpoint, list_checkpoints, load_weights
@@ -53,12 +54,41 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision (bf16 / fp16) on `device`; fp32 turns it off."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # decoding: exact, autocast, autocast, int8 weights
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs a CUDA device")
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+        raise ValueError("precision fp16 needs a CUDA device (on a CPU use bf16 or int8)")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("precision int8 decodes on a CPU (on a GPU use bf16 or fp16)")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision (bf16 / fp16) on `device`; fp32 and int8 turn it off."""
+    check_precision(device, precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def quantize_int8(model: Seq2Seq) -> Seq2Seq:
+    """A copy of `model` for CPU decoding with int8 weights: every nn.Linear, nn.LSTM and
+    nn.GRU is replaced by PyTorch's dynamically quantized version (weights int8 per tensor,
+    activations quantized on the fly per batch), as CTranslate2 does for CPU inference.
+    Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
+    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch
+        raise RuntimeError(
+            f"precision int8 needs torch.ao.quantization, which torch {torch.__version__} lacks"
+        ) from e
+    with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8).eval()
 
 
 class Translator:
@@ -73,7 +103,17 @@ class Translator:
         precision: str = "fp32",
     ) -> None:
         self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
-        self.precision = precision  # fp32, or bf16 / fp16 autocast for decoding
+        self.precision = precision  # fp32, bf16 / fp16 autocast, or int8 weights for decoding
+        self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
+
+    def search_model(self) -> Seq2Seq:
+        """The model that searches: `model`, or its int8 copy when precision is int8."""
+        check_precision(self.device, self.precision)
+        if self.precision != "int8":
+            return self.model
+        if self._int8 is None:
+            self._int8 = quantize_int8(self.model)
+        return self._int8
 
     def translate(self, texts: Sequence[str], batch_size: int | None = None, **search: object) -> list[str]:
         """Translations of `texts`; `search` overrides decode settings (beam_size=5, ...)."""
@@ -94,12 +134,13 @@ class Translator:
         generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
         was_training = self.model.training
         self.model.eval()
+        model = self.search_model()
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
             with autocast(self.device, self.precision):
-                found = search(self.model, src, lengths, decode, generator)
+                found = search(model, src, lengths, decode, generator)
             for hyps, i in zip(found.nbest, chunk):
                 best = hyps[0]
                 results[i] = Translation(
@@ -173,6 +214,7 @@ def load(
     model = build_model(config.model, len(pipeline.src_vocab), len(pipeline.tgt_vocab))
     load_weights(model, _weights_path(model_dir, checkpoint))
     dev = resolve_device(device)
+    check_precision(dev, precision)
     model.to(dev).eval()
     return Translator(model, pipeline, config, dev, precision)
 

@@ -2,7 +2,7 @@
 
     python bench/decode_speed.py runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer
     python bench/decode_speed.py runs/multi30k_de_en_transformer --beams 1 --batch-sizes 64 --no-cache
-    python bench/decode_speed.py runs/multi30k_de_en_bahdanau --precisions fp32 bf16
+    python bench/decode_speed.py runs/multi30k_de_en_bahdanau --precisions fp32 bf16 int8
 
 For each model directory, each beam size and each batch size, the whole test set
 (`data.test` of the model's config) is translated once untimed (warm-up) and then timed:
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty for beam search")
     parser.add_argument("--no-cache", action="store_true", help="also time Transformers without the KV cache")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16", "int8"], default=["fp32"],
                         help="fp32 (exact) and / or bf16 / fp16 autocast")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default="best")

@@ -30,7 +30,8 @@ translate_speed}_NAME.json.
 - translate-speed: decodes data.test with aligna's trained model (config.model_dir, best
   weights) and a trained JoeyNMT model, for each (beam, batch size): seconds without model
   loading (tokenizing and detokenizing included), sentences/s, output tokens/s, tok_bleu;
-  aligna in each of --precisions (fp32, and bf16 autocast), JoeyNMT in fp32 (its only CPU mode).
+  aligna in each of --precisions (fp32, bf16 autocast, int8 weights), JoeyNMT in fp32 (its only
+  CPU mode).
 
 Made equal: the training pairs (those aligna keeps after its max_len filter, whitespace
 normalized), the vocabularies (aligna's own, written as JoeyNMT voc_files: taken from
@@ -930,8 +931,9 @@ def main() -> None:
     decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     decode.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     decode.add_argument("--limit", type=int, default=0, help="decode only the first N test sentences")
-    decode.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
-                        help="aligna's decoding precision(s): bf16 autocast is faster on CPUs with bf16 units")  # fmt: skip
+    decode.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32"],
+                        help="aligna's decoding precision(s): bf16 autocast is faster on CPUs with bf16 units, "
+                             "int8 (weights quantized) faster still on a CPU")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ from aligna import training
 from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
 from aligna.training import Trainer, learning_rate, teacher_forcing_ratio, train
+from aligna.translate import check_precision
 
 
 def test_toy_reverse_task_is_learned(toy_config, tmp_path):
@@ -90,6 +91,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(toy_config, tmp
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
     def scores(history):  # wall-clock times differ between two runs, nothing else may
         return [{k: v for k, v in h.items() if k != "train_seconds"} for h in history]
 
@@ -221,3 +223,46 @@ def test_bf16_autocast_trains_and_decodes_on_cpu(toy_config, arch):
     assert all(math.isfinite(h["loss"]) for h in state.history)
     translator = aligna.load(config.model_dir, checkpoint="latest", precision="bf16")
     assert len(translator.translate(["a b c", "d"])) == 2
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"arch": "rnn", "rnn": {"cell": "lstm", "attention": "general"}},
+        {"arch": "rnn", "rnn": {"cell": "gru", "attention": "bahdanau"}},
+        {"arch": "transformer", "transformer": {"heads": 2, "ff_size": 64}},
+    ],
+    ids=["lstm-luong", "gru-bahdanau", "transformer"],
+)
+def test_int8_decoding_quantizes_a_copy_and_agrees_with_fp32(toy_config, model):
+    config = toy_config(model=model, train={"max_steps": 40})
+    train(config, progress=False)
+    fp32 = aligna.load(config.model_dir)
+    int8 = aligna.load(config.model_dir, precision="int8")
+    searcher = int8.search_model()
+    assert searcher is int8.search_model()  # quantized once
+    modules = list(searcher.modules())
+    assert not [m for m in modules if type(m) in (torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU)]
+    assert [m for m in modules if "quantized" in type(m).__module__]  # what replaced them
+    assert all(p.dtype == torch.float32 for p in int8.model.parameters())  # the fp32 model is untouched
+    torch.manual_seed(0)
+    src = torch.randint(4, len(fp32.pipeline.src_vocab), (16, 9))  # (B, S) no padding
+    tgt_in = torch.randint(4, len(fp32.pipeline.tgt_vocab), (16, 10))  # (B, T)
+    lengths = torch.full((16,), 9)
+    with torch.no_grad():
+        exact = fp32.model(src, lengths, tgt_in).log_softmax(-1)  # (B, T, V)
+        quantized = searcher(src, lengths, tgt_in).log_softmax(-1)
+    kl = (exact.exp() * (exact - quantized)).sum(-1)  # (B, T)
+    assert float(kl.max()) < 0.01  # int8 weights keep each next-token distribution (measured: < 0.001)
+    assert float((exact.argmax(-1) == quantized.argmax(-1)).float().mean()) >= 0.95
+    sources = [" ".join(s.split()) for s, _ in reverse_pairs(60, seed=7)]
+    assert len(int8.translate(sources, beam_size=4)) == len(sources)
+
+
+def test_precision_errors_say_what_to_use():
+    with pytest.raises(ValueError, match="int8 decodes on a CPU"):
+        check_precision(torch.device("cuda"), "int8")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        check_precision(torch.device("cpu"), "fp16")
+    with pytest.raises(ValueError, match="expected one of fp32, bf16, fp16, int8"):
+        check_precision(torch.device("cpu"), "fp8")

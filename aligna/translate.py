@@ -180,7 +180,8 @@ class Translator:
         """Metrics of greedy output (or of `hypotheses`) against per-sentence reference lists.
 
         loss / ppl are computed on every (source, reference) pair; empty pairs are left
-        out of them and counted in the log.
+        out of them and counted in the log. With precision int8, both the output and the
+        loss come from the int8 model.
         """
         decoded = [m for m in metrics if m not in ("loss", "ppl")]
         scores = Scores()
@@ -196,7 +197,7 @@ class Translator:
             examples = encode_pairs(self.pipeline, pairs, 1_000_000, "filter", "evaluation")
             if examples.report.empty:
                 log.info("%s (left out of loss and perplexity)", examples.report)
-            loss, _ = corpus_loss(self.model, examples, self.config.train.batch_tokens, self.device)
+            loss, _ = corpus_loss(self.search_model(), examples, self.config.train.batch_tokens, self.device)
             scores.values.update({"loss": loss, "ppl": perplexity(loss)})
         return scores
 

@@ -255,8 +255,11 @@ def test_int8_decoding_quantizes_a_copy_and_agrees_with_fp32(toy_config, model):
     kl = (exact.exp() * (exact - quantized)).sum(-1)  # (B, T)
     assert float(kl.max()) < 0.01  # int8 weights keep each next-token distribution (measured: < 0.001)
     assert float((exact.argmax(-1) == quantized.argmax(-1)).float().mean()) >= 0.95
-    sources = [" ".join(s.split()) for s, _ in reverse_pairs(60, seed=7)]
+    pairs = reverse_pairs(60, seed=7)
+    sources, references = [s for s, _ in pairs], [[t] for _, t in pairs]
     assert len(int8.translate(sources, beam_size=4)) == len(sources)
+    ppl = [t.evaluate(sources, references, ["ppl"]).values["ppl"] for t in (fp32, int8)]
+    assert ppl[1] != ppl[0] and ppl[1] == pytest.approx(ppl[0], rel=0.01)  # the int8 model scored it
 
 
 def test_precision_errors_say_what_to_use():

@@ -78,7 +78,9 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     nn.GRU is replaced by PyTorch's dynamically quantized version (weights int8 per tensor,
     activations quantized on the fly per batch), as CTranslate2 does for CPU inference.
     Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
-    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU."""
+    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU. Activations get
+    one scale per batch, so unlike fp32 a sentence's output can differ slightly with the
+    sentences it is batched with."""
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch

@@ -26,6 +26,10 @@ LABELS = {
 }
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def _machine(m: dict) -> str:
     return f"{m['device'] if m['device'] != 'cpu' else m['cpu']}, {m['cores']} cores, torch {m['torch']}"
 
@@ -49,7 +53,7 @@ def quality_rows(records: list[dict]) -> list[str]:
     ]
     for r in records:
         scores = _scores(r["metrics"])
-        threads = f" ({r['train_threads']} thread)" if r.get("train_threads") else ""
+        threads = f" ({_threads(r['train_threads'])})" if r.get("train_threads") else ""
         note = f" ({r['train_note']})" if r.get("train_note") else ""
         rows.append(
             f"| {r['name']} | {Path(r['test_set'].split(' / ')[0]).name} | {scores} | "
@@ -76,7 +80,7 @@ def speed_rows(record: dict) -> list[str]:
 
 def decode_rows(record: dict) -> list[str]:
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}, {record['threads']} threads:",
+        f"`{record['command']}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
         "",
         "| model | precision | KV cache | search | batch | sentences/s | target tok/s | BLEU |",
         "|---|---|---|---|---|---|---|---|",
@@ -111,7 +115,7 @@ def peer_translate_rows(record: dict) -> list[str]:
     rows = [
         f"{_config(record)}: aligna {record['aligna_parameters'] / 1e6:.1f} M parameters ({record['aligna_model_dir']}), "
         f"JoeyNMT {record['joeynmt_parameters'] / 1e6:.1f} M ({record['joeynmt_model_dir']}); "
-        f"{record['sentences']} test sentences, {record['threads']['aligna']} thread(s) each, "
+        f"{record['sentences']} test sentences, {_threads(record['threads']['aligna'])} each, "
         f"{_machine(record['machine'])}; `{record['command']}`",
         "",
         "| aligna precision | search | batch | aligna sent/s | JoeyNMT sent/s (fp32) | ratio | aligna tok/s | "

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .translate import PRECISIONS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +134,7 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
         "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default, exact); bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
                         "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU; int8: weights quantized "
                         "to int8 for CPU decoding (fastest on a CPU at small batches)")  # fmt: skip

@@ -32,6 +32,7 @@ from aligna.data import read_parallel, reference_sets  # noqa: E402
 from aligna.metrics import score  # noqa: E402
 from aligna.model import Reorderable, Seq2Seq  # noqa: E402
 from aligna.transformer import Transformer, TransformerEncoderOutput  # noqa: E402
+from aligna.translate import PRECISIONS  # noqa: E402
 
 
 @dataclass
@@ -93,8 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty for beam search")
     parser.add_argument("--no-cache", action="store_true", help="also time Transformers without the KV cache")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16", "int8"], default=["fp32"],
-                        help="fp32 (exact) and / or bf16 / fp16 autocast")  # fmt: skip
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32"],
+                        help="fp32 (exact), bf16 / fp16 autocast, int8 weights (CPU)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--name", help="record name (default: decode_speed_<device>)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from .attention import build_attention
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .model import Seq2Seq
 from .rnn import BahdanauDecoder, Bridge, LuongDecoder, RNNDecoder, RNNEncoder, RNNSeq2Seq
 from .transformer import Transformer
@@ -70,3 +72,39 @@ def _rnn_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) ->
 
 def count_parameters(model: Seq2Seq) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_on(device: torch.device, config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
+    """`build_model` on `device` for training, after checking (on the meta device, which
+    allocates nothing) that weights, gradients and Adam's two moments fit in its memory."""
+    with torch.device("meta"):
+        params = count_parameters(build_model(config, src_vocab_size, tgt_vocab_size))
+    need = params * 4 * 4  # fp32 weights, gradients, exp_avg, exp_avg_sq
+    free = available_memory(device)
+    sizes = (
+        f"model.emb_dim {config.emb_dim}, hidden_size {config.hidden_size}, "
+        f"{config.encoder_layers}+{config.decoder_layers} layers, vocabularies {src_vocab_size}/{tgt_vocab_size}"
+    )
+    if free is not None and need > free:
+        raise ConfigError(
+            f"model: {params:,} parameters ({sizes}) need about {need / 2**30:.1f} GiB for weights, "
+            f"gradients and optimizer state, more than the {free / 2**30:.1f} GiB available on {device}"
+        )
+    try:
+        return build_model(config, src_vocab_size, tgt_vocab_size).to(device)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        raise ConfigError(f"model: cannot allocate {params:,} parameters ({sizes}) on {device}: {e!s:.200}") from None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

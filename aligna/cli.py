@@ -29,8 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, DataError, ValueError) as e:  # model directory and file errors are ValueErrors too
         print(f"aligna {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a missing permission, a file that is not there
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e) else ""
+        print(f"aligna {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"aligna {args.command}: interrupted", file=sys.stderr)
@@ -190,10 +194,10 @@ def _translate(args: argparse.Namespace) -> int:
     results = translator.translate_detailed(lines, args.batch_size, **options)
     if translator.decode_config(**options).nbest > 1:  # Moses n-best format
         text = "".join(
-            f"{i} ||| {hyp} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
+            f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
         )
     else:
-        text = "".join(r.text + "\n" for r in results)
+        text = "".join(_one_line(r.text) + "\n" for r in results)
     if args.output:
         Path(args.output).write_bytes(text.encode("utf-8"))
     else:
@@ -202,6 +206,11 @@ def _translate(args: argparse.Namespace) -> int:
     if args.attention:
         _write_attention(translator, results, Path(args.attention))
     return 0
+
+
+def _one_line(text: str) -> str:
+    """An output line never breaks in two, whatever a tokenizer gives back."""
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _write_attention(translator, results: list, out_dir: Path) -> None:

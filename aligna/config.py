@@ -195,6 +195,8 @@ class TrainConfig:
     early_stopping_metric: Metric = "loss"
     early_stopping_patience: int = 0  # validations without improvement (0: never stop early)
     keep_checkpoints: int = 3  # most recent step checkpoints kept beside best and last
+    # updates in a row whose loss or gradient is not finite (each is skipped) before the run stops
+    max_nonfinite_updates: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads (0: torch's default)
     # fp32 is exact; bf16 / fp16 autocast (mixed precision) is for GPUs (fp16 with loss
@@ -220,6 +222,7 @@ class TrainConfig:
         _check(self.validate_every >= 0, "validate_every", "must be >= 0")
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.max_nonfinite_updates >= 1, "max_nonfinite_updates", "must be >= 1")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",

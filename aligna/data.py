@@ -25,6 +25,7 @@ from .vocab import (
     EOS_ID,
     PAD_ID,
     SOS_ID,
+    VOCAB_FILE,
     Tokenizer,
     Vocabulary,
     build_tokenizer,
@@ -166,17 +167,24 @@ class Pipeline:
     def save(self, directory: Path) -> None:
         self.src_tokenizer.save(directory, "src")
         self.tgt_tokenizer.save(directory, "tgt")
-        self.src_vocab.save(directory / "src_vocab.txt")
-        self.tgt_vocab.save(directory / "tgt_vocab.txt")
+        self.src_vocab.save(directory / VOCAB_FILE.format(side="src"))
+        self.tgt_vocab.save(directory / VOCAB_FILE.format(side="tgt"))
 
     @classmethod
     def load(cls, directory: Path) -> Pipeline:
-        return cls(
-            load_tokenizer(directory, "src"),
-            load_tokenizer(directory, "tgt"),
-            Vocabulary.load(directory / "src_vocab.txt"),
-            Vocabulary.load(directory / "tgt_vocab.txt"),
-        )
+        """The pipeline saved in `directory`; a missing or damaged file is a DataError naming it."""
+
+        def side(name: str) -> tuple[Tokenizer, Vocabulary]:
+            path = directory / VOCAB_FILE.format(side=name)
+            try:
+                return load_tokenizer(directory, name), Vocabulary.load(path)
+            except FileNotFoundError as e:
+                raise DataError(f"{e.filename}: missing (is {directory} a complete model directory?)") from None
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise DataError(f"{directory}: cannot load the {name} tokenizer or vocabulary: {e!s:.200}") from None
+
+        (src_tok, src_vocab), (tgt_tok, tgt_vocab) = side("src"), side("tgt")
+        return cls(src_tok, tgt_tok, src_vocab, tgt_vocab)
 
 
 def _vocab(counts: Counter[str], config: TokenizerConfig) -> Vocabulary:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,17 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .build import build_model, count_parameters
-from .checkpoint import (
-    BEST,
-    LATEST,
-    atomic_write_text,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    save_weights,
-)
+from .build import build_on, count_parameters
 from .config import Config, TrainConfig, config_to_dict, load_config, save_config
 from .data import (
     Batch,
@@ -47,10 +36,18 @@ from .data import (
 from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
+from .modeldir import CONFIG, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
+from .tensorfiles import atomic_write_text, load_weights
 from .translate import Translator, autocast, resolve_device
 from .vocab import PAD_ID
 
 log = logging.getLogger("aligna")
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite; the message says what is kept."""
+
+
 GREEDY = {"beam_size": 1, "nbest": 1, "sample": False}  # validation search, whatever decode says
 
 
@@ -135,9 +132,11 @@ def scheduled_sampling_logits(model: Seq2Seq, batch: Batch, ratio: float) -> Ten
 def train_step(
     model: Seq2Seq, batch: Batch, n_tokens: int, optimizer: torch.optim.Optimizer,
     cfg: TrainConfig, lr: float, tf_ratio: float, scaler: torch.amp.GradScaler | None = None,
-) -> Tensor:  # fmt: skip
-    """One update on `batch`; returns the mean per-token loss (a 0-d tensor, not synced).
-    `scaler` scales the loss for fp16 training."""
+) -> tuple[Tensor, bool]:  # fmt: skip
+    """One update on `batch`; returns the mean per-token loss (a 0-d tensor) and whether
+    the update was made. An update whose loss or gradient norm is not finite is skipped, so
+    one bad batch cannot turn the weights into NaN. `scaler` scales the loss for fp16
+    training (and skips overflowing steps itself)."""
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -153,14 +152,18 @@ def train_step(
         scaler.unscale_(optimizer)  # so clipping sees the true gradients
     else:
         loss.backward()
-    if cfg.clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-    if scaler is not None:
+    # max_norm inf only measures the norm (the gradients are multiplied by exactly 1)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
+    if scaler is not None:  # an fp16 overflow is the scaler's to handle: it skips the step
         scaler.step(optimizer)
         scaler.update()
-    else:
+        return loss.detach(), bool(torch.isfinite(loss))
+    finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # the one device sync of a step
+    if finite:
         optimizer.step()
-    return loss.detach()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), finite
 
 
 def make_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -186,6 +189,8 @@ class TrainState:
     plateau: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None  # fp16 loss scale
     history: list[dict[str, Any]] | None = None
+    skipped_updates: int = 0  # updates skipped for a non-finite loss or gradient, in all
+    nonfinite_in_row: int = 0  # ... and in a row, up to the last update
 
 
 class _Window:
@@ -210,42 +215,54 @@ class _Window:
 
 
 class Trainer:
-    """Trains `config` into `config.model_dir`; `resume` continues the latest checkpoint."""
+    """Trains `config` into `config.model_dir`; `resume` continues the latest checkpoint.
+
+    The trainer holds the model directory's lock from construction until `close()` (which
+    `train()` calls when it ends, however it ends)."""
 
     def __init__(
         self, config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
     ) -> None:
         self.config, self.progress = config, progress
         self.cfg = config.train
-        self.dir = Path(config.model_dir)
+        self.md = ModelDir(config.model_dir)
+        self.dir = self.md.path
         setup_logging()
-        self._prepare_dir(resume, overwrite)
-        setup_logging(self.dir / "train.log")
+        self.lock, resuming = self.md.claim(resume, overwrite)
+        try:
+            self._setup(resuming)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        config, data = self.config, self.config.data
+        if resume:
+            self._check_resumable()
+        setup_logging(self.md / TRAIN_LOG)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         torch.manual_seed(self.cfg.seed)
         self.device = resolve_device(self.cfg.device)
 
-        data = config.data
         train_text = read_parallel(data.train, "train")
         self.pipeline = Pipeline.load(self.dir) if resume else Pipeline.build(data, train_text)
         self.train_data = encode_pairs(self.pipeline, train_text, data.max_len, data.too_long, "train")
         log.info("%s", self.train_data.report)
-        write_report([self.train_data.report], self.dir / "data_report.json")
+        write_report([self.train_data.report], self.md / DATA_REPORT)
         self.dev: tuple[list[str], list[list[str]]] | None = None
         if data.dev is not None:
             self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
         if not resume:
             self.pipeline.save(self.dir)
-            save_config(config, self.dir / "config.yaml")
+            save_config(config, self.md / CONFIG)
         log.info(
             "vocabulary: source %d, target %d%s",
             len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab),
             " (shared)" if data.shared_vocab else "",
         )  # fmt: skip
 
-        self.model = build_model(config.model, len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab))
-        self.model.to(self.device)
+        self.model = build_on(self.device, config.model, len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab))
         log.info(
             "model: %s, %d parameters, on %s", config.model.arch, count_parameters(self.model), self.device
         )
@@ -256,10 +273,7 @@ class Trainer:
         self.state = TrainState(history=[])
         self.plateau = Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience)
         if resume:
-            path = latest_checkpoint(self.dir)
-            if path is None:  # checked by _prepare_dir; kept for a clear message
-                raise FileNotFoundError(f"{self.dir}: no checkpoint to resume")
-            self.state = TrainState(**load_checkpoint(path, self.model, self.optimizer))
+            path, self.state = self.md.restore(self.model, self.optimizer, lambda s: TrainState(**s))
             if self.state.plateau:
                 self.plateau = Plateau(**self.state.plateau)
             if self.scaler is not None and self.state.scaler:
@@ -268,36 +282,38 @@ class Trainer:
         self.translator = Translator(self.model, self.pipeline, config, self.device)
         self._writer: Any = None
 
-    # ------------------------------------------------------------------ setup
-
-    def _prepare_dir(self, resume: bool, overwrite: bool) -> None:
-        has_run = (self.dir / LATEST).exists() or (self.dir / "config.yaml").exists()
-        if resume:
-            if latest_checkpoint(self.dir) is None:
-                raise FileNotFoundError(f"--resume: {self.dir} holds no checkpoint to resume from")
-            saved = load_config(self.dir / "config.yaml")
-            for section in ("data", "model"):
-                if getattr(saved, section) != getattr(self.config, section):
-                    raise ValueError(
-                        f"--resume: the {section} section differs from the run in {self.dir}; "
-                        "resume with the same data and model (or start a new model_dir)"
-                    )
-            changed = _diff(config_to_dict(saved), config_to_dict(self.config))
-            if changed:
-                log.warning("resuming with changed settings: %s", ", ".join(changed))
-                save_config(self.config, self.dir / "config.yaml")
-        elif has_run:
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.dir} already holds a run: use --resume to continue it, "
-                    "--overwrite to start over, or another model_dir"
+    def _check_resumable(self) -> None:
+        """--resume needs the data and model of the saved run; other changes are logged."""
+        saved = load_config(self.md / CONFIG)
+        for section in ("data", "model"):
+            if getattr(saved, section) != getattr(self.config, section):
+                raise ValueError(
+                    f"--resume: the {section} section differs from the run in {self.dir}; "
+                    "resume with the same data and model (or start a new model_dir)"
                 )
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        changed = _diff(config_to_dict(saved), config_to_dict(self.config))
+        if changed:
+            log.warning("resuming with changed settings: %s", ", ".join(changed))
+            save_config(self.config, self.md / CONFIG)
+
+    def close(self) -> None:
+        """Release the model directory (idempotent)."""
+        if getattr(self, "_writer", None):
+            self._writer.close()
+            self._writer = None
+        self.lock.release()
 
     # ------------------------------------------------------------------ loop
 
     def train(self) -> TrainState:
+        """Run to the end (max_steps, epochs or early stopping); a failure releases the lock."""
+        try:
+            return self._loop()
+        except BaseException:
+            self.close()
+            raise
+
+    def _loop(self) -> TrainState:
         cfg, st = self.cfg, self.state
         per_epoch = len(epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, 0))
         total = min(cfg.max_steps or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
@@ -329,12 +345,16 @@ class Trainer:
         )  # fmt: skip
         if st.best is not None:
             log.info("best %s %.4f at step %d", cfg.early_stopping_metric, st.best, st.best_step)
+        if st.skipped_updates:
+            log.warning("%d updates were skipped for a non-finite loss or gradient", st.skipped_updates)
         if self._writer:
             self._writer.close()
         return st
 
     def _step(self, index: list[int], window: _Window) -> None:
-        """One update on the batch of examples `index`; advances the data position."""
+        """One update on the batch of examples `index`; advances the data position. An
+        update whose loss or gradient is not finite is skipped and counted; too many in a
+        row stop the run (`train.max_nonfinite_updates`)."""
         st = self.state
         started = time.perf_counter()
         batch = collate(self.train_data, index)
@@ -342,17 +362,35 @@ class Trainer:
         st.step += 1
         window.lr = learning_rate(st.step, self.cfg, self.plateau.scale)
         window.ratio = teacher_forcing_ratio(st.step, self.cfg)
-        loss = train_step(
+        loss, finite = train_step(
             self.train_model, batch.to(self.device), n_tokens, self.optimizer, self.cfg, window.lr, window.ratio,
             self.scaler,
         )  # fmt: skip
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         st.batch += 1
-        st.tokens += n_tokens
         st.train_seconds += elapsed
-        window.add(loss, n_tokens, elapsed)
+        if finite:
+            st.nonfinite_in_row = 0
+            st.tokens += n_tokens
+            window.add(loss, n_tokens, elapsed)
+            return
+        st.skipped_updates += 1
+        st.nonfinite_in_row += 1
+        log.warning(
+            "step %d: the loss or gradient is not finite (loss %s); update skipped (%d in a row)",
+            st.step, f"{float(loss):.4g}", st.nonfinite_in_row,
+        )  # fmt: skip
+        if st.nonfinite_in_row >= self.cfg.max_nonfinite_updates:
+            raise TrainingDiverged(
+                f"training stopped at step {st.step}: {st.nonfinite_in_row} updates in a row had a non-finite "
+                f"loss or gradient and were skipped (train.max_nonfinite_updates: "
+                f"{self.cfg.max_nonfinite_updates}); {self._last_good()}. Lower train.lr (now {self.cfg.lr:g}), "
+                "check the data, or resume from an earlier checkpoint"
+            )
+
+    def _last_good(self) -> str:
+        latest = self.md.latest()
+        return f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
 
     def _report(self, window: _Window, bar: tqdm) -> None:
         loss, speed = window.mean_loss(), window.tokens / max(window.seconds, 1e-9)
@@ -382,13 +420,9 @@ class Trainer:
             higher = HIGHER_IS_BETTER[cfg.early_stopping_metric]
             improved = st.best is None or (value > st.best if higher else value < st.best)
             if improved:
+                self._require_finite_weights()
                 st.best, st.best_step, st.bad_validations = value, st.step, 0
-                save_weights(self.model, self.dir / BEST)
-                atomic_write_text(
-                    self.dir / "best.json",
-                    json.dumps({"step": st.step, cfg.early_stopping_metric: value, **scores.values}, indent=1)
-                    + "\n",
-                )
+                self.md.save_best(self.model, {"step": st.step, cfg.early_stopping_metric: value, **scores.values})
             else:
                 st.bad_validations += 1
             if cfg.schedule == "plateau":
@@ -406,8 +440,18 @@ class Trainer:
                 stop = True
         st.plateau = asdict(self.plateau)
         st.scaler = self.scaler.state_dict() if self.scaler is not None else None
-        save_checkpoint(self.dir, st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
+        self._require_finite_weights()
+        self.md.save_checkpoint(st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
         return stop
+
+    def _require_finite_weights(self) -> None:
+        """Never write weights that are not finite (nor prune the good ones for them)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise TrainingDiverged(
+                f"training stopped at step {self.state.step}: the weights are no longer finite, so no "
+                f"checkpoint was written; {self._last_good()}. Lower train.lr (now {self.cfg.lr:g}) or "
+                "check the data"
+            )
 
     def _log_scalars(self, prefix: str, values: dict[str, float]) -> None:
         if self._writer is None:
@@ -416,7 +460,7 @@ class Trainer:
             except ImportError:  # tensorboard is optional at run time
                 self._writer = False
             else:
-                self._writer = SummaryWriter(str(self.dir / "tensorboard"))
+                self._writer = SummaryWriter(str(self.md / TENSORBOARD))
         if self._writer:
             for key, value in values.items():
                 self._writer.add_scalar(f"{prefix}/{key}", value, self.state.step)
@@ -425,17 +469,19 @@ class Trainer:
 def train(config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train, then score the best weights on the test set if one is configured."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
-    trainer.train()
-    if config.data.test is not None:
-        if (trainer.dir / BEST).is_file():
-            load_weights(trainer.model, trainer.dir / BEST)
-        test = read_parallel(config.data.test, "test")
-        sources, references = reference_sets(test, config.data.group_references)
-        scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics])
-        log.info("test (%s): %s", test.origin, scores)
-        for name, signature in scores.signatures.items():
-            log.info("  %s signature: %s", name, signature)
-        atomic_write_text(trainer.dir / "test_scores.json", json.dumps(asdict(scores), indent=1) + "\n")
+    try:
+        trainer.train()
+        if config.data.test is not None:
+            load_weights(trainer.model, trainer.md.weights("best"))
+            test = read_parallel(config.data.test, "test")
+            sources, references = reference_sets(test, config.data.group_references)
+            scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics])
+            log.info("test (%s): %s", test.origin, scores)
+            for name, signature in scores.signatures.items():
+                log.info("  %s signature: %s", name, signature)
+            atomic_write_text(trainer.md / TEST_SCORES, json.dumps(asdict(scores), indent=1) + "\n")
+    finally:
+        trainer.close()
     return trainer.dir
 
 

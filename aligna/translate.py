@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from .build import build_model
-from .checkpoint import AVERAGED, BEST, average_checkpoints, latest_checkpoint, list_checkpoints, load_weights
 from .config import Config, DecodeConfig, load_config, replace_validated
 from .data import ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
+from .modeldir import CONFIG, ModelDir
 from .search import search
+from .tensorfiles import load_weights
 from .vocab import SOS_ID
 
 log = logging.getLogger("aligna")
@@ -48,9 +49,16 @@ class Translation:
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name[:40]!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -127,8 +135,10 @@ class Translator:
     ) -> list[Translation]:
         """Translations in input order with tokens, scores and attention; inputs are
         batched by length. `search_options` override the config's decode section."""
+        if batch_size is not None:
+            search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
-        batch_size = batch_size or decode.batch_size
+        batch_size = decode.batch_size
         src_tokens = [self.pipeline.src_tokens(t) for t in texts]
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
         results: list[Translation | None] = [None] * len(texts)
@@ -154,7 +164,7 @@ class Translator:
                     nbest=[(self.pipeline.detokenize(h.tokens), h.score) for h in hyps],
                 )
         self.model.train(was_training)
-        empty = Translation("", [], [], 0.0, None, [("", 0.0)])  # an input with no tokens
+        empty = Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest)  # an input with no tokens
         return [r if r is not None else empty for r in results]
 
     def decode_config(self, **options: object) -> DecodeConfig:
@@ -208,46 +218,21 @@ def load(
     model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str = "fp32"
 ) -> Translator:
     """Load a trained model directory. `checkpoint`: best, latest, averaged, or a path."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not an aligna model directory (no config.yaml)")
-    config = load_config(config_path)
-    pipeline = Pipeline.load(model_dir)
-    model = build_model(config.model, len(pipeline.src_vocab), len(pipeline.tgt_vocab))
-    load_weights(model, _weights_path(model_dir, checkpoint))
+    md = ModelDir(model_dir)
+    md.require()
     dev = resolve_device(device)
     check_precision(dev, precision)
+    config = load_config(md / CONFIG)
+    pipeline = Pipeline.load(md.path)
+    model = build_model(config.model, len(pipeline.src_vocab), len(pipeline.tgt_vocab))
+    load_weights(model, md.weights(checkpoint))
     model.to(dev).eval()
     return Translator(model, pipeline, config, dev, precision)
 
 
 def average(model_dir: str | Path, last: int) -> Path:
     """Average the weights of the `last` newest step checkpoints into averaged.safetensors."""
-    model_dir = Path(model_dir)
+    if last < 1:
+        raise ValueError(f"--last: {last} is out of range; allowed: integers >= 1")
     translator = load(model_dir, checkpoint="latest", device="cpu")
-    paths = list_checkpoints(model_dir)[-last:]
-    if len(paths) < last:
-        raise ValueError(
-            f"{model_dir} keeps {len(paths)} checkpoints, fewer than --last {last} "
-            "(train.keep_checkpoints sets how many are kept)"
-        )
-    average_checkpoints(translator.model, paths, model_dir / AVERAGED)
-    log.info("averaged %s into %s", ", ".join(p.name for p in paths), model_dir / AVERAGED)
-    return model_dir / AVERAGED
-
-
-def _weights_path(model_dir: Path, checkpoint: str) -> Path:
-    if checkpoint == "averaged":
-        if not (model_dir / AVERAGED).is_file():
-            raise FileNotFoundError(f"{model_dir} has no {AVERAGED}: run `aligna average {model_dir}` first")
-        return model_dir / AVERAGED
-    if checkpoint == "best" and (model_dir / BEST).is_file():
-        return model_dir / BEST
-    if checkpoint in ("best", "latest"):  # no validation has run yet: the latest weights
-        latest = latest_checkpoint(model_dir)
-        if latest is None:
-            raise FileNotFoundError(f"{model_dir} holds no trained weights yet")
-        return latest / "model.safetensors"
-    path = Path(checkpoint)
-    return path / "model.safetensors" if path.is_dir() else path
+    return ModelDir(model_dir).average(translator.model, last)

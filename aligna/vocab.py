@@ -22,6 +22,8 @@ from .config import TokenizerConfig
 PAD, UNK, SOS, EOS = "<pad>", "<unk>", "<sos>", "<eos>"
 SPECIALS = (PAD, UNK, SOS, EOS)
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = range(4)
+# the pipeline's files in a model directory, one set per side (src, tgt)
+TOKENIZER_FILE, SPM_FILE, VOCAB_FILE = "{side}_tokenizer.json", "{side}.spm.model", "{side}_vocab.txt"
 SPACE = "\u2581"  # "▁", stands for a space in character and subword tokens
 
 
@@ -46,7 +48,7 @@ class WordTokenizer:
         return " ".join(tokens)
 
     def save(self, directory: Path, prefix: str) -> None:
-        _write_json(directory / f"{prefix}_tokenizer.json", {"type": "word", "lowercase": self.lowercase})
+        _write_json(directory / TOKENIZER_FILE.format(side=prefix), {"type": "word", "lowercase": self.lowercase})
 
 
 class CharTokenizer:
@@ -63,7 +65,7 @@ class CharTokenizer:
         return "".join(tokens).replace(SPACE, " ").strip()
 
     def save(self, directory: Path, prefix: str) -> None:
-        _write_json(directory / f"{prefix}_tokenizer.json", {"type": "char", "lowercase": self.lowercase})
+        _write_json(directory / TOKENIZER_FILE.format(side=prefix), {"type": "char", "lowercase": self.lowercase})
 
 
 class SentencePieceTokenizer:
@@ -106,9 +108,10 @@ class SentencePieceTokenizer:
         return self.sp.decode_pieces(list(tokens))
 
     def save(self, directory: Path, prefix: str) -> None:
-        (directory / f"{prefix}.spm.model").write_bytes(self.model_proto)
-        info = {"type": self.kind, "lowercase": self.lowercase, "model": f"{prefix}.spm.model"}
-        _write_json(directory / f"{prefix}_tokenizer.json", info)
+        model = SPM_FILE.format(side=prefix)
+        (directory / model).write_bytes(self.model_proto)
+        info = {"type": self.kind, "lowercase": self.lowercase, "model": model}
+        _write_json(directory / TOKENIZER_FILE.format(side=prefix), info)
 
 
 def build_tokenizer(config: TokenizerConfig, training_lines: Iterable[str]) -> Tokenizer:
@@ -121,13 +124,23 @@ def build_tokenizer(config: TokenizerConfig, training_lines: Iterable[str]) -> T
 
 
 def load_tokenizer(directory: Path, prefix: str) -> Tokenizer:
-    info = json.loads((directory / f"{prefix}_tokenizer.json").read_text("utf-8"))
-    if info["type"] == "word":
-        return WordTokenizer(info["lowercase"])
-    if info["type"] == "char":
-        return CharTokenizer(info["lowercase"])
-    proto = (directory / info["model"]).read_bytes()
-    return SentencePieceTokenizer(proto, info["type"], info["lowercase"])
+    path = directory / TOKENIZER_FILE.format(side=prefix)
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+        kind, lowercase = info["type"], info["lowercase"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a tokenizer description ({e!s:.100})") from None
+    if kind == "word":
+        return WordTokenizer(lowercase)
+    if kind == "char":
+        return CharTokenizer(lowercase)
+    if kind not in ("bpe", "unigram") or not isinstance(info.get("model"), str):
+        raise ValueError(f"{path}: unknown tokenizer type {str(kind)[:40]!r}")
+    model = directory / Path(info["model"]).name  # a file beside it, never a path elsewhere
+    try:
+        return SentencePieceTokenizer(model.read_bytes(), kind, lowercase)
+    except RuntimeError as e:
+        raise ValueError(f"{model}: not a sentencepiece model ({e!s:.100})") from None
 
 
 class Vocabulary:
@@ -171,7 +184,10 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
-        return cls(path.read_text(encoding="utf-8").split("\n")[:-1])
+        try:
+            return cls(path.read_bytes().decode("utf-8").split("\n")[:-1])
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path}: not a vocabulary ({e!s:.100})") from None
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -6,10 +6,10 @@ from conftest import reverse_pairs, write_tsv
 from safetensors.torch import load_file
 
 import aligna
-from aligna import checkpoint as ckpt
-from aligna import training
+from aligna import modeldir, tensorfiles, training
 from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
+from aligna.modeldir import ModelDir
 from aligna.training import Trainer, learning_rate, teacher_forcing_ratio, train
 from aligna.translate import check_precision
 
@@ -51,7 +51,7 @@ def test_save_then_load_gives_identical_outputs(toy_config):
 
 
 def weights(model_dir):
-    return load_file(str(ckpt.latest_checkpoint(model_dir) / "model.safetensors"))
+    return load_file(str(ModelDir(model_dir).latest() / modeldir.MODEL))
 
 
 RESUMABLE = {
@@ -82,7 +82,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(toy_config, tmp
     with pytest.raises(KeyboardInterrupt):
         Trainer(broken, progress=False).train()
     monkeypatch.setattr(training, "train_step", real_step)
-    assert ckpt.latest_checkpoint(tmp_path / "broken").name == "step-000020"
+    assert ModelDir(tmp_path / "broken").latest().name == "step-000020"
 
     resumed = Trainer(broken, resume=True, progress=False)
     assert (resumed.state.step, resumed.state.epoch) == (20, 0) and resumed.state.batch == 20
@@ -102,25 +102,24 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(toy_config, tmp
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(toy_config, monkeypatch):
     config = toy_config(train={"max_steps": 20, "validate_every": 10})
-    real_save, calls = ckpt.save_file, []
+    real_save, calls = tensorfiles.save_file, []
 
-    def crash_on_second_save(*args, **kwargs):
+    def disk_full_on_second_save(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(28, "No space left on device")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", crash_on_second_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(tensorfiles, "save_file", disk_full_on_second_save)
+    with pytest.raises(modeldir.ModelDirError, match=r"step-000020 .*No space left on device .*step-000010, is intact"):
         Trainer(config, progress=False).train()
-    model_dir = ckpt.Path(config.model_dir)
-    assert ckpt.latest_checkpoint(model_dir).name == "step-000010"
-    assert [p.name for p in (model_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    aligna.load(model_dir, checkpoint="latest").translate(["a b"])  # still loads
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    md = ModelDir(config.model_dir)
+    assert md.latest().name == "step-000010"
+    assert not [p for p in (md / modeldir.CHECKPOINTS).iterdir() if p.name.startswith(".tmp")]  # cleaned up
+    aligna.load(md.path, checkpoint="latest").translate(["a b"])  # still loads
+    monkeypatch.setattr(tensorfiles, "save_file", real_save)
     Trainer(config, resume=True, progress=False).train()
-    assert not [p for p in (model_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    assert ckpt.latest_checkpoint(model_dir).name == "step-000020"
+    assert md.latest().name == "step-000020"
 
 
 def test_model_dir_holds_no_pickles(toy_config):
@@ -128,7 +127,8 @@ def test_model_dir_holds_no_pickles(toy_config):
     train(config, progress=False)
     allowed = {".safetensors", ".json", ".yaml", ".txt", ".log"}
     files = [
-        p for p in ckpt.Path(config.model_dir).rglob("*") if p.is_file() and "tensorboard" not in p.parts
+        p for p in ModelDir(config.model_dir).path.rglob("*")
+        if p.is_file() and "tensorboard" not in p.parts and p.name not in (modeldir.MARKER, modeldir.LOCK)
     ]
     assert files and all(p.suffix in allowed for p in files), files
 
@@ -201,12 +201,12 @@ def test_checkpoint_averaging_is_the_mean_of_the_last_n(toy_config, capsys):
 
     config = toy_config(train={"max_steps": 40, "validate_every": 10, "keep_checkpoints": 3})
     train(config, progress=False)
-    model_dir = ckpt.Path(config.model_dir)
+    model_dir = ModelDir(config.model_dir).path
     assert main(["average", str(model_dir), "--last", "2"]) == 0
-    paths = ckpt.list_checkpoints(model_dir)[-2:]
+    paths = ModelDir(model_dir).checkpoints()[-2:]
     assert [p.name for p in paths] == ["step-000030", "step-000040"]
     parts = [load_file(str(p / "model.safetensors")) for p in paths]
-    averaged = load_file(str(model_dir / ckpt.AVERAGED))
+    averaged = load_file(str(model_dir / modeldir.AVERAGED))
     assert averaged.keys() == parts[0].keys()
     for name in averaged:
         torch.testing.assert_close(averaged[name], (parts[0][name] + parts[1][name]) / 2)

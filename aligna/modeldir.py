@@ -232,6 +232,16 @@ class ModelDir:
         steps = self.checkpoints()
         return steps[-1] if steps else None
 
+    def trainer_state(self, checkpoint: Path | None = None) -> dict[str, Any]:
+        """trainer.json of `checkpoint` (default: the latest): step, history, ... ({} if none)."""
+        checkpoint = checkpoint or self.latest()
+        if checkpoint is None:
+            return {}
+        state = read_json(checkpoint / TRAINER)
+        if not isinstance(state, dict):
+            raise DamagedFileError(f"{checkpoint / TRAINER}: not a trainer state")
+        return state
+
     def save_checkpoint(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
         trainer_state: dict[str, Any], keep: int,

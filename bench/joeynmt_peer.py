@@ -138,7 +138,6 @@ from common import RESULTS, ROOT, config_hash, machine, write_record  # noqa: E4
 from train_speed import measure  # noqa: E402
 
 import aligna  # noqa: E402
-from aligna.checkpoint import latest_checkpoint  # noqa: E402
 from aligna.config import (  # noqa: E402
     Config,
     DataConfig,
@@ -151,9 +150,14 @@ from aligna.config import (  # noqa: E402
     save_config,
 )
 from aligna.data import Examples, ParallelText, Pipeline, encode_pairs, epoch_batches, read_parallel  # noqa: E402
+from aligna.modeldir import BEST, CONFIG, TRAIN_LOG, ModelDir  # noqa: E402
 from aligna.plotting import plot_lines  # noqa: E402
 from aligna.translate import Translator  # noqa: E402
-from aligna.vocab import SPECIALS, Vocabulary  # noqa: E402
+from aligna.vocab import (  # noqa: E402
+    SPECIALS,
+    VOCAB_FILE,  # noqa: E402
+    Vocabulary,
+)
 
 PEER = ROOT / "runs" / "peer"
 DRIVER = Path(__file__).resolve().with_name("peer_joeynmt_driver.py")
@@ -268,9 +272,9 @@ def write_vocab(vocab: Vocabulary, path: Path) -> Path:
 
 def same_vocabulary(model_dir: Path, data: DataConfig) -> bool:
     """Does `model_dir` hold an aligna model whose vocabularies `data` would rebuild?"""
-    if not ((model_dir / "config.yaml").is_file() and (model_dir / "tgt_vocab.txt").is_file()):
+    if not ((model_dir / CONFIG).is_file() and (model_dir / VOCAB_FILE.format(side="tgt")).is_file()):
         return False
-    saved = load_config(model_dir / "config.yaml").data
+    saved = load_config(model_dir / CONFIG).data
     return all(
         getattr(saved, k) == getattr(data, k)
         for k in ("train", "src_tokenizer", "tgt_tokenizer", "shared_vocab")
@@ -282,7 +286,7 @@ def load_pipeline(config: Config, train: ParallelText, work: Path) -> tuple[Pipe
     model_dir = Path(config.model_dir)
     if same_vocabulary(model_dir, config.data):
         pipeline, source = Pipeline.load(model_dir), f"{config.model_dir} (the aligna model's own)"
-    elif (work / "tgt_vocab.txt").is_file():
+    elif (work / VOCAB_FILE.format(side="tgt")).is_file():
         return Pipeline.load(work), f"{rel(work)} (saved by an earlier run of this script)"
     else:
         pipeline = Pipeline.build(config.data, train)
@@ -599,15 +603,14 @@ def aligna_curve(model_dir: Path, config: Config) -> dict[str, Any] | None:
     """The same curve for an aligna run: `seconds` from its train.log (since the "training:"
     line), `train_seconds` from the validation history of its latest checkpoint, where the
     trainer records it. `same_config`: was that run trained with `config`?"""
-    log = model_dir / "train.log"
+    log = model_dir / TRAIN_LOG
     if not log.is_file():
         return None
     lines = stamped(log)
     starts = [t for t, text in lines if text.startswith("INFO training: ")]
     if not starts:
         return None
-    latest = latest_checkpoint(model_dir)
-    state = json.loads((latest / "trainer.json").read_text()) if latest else {}
+    state = ModelDir(model_dir).trainer_state()
     train_seconds = {h["step"]: h.get("train_seconds") for h in state.get("history") or []}
     points = []
     for t, text in lines:
@@ -618,7 +621,7 @@ def aligna_curve(model_dir: Path, config: Config) -> dict[str, Any] | None:
                            "tok_bleu": float(values["tok_bleu"]) if "tok_bleu" in values else None})  # fmt: skip
     ends = [t for t, text in lines if text.startswith("INFO trained ")]
     scored = [p for p in points if p["tok_bleu"] is not None]
-    saved = model_dir / "config.yaml"
+    saved = model_dir / CONFIG
     return {
         "model_dir": rel(model_dir),
         "same_config": saved.is_file() and config_hash(load_config(saved)) == config_hash(config),
@@ -859,7 +862,7 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
                   f"{jo['sentences_per_s']:>14.1f} {row['ratio_sentences_per_s']:>5.2f}x "
                   f"{al['target_tokens_per_s']:>12.0f} {jo['target_tokens_per_s']:>13.0f} "
                   f"{al['tok_bleu']:>11.2f} {jo['tok_bleu']:>12.2f}")  # fmt: skip
-    best = Path(config.model_dir) / "best.safetensors"
+    best = Path(config.model_dir) / BEST
     write_record(
         args.name or f"peer_joeynmt_translate_speed_{config_name(config, args.config)}",
         {
@@ -869,7 +872,7 @@ def translate_speed_command(args: argparse.Namespace, config: Config, python: Pa
             "threads": {"aligna": torch.get_num_threads(), "joeynmt": joey["torch_threads"]},
             "test_set": test.origin, "sentences": len(sources),
             "aligna_model_dir": config.model_dir,
-            "aligna_weights": "best.safetensors" if best.is_file() else "latest checkpoint",
+            "aligna_weights": BEST if best.is_file() else "latest checkpoint",
             "aligna_parameters": sum(p.numel() for p in translator.model.parameters()),
             "joeynmt_model_dir": rel(joey_dir),
             "joeynmt_weights": "best.ckpt" if (joey_dir / "best.ckpt").exists() else "latest checkpoint",

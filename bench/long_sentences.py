@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, config_hash, write_record  # noqa: E402
 
 import aligna  # noqa: E402
-from aligna.checkpoint import latest_checkpoint  # noqa: E402
 from aligna.compare import compare_by_length  # noqa: E402
 from aligna.config import load_config  # noqa: E402
 from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.modeldir import ModelDir  # noqa: E402
 from aligna.synthetic import write_task  # noqa: E402
 from aligna.training import setup_logging, train  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
     translators, configs = {}, {}
     for name, stem in task["configs"].items():
         config = load_config(ROOT / "configs" / f"{stem}.yaml", args.overrides)
-        if latest_checkpoint(Path(config.model_dir)) is None:
+        if ModelDir(config.model_dir).latest() is None:
             if not args.train:
                 parser.error(
                     f"{config.model_dir} has no trained model: run with --train, or `aligna train configs/{stem}.yaml`"

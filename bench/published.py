@@ -14,7 +14,6 @@ the train time and speed, and the machine. The README table is rendered from the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, config_hash, write_record  # noqa: E402
 
 import aligna  # noqa: E402
-from aligna.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
 from aligna.config import load_config  # noqa: E402
 from aligna.data import read_parallel, reference_sets  # noqa: E402
 from aligna.g2p import prepare_cmudict  # noqa: E402
+from aligna.modeldir import ModelDir  # noqa: E402
 from aligna.training import setup_logging, train  # noqa: E402
 from aligna.translate import average  # noqa: E402
 
@@ -111,10 +110,10 @@ def main() -> None:
     if not args.skip_train:
         train(config, overwrite=True, progress=False)
     model_dir = Path(config.model_dir)
-    state = json.loads((latest_checkpoint(model_dir) / "trainer.json").read_text())
+    state = ModelDir(model_dir).trainer_state()
     checkpoint = "best"
     if args.average:
-        available = len(list_checkpoints(model_dir))
+        available = len(ModelDir(model_dir).checkpoints())
         average(model_dir, min(args.average, available))
         checkpoint = "averaged"
     translator = aligna.load(model_dir, checkpoint=checkpoint)

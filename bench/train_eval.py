@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_hash, write_record  # noqa: E402
 
 import aligna  # noqa: E402
-from aligna.checkpoint import latest_checkpoint  # noqa: E402
 from aligna.config import load_config  # noqa: E402
 from aligna.data import read_parallel, reference_sets  # noqa: E402
+from aligna.modeldir import ModelDir  # noqa: E402
 from aligna.training import setup_logging, train  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     if not args.skip_train:
         train(config, overwrite=True, progress=False)
     model_dir = Path(config.model_dir)
-    state = json.loads((latest_checkpoint(model_dir) / "trainer.json").read_text())
+    state = ModelDir(model_dir).trainer_state()
     best = json.loads((model_dir / "best.json").read_text()) if (model_dir / "best.json").exists() else {}
 
     translator = aligna.load(model_dir)

@@ -52,6 +52,10 @@ class Seq2Seq(nn.Module):
     """Base class of encoder-decoder models. Shapes: B batch, S source, T target length,
     V target vocabulary. Token ids use `aligna.vocab`'s specials (pad = 0)."""
 
+    # The longest source, and target (<sos> or <eos> included), the model can take: a table
+    # of learned positions ends somewhere. None: any length.
+    max_len: int | None = None
+
     def encode(self, src: Tensor, src_lengths: Tensor) -> Reorderable:
         """src (B, S) padded ids, src_lengths (B,) -> the encoder output."""
         raise NotImplementedError

@@ -163,6 +163,8 @@ class ModelDir:
             why = "--resume: no checkpoint to resume from" if resume else "no checkpoint yet"
             log.info("%s in %s (the run stopped before its first one): starting from the beginning", why, self.path)
             self._clear()
+        elif resume:
+            log.info("--resume: %s holds no run yet: starting a new one", self.path)
         self._write_marker()
         return False
 

@@ -54,9 +54,10 @@ class SearchResult:
         return None if any(m is None for m in maps) else maps  # type: ignore[return-value]
 
 
-def max_lengths(src_lengths: Tensor, a: float, b: int) -> Tensor:
-    """Output length limit per sentence, <eos> included: a * |x| + b (at least 1)."""
-    return (a * src_lengths.float() + b).long().clamp(min=1)
+def max_lengths(src_lengths: Tensor, a: float, b: int, cap: int | None = None) -> Tensor:
+    """Output length limit per sentence, <eos> included: a * |x| + b, at least 1 and at
+    most `cap` (the longest target the model takes, None: no cap)."""
+    return (a * src_lengths.double() + b).clamp(min=1, max=cap if cap is not None else 2**31).long()
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -138,7 +139,7 @@ def _one_path(
 ) -> SearchResult:
     batch, src_len = src.shape
     device = src.device
-    limit = max_lengths(src_lengths, max_len_a, max_len_b)  # (B,)
+    limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
     steps = int(limit.max())
     enc = model.encode(src, src_lengths)
     state = model.init_state(enc)
@@ -199,7 +200,7 @@ def beam_search(
     k = beam_size
     batch = src.size(0)
     device = src.device
-    limit = max_lengths(src_lengths, max_len_a, max_len_b)  # (B,)
+    limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
     enc = model.encode(src, src_lengths)
     enc = enc.reorder(torch.arange(batch, device=device).repeat_interleave(k))  # (B * k, ...)
     state = model.init_state(enc)

@@ -171,6 +171,7 @@ class Transformer(Seq2Seq):
             else nn.Embedding(tgt_vocab_size, d_model, padding_idx=PAD_ID)
         )
         self.scale = math.sqrt(d_model) if scale_embeddings else 1.0  # section 3.4
+        self.max_len = max_positions if positions == "learned" else None
         self.src_positions = PositionalEncoding(d_model, positions, max_positions)
         self.tgt_positions = PositionalEncoding(d_model, positions, max_positions)
         self.dropout = nn.Dropout(dropout)

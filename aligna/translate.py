@@ -140,6 +140,15 @@ class Translator:
         decode = self.decode_config(**search_options)
         batch_size = decode.batch_size
         src_tokens = [self.pipeline.src_tokens(t) for t in texts]
+        limit = self.model.max_len  # a table of learned positions ends somewhere
+        if limit is not None and any(len(toks) > limit for toks in src_tokens):
+            cut = [i + 1 for i, toks in enumerate(src_tokens) if len(toks) > limit]
+            log.warning(
+                "%d input(s) longer than the %d tokens this model takes (model.transformer.max_positions) "
+                "are translated from their first %d tokens: line(s) %s",
+                len(cut), limit, limit, ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""),
+            )  # fmt: skip
+            src_tokens = [toks[:limit] for toks in src_tokens]
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
         results: list[Translation | None] = [None] * len(texts)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
@@ -206,7 +215,10 @@ class Translator:
                 [r for refs in references for r in refs],
                 "evaluation pairs",
             )
-            examples = encode_pairs(self.pipeline, pairs, 1_000_000, "filter", "evaluation")
+            limit = self.model.max_len  # tgt_in is <sos> + the reference
+            examples = encode_pairs(
+                self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
+            )
             if examples.report.empty:
                 log.info("%s (left out of loss and perplexity)", examples.report)
             loss, _ = corpus_loss(self.search_model(), examples, self.config.train.batch_tokens, self.device)

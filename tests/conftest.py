@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,26 @@ def toy_config(tmp_path: Path):
         return config_from_dict(raw)
 
     return make
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def aligna_log():
+    """Everything the "aligna" logger says during a test (it does not propagate to pytest's caplog)."""
+    handler = _Records()
+    logger = logging.getLogger("aligna")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -73,16 +72,15 @@ def test_overwrite_needs_aligna_s_marker(toy_config, tmp_path):
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "years of work"
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_over(toy_config, caplog):
+def test_a_run_killed_before_its_first_checkpoint_starts_over(toy_config, aligna_log):
     config = toy_config(train={"max_steps": 10, "validate_every": 10})
     trainer = Trainer(config, progress=False)  # directory made, vocabularies written, no checkpoint
     trainer.close()
     md = ModelDir(config.model_dir)
     (md / ".tmp-best.safetensors").write_bytes(b"half")  # left by a kill mid-write
     assert (md / modeldir.CONFIG).is_file() and md.latest() is None
-    with caplog.at_level(logging.INFO, logger="aligna"):
-        Trainer(config, resume=True, progress=False).train()
-    assert "no checkpoint to resume from" in caplog.text and md.latest().name == "step-000010"
+    Trainer(config, resume=True, progress=False).train()
+    assert "no checkpoint to resume from" in aligna_log.text and md.latest().name == "step-000010"
     assert not list(md.path.glob(".tmp-*"))
 
 
@@ -141,15 +139,14 @@ def damage(path: Path, how: str) -> None:
     "file, how",
     [("model.safetensors", "overwrite64"), ("optimizer.safetensors", "truncate"), ("trainer.json", "garble")],
 )
-def test_resume_skips_a_damaged_checkpoint_and_says_so(toy_config, caplog, file, how):
+def test_resume_skips_a_damaged_checkpoint_and_says_so(toy_config, aligna_log, file, how):
     config, md = trained(toy_config)
     damage(md.latest() / file, how)
     (md / modeldir.LATEST).write_text("{not json")  # the pointer is for people; nothing depends on it
-    with caplog.at_level(logging.INFO, logger="aligna"):
-        trainer = Trainer(config, resume=True, progress=False)
+    trainer = Trainer(config, resume=True, progress=False)
     trainer.close()
     assert trainer.state.step == 20
-    assert f"step-000030/{file}" in caplog.text and "resuming from" in caplog.text
+    assert f"step-000030/{file}" in aligna_log.text and "resuming from" in aligna_log.text
     assert (md / modeldir.CHECKPOINTS / "damaged-step-000030").is_dir()  # set aside, not deleted
 
 

@@ -1,3 +1,4 @@
+
 import pytest
 import torch
 from conftest import reverse_pairs, write_tsv
@@ -146,3 +147,20 @@ def test_toy_reverse_task_is_learned(toy_config, tmp_path):
     hyps = aligna.load(config.model_dir).translate([s for s, _ in test])
     exact = sum(h == r for h, (_, r) in zip(hyps, test)) / len(test)
     assert exact >= 0.95, exact
+
+
+def test_inputs_longer_than_learned_positions_are_cut_not_fatal(toy_config, aligna_log):
+    config = toy_config(
+        model={"arch": "transformer", "transformer": {"heads": 2, "ff_size": 32, "positions": "learned",
+                                                      "max_positions": 12}},
+        train={"max_steps": 5, "validate_every": 0},
+        decode={"max_len_a": 50.0},  # would ask for outputs far past the position table
+    )  # fmt: skip
+    train(config, progress=False)
+    translator = aligna.load(config.model_dir, checkpoint="latest")
+    lines = ["a b c", " ".join("abcdefghij" * 4), ""]
+    out = translator.translate_detailed(lines, beam_size=2)
+    assert len(out) == 3 and len(out[1].src_tokens) == 12 and all(len(t.tokens) < 12 for t in out)
+    assert "1 input(s) longer than the 12 tokens this model takes" in aligna_log.text and "line(s) 2" in aligna_log.text
+    scores = translator.evaluate(lines[:2], [["c b a"], [" ".join("jihgfedcba" * 4)]], ["ppl"])
+    assert scores.values["ppl"] > 0

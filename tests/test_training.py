@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +270,25 @@ def test_precision_errors_say_what_to_use():
         check_precision(torch.device("cpu"), "fp16")
     with pytest.raises(ValueError, match="expected one of fp32, bf16, fp16, int8"):
         check_precision(torch.device("cpu"), "fp8")
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(toy_config, capsys):
+    from aligna.cli import main
+    from aligna.config import save_config
+
+    config = toy_config(model={"hidden_size": 60000})
+    save_config(config, Path(config.model_dir).parent / "big.yaml")
+    assert main(["train", str(Path(config.model_dir).parent / "big.yaml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "model: 28," in err and "GiB for weights, gradients and optimizer state, more than the" in err
+    assert "hidden_size 60000" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, message", [("cuda:abc", "expected auto, cpu, cuda or cuda:N"),
+                                           ("meta", "expected auto, cpu, cuda or cuda:N"),
+                                           ("cuda:7", "CUDA is not available|has 1 CUDA device")])  # fmt: skip
+def test_device_names_are_checked(name, message):
+    from aligna.translate import resolve_device
+
+    with pytest.raises(ValueError, match=message):
+        resolve_device(name)

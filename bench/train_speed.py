@@ -41,10 +41,10 @@ def measure(path: str, steps: int, warmup: int, device: str) -> dict:
         batch = collate(examples, batches[i % len(batches)])
         n = batch.n_tokens
         started = time.perf_counter()
-        loss = train_step(
+        loss, _ = train_step(
             model, batch.to(device), n, optimizer, config.train, config.train.lr, config.train.teacher_forcing
         )
-        float(loss)  # wait for the device
+        float(loss)  # wait for the device (train_step has synced already, to check the loss is finite)
         if i >= warmup:
             tokens, seconds = tokens + n, seconds + time.perf_counter() - started
     result = {

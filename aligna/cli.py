@@ -216,8 +216,9 @@ def _one_line(text: str) -> str:
 def _write_attention(translator, results: list, out_dir: Path) -> None:
     """NNNN.png / NNNN.json: the map search used (last layer's encoder-decoder attention,
     mean over heads). Models with several layers or heads also get NNNN/KIND_layerL.png
-    for every layer (a panel per head and their mean) and all weights in NNNN/maps.json."""
-    from .plotting import plot_attention, save_attention
+    for every layer (a panel per head and their mean) and every map in NNNN/maps.json
+    (`Translator.attention_record` says what the JSON holds)."""
+    from .plotting import plot_attention, plot_record
 
     if not any(r.attention is not None for r in results) and any(r.tokens for r in results):
         raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
@@ -227,31 +228,19 @@ def _write_attention(translator, results: list, out_dir: Path) -> None:
         if r.attention is None:
             continue
         stem = out_dir / f"{number:0{width}d}"
-        save_attention(
-            stem, r.attention.tolist(), r.src_tokens, r.attention_rows, title=f"{number}: {r.text}"
-        )
-        maps = translator.attention_maps(r)
-        if all(m.shape[:2] == (1, 1) for m in maps.values()):
+        record = translator.attention_record(r, every_map=True)
+        maps = record.pop("maps")
+        stem.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
+        plot_record(record, stem.with_suffix(".png"), title=f"{number}: {r.text}")
+        if all(len(m["weights"]) == 1 and len(m["weights"][0]) == 1 for m in maps.values()):
             continue  # one layer, one head: the map above is all there is
         stem.mkdir(exist_ok=True)
-        inputs = ["<sos>", *r.tokens][: len(r.attention_rows)]
-        labels = {"cross": (r.src_tokens, r.attention_rows), "encoder": (r.src_tokens, r.src_tokens),
-                  "decoder": (inputs, r.attention_rows)}  # fmt: skip
-        for kind, weights in maps.items():
-            cols, rows = labels[kind]
-            for layer, heads in enumerate(weights, start=1):
+        for kind, m in maps.items():
+            for layer, heads in enumerate(m["weights"], start=1):
                 plot_attention(
-                    heads,
-                    cols,
-                    rows,
-                    stem / f"{kind}_layer{layer}.png",
-                    title=f"{kind} attention, layer {layer}",
+                    heads, m["cols"], m["rows"], stem / f"{kind}_layer{layer}.png", title=f"{kind} attention, layer {layer}"
                 )
-        record = {kind: [[[[round(w, 5) for w in row] for row in head] for head in layer] for layer in m.tolist()]
-                  for kind, m in maps.items()}  # fmt: skip
-        (stem / "maps.json").write_text(
-            json.dumps({"labels": labels, "weights": record}, ensure_ascii=False), "utf-8"
-        )
+        (stem / "maps.json").write_text(json.dumps(maps, ensure_ascii=False), "utf-8")
     print(f"attention maps written to {out_dir}", file=sys.stderr)
 
 

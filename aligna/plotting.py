@@ -87,18 +87,10 @@ def readable(tokens: Sequence[str]) -> list[str]:
     return [t if t in special else t[1:] or "\u2423" if t.startswith("\u2581") else f"·{t}" for t in tokens]
 
 
-def save_attention(
-    stem: str | Path, weights: Sequence[Sequence[float]], src_tokens: Sequence[str],
-    tgt_tokens: Sequence[str], title: str | None = None,
-) -> None:  # fmt: skip
-    """Write STEM.json (tokens and raw weights) and STEM.png (the heatmap)."""
-    import json
-
-    stem = Path(stem)
-    rows = [[round(float(w), 6) for w in row] for row in weights]
-    record = {"src_tokens": list(src_tokens), "tgt_tokens": list(tgt_tokens), "weights": rows}
-    stem.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_attention(rows, src_tokens, tgt_tokens, stem.with_suffix(".png"), title)
+def plot_record(record: dict[str, Any], path: str | Path, title: str | None = None) -> None:
+    """The heatmap of an attention record (`Translator.attention_record`): its `weights`,
+    a row per target token and a column per source token."""
+    plot_attention(record["weights"], record["src_tokens"], record["tgt_tokens"], path, title)
 
 
 def plot_lines(

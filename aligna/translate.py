@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -184,6 +185,8 @@ class Translator:
     def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
         """Every attention map of the model for one translation, each (layers, heads, rows,
         cols); see `Seq2Seq.attention_maps`. Rows follow `translation.attention_rows`."""
+        if not translation.src_tokens:
+            return {}
         vocab = self.pipeline
         src = torch.tensor([vocab.src_vocab.encode(translation.src_tokens)], device=self.device)
         rows = len(translation.attention_rows) or len(translation.tokens) + 1
@@ -193,6 +196,34 @@ class Translator:
         self.model.eval()
         maps = self.model.attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
         return {name: m[0].float().cpu() for name, m in maps.items()}
+
+    def attention_record(self, translation: Translation, every_map: bool = False) -> dict[str, Any]:
+        """The attention of one translation as plain JSON-able data::
+
+            {"src_tokens": [...], "tgt_tokens": [... output tokens, "<eos>"],
+             "weights": [[...]] (a row per target token, a column per source token: the map
+                        search used, the last layer's cross-attention averaged over heads;
+                        None for a model without attention),
+             "maps": {kind: {"rows": [...], "cols": [...], "weights": [layer][head][row][col]}}}
+
+        "maps" (only with `every_map`) holds every map the model has: "cross" and, for a
+        Transformer, "encoder" and "decoder" self-attention. Weights are rounded to 5 digits."""
+        weights = None if translation.attention is None else _rounded(translation.attention.tolist())
+        record: dict[str, Any] = {
+            "src_tokens": list(translation.src_tokens),
+            "tgt_tokens": translation.attention_rows if weights is not None else list(translation.tokens),
+            "weights": weights,
+        }
+        if every_map:
+            inputs = ["<sos>", *translation.tokens][: len(translation.attention_rows)]
+            labels = {"cross": (translation.attention_rows, translation.src_tokens),
+                      "encoder": (translation.src_tokens, translation.src_tokens),
+                      "decoder": (translation.attention_rows, inputs)}  # fmt: skip
+            record["maps"] = {
+                kind: {"rows": list(labels[kind][0]), "cols": list(labels[kind][1]), "weights": _rounded(m.tolist())}
+                for kind, m in self.attention_maps(translation).items()
+            }
+        return record
 
     def evaluate(
         self, sources: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str],
@@ -224,6 +255,10 @@ class Translator:
             loss, _ = corpus_loss(self.search_model(), examples, self.config.train.batch_tokens, self.device)
             scores.values.update({"loss": loss, "ppl": perplexity(loss)})
         return scores
+
+
+def _rounded(value: Any) -> Any:
+    return [_rounded(v) for v in value] if isinstance(value, list) else round(float(value), 5)
 
 
 def load(

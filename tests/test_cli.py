@@ -167,9 +167,10 @@ def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):
         "maps.json"
     ]
     record = json.loads((maps / "0001" / "maps.json").read_text())
-    cross = record["weights"]["cross"]  # layers x heads x rows x cols
+    cross = record["cross"]["weights"]  # layers x heads x rows x cols
     assert len(cross) == 2 and len(cross[0]) == 2 and len(cross[0][0][0]) == 4
-    assert record["labels"]["encoder"] == [["a", "b", "c", "d"]] * 2
+    assert record["encoder"]["rows"] == record["encoder"]["cols"] == ["a", "b", "c", "d"]
+    assert len(record["decoder"]["rows"]) == len(record["decoder"]["weights"][0][0]) == len(record["cross"]["rows"])
 
 
 def test_search_options_and_nbest_output(trained, tmp_path, capsys):

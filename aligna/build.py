@@ -8,6 +8,7 @@ from .attention import build_attention
 from .config import ConfigError, ModelConfig
 from .model import Seq2Seq
 from .rnn import BahdanauDecoder, Bridge, LuongDecoder, RNNDecoder, RNNEncoder, RNNSeq2Seq
+from .runtime import available_memory
 from .transformer import Transformer
 
 
@@ -94,17 +95,3 @@ def build_on(device: torch.device, config: ModelConfig, src_vocab_size: int, tgt
         return build_model(config, src_vocab_size, tgt_vocab_size).to(device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         raise ConfigError(f"model: cannot allocate {params:,} parameters ({sizes}) on {device}: {e!s:.200}") from None
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for a new model on `device` (None where it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .translate import PRECISIONS
+from .runtime import PRECISIONS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

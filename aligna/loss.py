@@ -27,12 +27,12 @@ def sequence_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0)
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def corpus_loss(
     model: Seq2Seq, examples: Examples, batch_tokens: int, device: torch.device
 ) -> tuple[float, int]:
-    """Mean per-token cross-entropy (no smoothing) and the number of target tokens."""
-    was_training = model.training
-    model.eval()
+    """Mean per-token cross-entropy (no smoothing) and the number of target tokens; `model`
+    is in eval mode (the caller's business: a shared model is never switched here)."""
     total, tokens = 0.0, 0
     lengths = [len(s) for s in examples.src], [len(t) - 1 for t in examples.tgt]
     for index in token_batches(*lengths, batch_tokens):
@@ -40,5 +40,4 @@ def corpus_loss(
         logits = model(batch.src, batch.src_lengths, batch.tgt_in)
         total += float(sequence_loss(logits, batch.tgt_out))
         tokens += batch.n_tokens
-    model.train(was_training)
     return total / max(tokens, 1), tokens

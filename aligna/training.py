@@ -37,8 +37,9 @@ from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
 from .modeldir import CONFIG, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
+from .runtime import autocast, resolve_device
 from .tensorfiles import atomic_write_text, load_weights
-from .translate import Translator, autocast, resolve_device
+from .translate import Translator
 from .vocab import PAD_ID
 
 log = logging.getLogger("aligna")
@@ -347,6 +348,7 @@ class Trainer:
             log.info("best %s %.4f at step %d", cfg.early_stopping_metric, st.best, st.best_step)
         if st.skipped_updates:
             log.warning("%d updates were skipped for a non-finite loss or gradient", st.skipped_updates)
+        self.model.eval()  # done training: the translator may use it
         if self._writer:
             self._writer.close()
         return st
@@ -407,6 +409,7 @@ class Trainer:
         from one validation to the next whatever the decode section says)."""
         assert self.dev is not None
         metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in ("loss", "ppl"))]
+        self.model.eval()  # train_step switches it back
         return self.translator.evaluate(self.dev[0], self.dev[1], metrics, **GREEDY)
 
     def _validate_and_save(self) -> bool:
@@ -473,6 +476,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, progres
         trainer.train()
         if config.data.test is not None:
             load_weights(trainer.model, trainer.md.weights("best"))
+            trainer.model.eval()
             test = read_parallel(config.data.test, "test")
             sources, references = reference_sets(test, config.data.group_references)
             scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics])

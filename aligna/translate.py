@@ -8,14 +8,14 @@ translator.translate(["Ein Hund läuft im Schnee."])
 from __future__ import annotations
 
 import logging
-import warnings
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .build import build_model
 from .config import Config, DecodeConfig, load_config, replace_validated
@@ -24,6 +24,7 @@ from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
 from .modeldir import CONFIG, ModelDir
+from .runtime import autocast, check_precision, quantize_int8, resolve_device
 from .search import search
 from .tensorfiles import load_weights
 from .vocab import SOS_ID
@@ -47,63 +48,13 @@ class Translation:
         return self.tokens + ["<eos>"] * (rows - len(self.tokens))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name[:40]!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # decoding: exact, autocast, autocast, int8 weights
-
-
-def check_precision(device: torch.device, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (on a CPU use bf16 or int8)")
-    if precision == "int8" and device.type != "cpu":
-        raise ValueError("precision int8 decodes on a CPU (on a GPU use bf16 or fp16)")
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision (bf16 / fp16) on `device`; fp32 and int8 turn it off."""
-    check_precision(device, precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-def quantize_int8(model: Seq2Seq) -> Seq2Seq:
-    """A copy of `model` for CPU decoding with int8 weights: every nn.Linear, nn.LSTM and
-    nn.GRU is replaced by PyTorch's dynamically quantized version (weights int8 per tensor,
-    activations quantized on the fly per batch), as CTranslate2 does for CPU inference.
-    Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
-    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU. Activations get
-    one scale per batch, so unlike fp32 a sentence's output can differ slightly with the
-    sentences it is batched with."""
-    try:
-        from torch.ao.quantization import quantize_dynamic
-    except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch
-        raise RuntimeError(
-            f"precision int8 needs torch.ao.quantization, which torch {torch.__version__} lacks"
-        ) from e
-    with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8).eval()
-
-
 class Translator:
-    """A model with its tokenizers and vocabularies, ready to translate and evaluate."""
+    """A model with its tokenizers and vocabularies, ready to translate and evaluate.
+
+    Safe to call from several threads at once: options are passed per call, nothing is
+    stored between calls, search runs under `torch.inference_mode()`, and the model is never
+    switched between train and eval mode here (it is put in eval mode once, at construction;
+    a trainer that shares it switches it back before validating, see `_eval_model`)."""
 
     def __init__(
         self,
@@ -116,21 +67,30 @@ class Translator:
         self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
         self.precision = precision  # fp32, bf16 / fp16 autocast, or int8 weights for decoding
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
+        self._int8_made = threading.Lock()
+        model.eval()
 
     def search_model(self) -> Seq2Seq:
         """The model that searches: `model`, or its int8 copy when precision is int8."""
         check_precision(self.device, self.precision)
         if self.precision != "int8":
             return self.model
-        if self._int8 is None:
-            self._int8 = quantize_int8(self.model)
+        with self._int8_made:  # several threads may ask at once; one copy is made
+            if self._int8 is None:
+                self._int8 = quantize_int8(self.model)
         return self._int8
+
+    def _eval_model(self, search: bool = True) -> Seq2Seq:
+        """The model to run (its int8 copy for `search` at precision int8), which must be in eval mode."""
+        if self.model.training:
+            raise RuntimeError("the model is in training mode: call model.eval() before translating with it")
+        return self.search_model() if search else self.model
 
     def translate(self, texts: Sequence[str], batch_size: int | None = None, **search: object) -> list[str]:
         """Translations of `texts`; `search` overrides decode settings (beam_size=5, ...)."""
         return [t.text for t in self.translate_detailed(texts, batch_size, **search)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def translate_detailed(
         self, texts: Sequence[str], batch_size: int | None = None, **search_options: object
     ) -> list[Translation]:
@@ -154,9 +114,7 @@ class Translator:
         results: list[Translation | None] = [None] * len(texts)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
         generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
-        was_training = self.model.training
-        self.model.eval()
-        model = self.search_model()
+        model = self._eval_model()
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
@@ -173,7 +131,6 @@ class Translator:
                     attention=best.attention,
                     nbest=[(self.pipeline.detokenize(h.tokens), h.score) for h in hyps],
                 )
-        self.model.train(was_training)
         empty = Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest)  # an input with no tokens
         return [r if r is not None else empty for r in results]
 
@@ -181,7 +138,7 @@ class Translator:
         """The config's decode section with `options` applied and validated."""
         return replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
         """Every attention map of the model for one translation, each (layers, heads, rows,
         cols); see `Seq2Seq.attention_maps`. Rows follow `translation.attention_rows`."""
@@ -193,8 +150,7 @@ class Translator:
         tgt_in = torch.tensor([[SOS_ID, *vocab.tgt_vocab.encode(translation.tokens)]], device=self.device)[
             :, :rows
         ]
-        self.model.eval()
-        maps = self.model.attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
+        maps = self._eval_model(search=False).attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
         return {name: m[0].float().cpu() for name, m in maps.items()}
 
     def attention_record(self, translation: Translation, every_map: bool = False) -> dict[str, Any]:
@@ -252,7 +208,7 @@ class Translator:
             )
             if examples.report.empty:
                 log.info("%s (left out of loss and perplexity)", examples.report)
-            loss, _ = corpus_loss(self.search_model(), examples, self.config.train.batch_tokens, self.device)
+            loss, _ = corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
             scores.values.update({"loss": loss, "ppl": perplexity(loss)})
         return scores
 

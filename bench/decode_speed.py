@@ -31,8 +31,8 @@ import aligna  # noqa: E402
 from aligna.data import read_parallel, reference_sets  # noqa: E402
 from aligna.metrics import score  # noqa: E402
 from aligna.model import Reorderable, Seq2Seq  # noqa: E402
+from aligna.runtime import PRECISIONS  # noqa: E402
 from aligna.transformer import Transformer, TransformerEncoderOutput  # noqa: E402
-from aligna.translate import PRECISIONS  # noqa: E402
 
 
 @dataclass

@@ -11,8 +11,8 @@ from aligna import modeldir, tensorfiles, training
 from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
 from aligna.modeldir import ModelDir
+from aligna.runtime import check_precision
 from aligna.training import Trainer, learning_rate, teacher_forcing_ratio, train
-from aligna.translate import check_precision
 
 
 def test_toy_reverse_task_is_learned(toy_config, tmp_path):
@@ -288,7 +288,7 @@ def test_a_model_too_big_for_memory_is_refused_before_allocating(toy_config, cap
                                            ("meta", "expected auto, cpu, cuda or cuda:N"),
                                            ("cuda:7", "CUDA is not available|has 1 CUDA device")])  # fmt: skip
 def test_device_names_are_checked(name, message):
-    from aligna.translate import resolve_device
+    from aligna.runtime import resolve_device
 
     with pytest.raises(ValueError, match=message):
         resolve_device(name)

@@ -1,0 +1,82 @@
+"""Where and how a model runs: the device, the precision (fp32, bf16 / fp16 autocast,
+int8 weights), and how much memory is free there. Training, translation and serving all
+take these from here, so each choice is checked, and explained when refused, in one place.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .model import Seq2Seq
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name[:40]!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # decoding: exact, autocast, autocast, int8 weights
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (on a CPU use bf16 or int8)")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("precision int8 decodes on a CPU (on a GPU use bf16 or fp16)")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision (bf16 / fp16) on `device`; fp32 and int8 turn it off."""
+    check_precision(device, precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def quantize_int8(model: Seq2Seq) -> Seq2Seq:
+    """A copy of `model` for CPU decoding with int8 weights: every nn.Linear, nn.LSTM and
+    nn.GRU is replaced by PyTorch's dynamically quantized version (weights int8 per tensor,
+    activations quantized on the fly per batch), as CTranslate2 does for CPU inference.
+    Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
+    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU. Activations get
+    one scale per batch, so unlike fp32 a sentence's output can differ slightly with the
+    sentences it is batched with."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch
+        raise RuntimeError(
+            f"precision int8 needs torch.ao.quantization, which torch {torch.__version__} lacks"
+        ) from e
+    with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8).eval()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

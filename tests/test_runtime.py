@@ -1,0 +1,54 @@
+"""Inference that is safe to share: one Translator, many threads, per-call options."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import aligna
+from aligna.training import train
+
+OPTIONS = [
+    {},
+    {"beam_size": 3},
+    {"beam_size": 4, "nbest": 2, "alpha": 0.6},
+    {"sample": True, "top_k": 3, "seed": 7},
+    {"sample": True, "temperature": 0.5, "seed": 3},
+    {"beam_size": 2, "min_len": 4},
+    {"no_repeat_ngram": 2},
+    {"beam_size": 5, "coverage": 0.2},
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_one_translator_answers_eight_threads_as_it_answers_one(toy_config, precision):
+    config = toy_config(
+        model={"rnn": {"attention": "bahdanau"}}, train={"max_steps": 30, "validate_every": 0}
+    )
+    train(config, progress=False)
+    translator = aligna.load(config.model_dir, precision=precision)
+    texts = ["a b c", "j i h g f", "", "d e", "c c c c c c c"]
+
+    def run(options):
+        return [(t.text, round(t.score, 4), t.nbest) for t in translator.translate_detailed(texts, **options)]
+
+    sequential = [run(o) for o in OPTIONS]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert list(pool.map(run, OPTIONS)) == sequential
+    assert not translator.model.training
+
+
+def test_a_model_in_training_mode_is_refused_not_switched(toy_config):
+    config = toy_config(train={"max_steps": 5, "validate_every": 0})
+    train(config, progress=False)
+    translator = aligna.load(config.model_dir)
+    translator.model.train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        translator.translate(["a b"])
+    assert translator.model.training  # left as the owner set it
+    translator.model.eval()
+    with torch.inference_mode():
+        assert translator.translate(["a b"])

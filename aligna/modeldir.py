@@ -119,6 +119,8 @@ class ModelDir:
         A directory left by a run that stopped before its first checkpoint starts over,
         with or without --resume; one that holds checkpoints needs --resume or --overwrite.
         """
+        if resume and overwrite:
+            raise ModelDirError("give --resume (continue the run) or --overwrite (start over), not both")
         if self.path.exists() and not self.path.is_dir():
             raise ModelDirError(f"model_dir {self.path} is a file, not a directory")
         legacy = self._legacy_run()

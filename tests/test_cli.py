@@ -188,3 +188,72 @@ def test_search_options_and_nbest_output(trained, tmp_path, capsys):
     )
     assert main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--nbest", "4"]) == 1
     assert "decode.nbest: must be <= beam_size" in capsys.readouterr().err
+
+
+# Fields a user edits most, with values around and far outside their ranges.
+FUZZED_FIELDS = [
+    ("model", "emb_dim"), ("model", "hidden_size"), ("model", "encoder_layers"), ("model", "dropout"),
+    ("model", "arch"), ("model", "tie_embeddings"), ("train", "lr"), ("train", "batch_tokens"),
+    ("train", "warmup_steps"), ("train", "schedule"), ("train", "clip_grad_norm"), ("train", "label_smoothing"),
+    ("train", "early_stopping_patience"), ("train", "keep_checkpoints"), ("train", "num_threads"),
+    ("train", "device"), ("train", "precision"), ("train", "teacher_forcing"), ("train", "min_lr"),
+    ("decode", "max_len_a"), ("decode", "beam_size"), ("decode", "nbest"), ("data", "max_len"),
+    ("data", "too_long"), ("eval", "metrics"), (None, "model_dir"), ("train", "validate_every"),
+]  # fmt: skip
+
+
+def fuzzed_values():
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.integers(-3, 300), st.sampled_from([0, 1, 2, 10**7, 2**63, -(2**31)]),
+        st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.booleans(), st.none(),
+        st.text(max_size=30), st.sampled_from(["", ".", "lstm", "gru", "transformer", "cuda:abc", "cpu", "1e-3",
+                                               "inverse_sqrt", "plateau", "bf16", "fp16", "truncate", "x" * 5000]),
+        st.lists(st.sampled_from(["wer", "bleu", "loss", "nope"]), max_size=3),
+        st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    )  # fmt: skip
+
+
+def test_fuzzed_configs_train_or_fail_with_one_named_line(tmp_path, capsys, monkeypatch):
+    """Hypothesis-made configs: `aligna train` either trains (and the model translates) or
+    prints one line naming the problem; never a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.chdir(tmp_path)  # model_dir "." must be refused here, not fill the repository
+    train_tsv = write_tsv(tmp_path / "train.tsv", reverse_pairs(200, seed=1))
+    dev_tsv = write_tsv(tmp_path / "dev.tsv", reverse_pairs(20, seed=2))
+    runs = iter(range(10**6))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(st.tuples(st.sampled_from(FUZZED_FIELDS), fuzzed_values()), min_size=1, max_size=3))
+    def check(changes):
+        run = next(runs)
+        raw = {
+            "model_dir": str(tmp_path / f"run{run}"),
+            "data": {"train": {"tsv": str(train_tsv)}, "dev": {"tsv": str(dev_tsv)}},
+            "model": {"emb_dim": 8, "hidden_size": 8, "encoder_layers": 1, "decoder_layers": 1},
+            "train": {"batch_tokens": 128, "max_steps": 2, "validate_every": 2, "num_threads": 1},
+            "eval": {"metrics": ["wer"]},
+        }
+        for (section, key), value in changes:
+            if section is None:
+                raw[key] = value
+            else:
+                raw[section][key] = value
+        if isinstance(raw["model_dir"], str) and raw["model_dir"] not in ("", "."):
+            raw["model_dir"] = str(tmp_path / f"run{run}" / raw["model_dir"].replace("/", "_")[:50])
+        path = tmp_path / f"c{run}.yaml"
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        capsys.readouterr()
+        rc = main(["train", str(path), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc in (0, 1), (changes, err)
+        if rc == 1:
+            assert "\n" not in err and err.startswith("aligna train: error: ") and len(err) < 1000, (changes, err)
+        else:
+            trained_dir = yaml.safe_load(path.read_text())["model_dir"]
+            assert main(["translate", trained_dir, "-i", str(dev_tsv), "-o", str(tmp_path / "out.txt")]) in (0, 1)
+
+    check()

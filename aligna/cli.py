@@ -234,9 +234,7 @@ def _translate(args: argparse.Namespace) -> int:
     results = translator.translate_detailed(lines, args.batch_size, **options)
     if translator.decode_config(**options).nbest > 1:  # Moses n-best format
         text = "".join(
-            f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n"
-            for i, r in enumerate(results)
-            for hyp, score in r.nbest
+            f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
         )
     else:
         text = "".join(_one_line(r.text) + "\n" for r in results)
@@ -280,11 +278,7 @@ def _write_attention(translator, results: list, out_dir: Path) -> None:
         for kind, m in maps.items():
             for layer, heads in enumerate(m["weights"], start=1):
                 plot_attention(
-                    heads,
-                    m["cols"],
-                    m["rows"],
-                    stem / f"{kind}_layer{layer}.png",
-                    title=f"{kind} attention, layer {layer}",
+                    heads, m["cols"], m["rows"], stem / f"{kind}_layer{layer}.png", title=f"{kind} attention, layer {layer}"
                 )
         (stem / "maps.json").write_text(json.dumps(maps, ensure_ascii=False), "utf-8")
     print(f"attention maps written to {out_dir}", file=sys.stderr)

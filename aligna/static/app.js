@@ -185,20 +185,24 @@ function currentRecord() {
   return r ? r.attention : null;
 }
 
+// What the user picked in #kind / #layer / #head (null: the default, the map search used:
+// cross-attention, last layer, mean over heads).
+const choice = { kind: null, layer: null, head: null };
+
 function setupSelectors() {
   const record = currentRecord();
   const maps = record && record.maps ? record.maps : null;
   const kind = $("kind"), layer = $("layer"), head = $("head");
-  const keep = { kind: kind.value, layer: layer.value, head: head.value };
   if (maps && Object.keys(maps).length) {
-    kind.replaceChildren(...Object.keys(maps).map((k) => option(k, KIND_NAMES[k] || k)));
-    kind.value = keep.kind in maps ? keep.kind : Object.keys(maps)[0];
+    const kinds = ["cross", "encoder", "decoder"].filter((k) => k in maps).concat(Object.keys(maps).filter((k) => !(k in KIND_NAMES)));
+    kind.replaceChildren(...kinds.map((k) => option(k, KIND_NAMES[k] || k)));
+    kind.value = choice.kind in maps ? choice.kind : kinds[0];
     const m = maps[kind.value];
     const layers = m.weights.length, heads = m.weights[0].length;
     layer.replaceChildren(...m.weights.map((_, l) => option(l, "layer " + (l + 1))));
-    layer.value = keep.layer !== "" && Number(keep.layer) < layers ? keep.layer : String(layers - 1);
+    layer.value = choice.layer !== null && choice.layer < layers ? String(choice.layer) : String(layers - 1);
     head.replaceChildren(option("mean", "mean over heads"), ...m.weights[0].map((_, h) => option(h, "head " + (h + 1))));
-    head.value = keep.head === "mean" || (keep.head !== "" && Number(keep.head) < heads) ? keep.head : "mean";
+    head.value = choice.head !== null && choice.head !== "mean" && Number(choice.head) < heads ? String(choice.head) : "mean";
     [kind, layer, head].forEach((s) => (s.disabled = false));
   } else {
     kind.replaceChildren(option("cross", KIND_NAMES.cross));
@@ -340,9 +344,19 @@ function init() {
       if (Number($(id).value) > 1) $("beam-search").checked = true;
     });
   }
-  $("kind").addEventListener("change", () => { setupSelectors(); drawHeatmap(); });
-  $("layer").addEventListener("change", drawHeatmap);
-  $("head").addEventListener("change", drawHeatmap);
+  $("kind").addEventListener("change", () => {
+    choice.kind = $("kind").value;
+    setupSelectors();
+    drawHeatmap();
+  });
+  $("layer").addEventListener("change", () => {
+    choice.layer = Number($("layer").value);
+    drawHeatmap();
+  });
+  $("head").addEventListener("change", () => {
+    choice.head = $("head").value;
+    drawHeatmap();
+  });
   const table = $("heatmap");
   table.addEventListener("mouseover", (e) => highlight(e.target.closest(".hm-cell")));
   table.addEventListener("mouseleave", () => highlight(null));

@@ -4,6 +4,7 @@ aligna train CONFIG.yaml [--resume]
 aligna translate MODEL_DIR [--input F] [--output F]
 aligna evaluate MODEL_DIR --src F --ref F [--ref F ...]
 aligna prepare-cmudict OUT_DIR
+aligna serve MODEL_DIR [MODEL_DIR ...] [--port 8000]
 """
 
 from __future__ import annotations
@@ -99,6 +100,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="comma-separated model names for the table (default: directory names)")
     p.add_argument("--out", help="directory for compare.json and compare.png")
     p.set_defaults(run=_compare)
+
+    p = sub.add_parser("serve", help="serve models over HTTP: a JSON API and a page that shows attention",
+                       description="Serve trained models over HTTP (needs pip install 'aligna[serve]'): "
+                       "POST /v1/translate, GET /v1/models, /healthz, /readyz, /docs, and a page at /. "
+                       "Requests with the same search options that arrive together are decoded in one batch.")  # fmt: skip
+    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="a model's name in requests, once per MODEL_DIR in order (default: the directory's name)")  # fmt: skip
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as for translate (default: fp32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-batch", type=int, default=32, help="texts per decoding batch (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests with the same options (default: 10)")  # fmt: skip
+    p.add_argument("--api-key-file", metavar="F",
+                   help="require `Authorization: Bearer KEY` (KEY: this file's content; default: $ALIGNA_API_KEY "
+                   "if set) on every endpoint but /healthz, /readyz and the page")  # fmt: skip
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; default: none)")  # fmt: skip
+    g = p.add_argument_group(
+        "limits (an over-limit request gets a JSON error naming the field and the limit)"
+    )
+    g.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="request body size (default: 1 MiB; 413)"
+    )
+    g.add_argument("--max-texts", type=int, default=64, help="texts per request (default: 64)")
+    g.add_argument("--max-chars", type=int, default=2000, help="characters per text (default: 2000)")
+    g.add_argument("--max-beam", type=int, default=16, help="largest beam_size (default: 16)")
+    g.add_argument(
+        "--max-output-len", type=int, default=512, help="largest max_len_b and min_len (default: 512)"
+    )
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("prepare-synthetic", help="write a copy or reverse task of symbol sequences",
                        description="Write train.tsv, dev.tsv and test.tsv of a synthetic task: copy or "
@@ -327,6 +367,47 @@ def _average(args: argparse.Namespace) -> int:
     from .translate import average
 
     print(f"averaged weights written to {average(args.model_dir, args.last)}", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"serving needs fastapi and uvicorn ({e}): pip install 'aligna[serve]'") from None
+    from .serve import Settings, create_app, read_api_key, setup_logging
+    from .translate import load
+
+    names = args.names or [Path(m).resolve().name for m in args.model_dirs]
+    if len(names) != len(args.model_dirs):
+        raise ValueError(f"--name given {len(names)} times for {len(args.model_dirs)} model directories")
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"model names must be distinct and non-empty, got {names}; set them with --name")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: {args.threads} is out of range; allowed: integers >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = Settings(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
+        max_beam=args.max_beam, max_output_len=args.max_output_len, api_key=read_api_key(args.api_key_file),
+        cors_origins=tuple(args.cors_origins),
+    )  # fmt: skip
+    setup_logging()
+    models = {}
+    for name, model_dir in zip(names, args.model_dirs):
+        print(f"loading {name!r} from {model_dir}", file=sys.stderr)
+        models[name] = load(model_dir, args.checkpoint, args.device, args.precision)
+        models[name].search_model()  # the int8 copy is made now, not on the first request
+    app = create_app(models, settings)
+    if settings.api_key is not None:
+        print(
+            "API key required (Authorization: Bearer ...) except on /healthz, /readyz and /", file=sys.stderr
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

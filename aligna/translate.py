@@ -125,7 +125,9 @@ class Translator:
                 best = hyps[0]
                 results[i] = Translation(
                     text=self.pipeline.detokenize(best.tokens),
-                    tokens=self.pipeline.tgt_vocab.decode(best.tokens),
+                    # every emitted id, so that the attention rows keep their labels (an under-trained
+                    # model may emit <pad> or <sos>; the text leaves them out)
+                    tokens=self.pipeline.tgt_vocab.itos_of(best.tokens),
                     src_tokens=src_tokens[i],
                     score=best.log_prob,
                     attention=best.attention,

@@ -169,6 +169,15 @@ class Vocabulary:
     def encode(self, tokens: Sequence[str]) -> list[int]:
         return [self.stoi.get(t, UNK_ID) for t in tokens]
 
+    def itos_of(self, ids: Iterable[int]) -> list[str]:
+        """The token of every id up to the first `<eos>`, specials included."""
+        out = []
+        for i in ids:
+            if i == EOS_ID:
+                break
+            out.append(self.itos[i])
+        return out
+
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Tokens up to the first `<eos>`, with `<pad>` and `<sos>` left out."""
         out = []

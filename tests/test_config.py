@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 import math
 import re
@@ -12,6 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aligna.cli import SEARCH_OPTIONS, _parser, _search_options, main
 from aligna.config import (
     Config,
     ConfigError,
@@ -429,3 +431,62 @@ def test_fuzzed_configs_load_or_fail_with_one_named_line(changes, snippet):
             message = str(e)
             assert message.startswith(f"{path}: ")
             assert "\n" not in message and len(message) < 700, message
+
+
+# --------------------------------------------------------------------------- command-line options
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["translate", "nope", "--batch-size", "-1"], r"argument --batch-size: -1 is out of range; allowed: integers in \[1, 100000\]"),
+        (["translate", "nope", "--beam", "0"], r"argument --beam: 0 is out of range; allowed: integers in \[1, 256\]"),
+        (["translate", "nope", "--nbest", "1000"], r"argument --nbest: 1000 is out of range"),
+        (["translate", "nope", "--beam", "2.5"], r"argument --beam: expected an integer"),
+        (["translate", "nope", "--top-p", "nan"], r"argument --top-p: nan is not a finite number; allowed: numbers in \(0, 1\]"),
+        (["translate", "nope", "--temperature", "0"], r"argument --temperature: 0\.0 is out of range"),
+        (["translate", "nope", "--alpha", "-1"], r"argument --alpha: -1\.0 is out of range; allowed: numbers in \[0, 10\]"),
+        (["translate", "nope", "--top-k", "-5"], r"argument --top-k: -5 is out of range"),
+        (["translate", "nope", "--seed", "-1"], r"argument --seed: -1 is out of range"),
+        (["translate", "nope", "--device", "cuda:abc"], r"argument --device: 'cuda:abc' \(str\) is not allowed"),
+        (["evaluate", "nope", "--min-len", "-1"], r"argument --min-len: -1 is out of range"),
+        (["compare", "a", "b", "--no-repeat-ngram", "-1"], r"argument --no-repeat-ngram: -1 is out of range"),
+        (["compare", "a", "b", "--buckets", "10,5"], r"argument --buckets: expected increasing edges"),
+        (["compare", "a", "b", "--buckets", "0,5"], r"argument --buckets: 0 is out of range"),
+        (["compare", "a", "b", "--buckets", "5,x"], r"argument --buckets: expected an integer, got 'x'"),
+        (["average", "nope", "--last", "0"], r"argument --last: 0 is out of range; allowed: integers in \[1, "),
+        (["prepare-synthetic", "copy", "out", "--sizes", "1,2"], r"argument --sizes: expected three sizes"),
+        (["prepare-synthetic", "copy", "out", "--sizes", "1,-2,3"], r"argument --sizes: -2 is out of range"),
+        (["prepare-synthetic", "copy", "out", "--min-len", "0"], r"argument --min-len: 0 is out of range"),
+        (["prepare-synthetic", "copy", "out", "--symbols", "99"], r"argument --symbols: 99 is out of range; allowed: integers in \[1, 52\]"),
+        (["prepare-synthetic", "copy", "out", "--seed", "-1"], r"argument --seed: -1 is out of range"),
+    ],
+)  # fmt: skip
+def test_bad_options_end_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse: before any model is loaded
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"aligna {argv[0]}: error: ") and re.search(message, err), err
+
+
+def test_prepare_synthetic_needs_min_len_below_max_len(tmp_path, capsys):
+    assert main(["prepare-synthetic", "copy", str(tmp_path), "--min-len", "9", "--max-len", "3"]) == 1
+    assert "aligna prepare-synthetic: error: --min-len 9 is above --max-len 3" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_search_options_include_batch_size_and_name_the_flag():
+    args = argparse.Namespace(**dict.fromkeys(SEARCH_OPTIONS))
+    args.batch_size, args.beam_size, args.top_p = 8, 4, "0.5"
+    assert _search_options(args) == {"batch_size": 8, "beam_size": 4, "top_p": 0.5}
+    parsed = _parser().parse_args(["translate", "m", "--batch-size", "16", "--nbest", "2"])
+    assert _search_options(parsed) == {"batch_size": 16, "nbest": 2}
+    args.batch_size = -1
+    with pytest.raises(
+        ConfigError, match=r"^--batch-size: -1 is out of range; allowed: integers in \[1, 100000\]$"
+    ):
+        _search_options(args)
+    args.batch_size, args.beam_size = 8, 0
+    with pytest.raises(ConfigError, match=r"^--beam: 0 is out of range"):
+        _search_options(args)

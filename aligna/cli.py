@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Any
 
 from . import __version__
+from .config import ConfigError, DecodeConfig, Range, TrainConfig, check_value, field_type
 from .runtime import PRECISIONS
+from .synthetic import SYMBOLS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Average the newest N step checkpoints of a run into MODEL_DIR/averaged."
                        "safetensors; translate or evaluate it with --checkpoint averaged.")  # fmt: skip
     p.add_argument("model_dir")
-    p.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default: 5)")
+    p.add_argument("--last", type=_checked(Annotated[int, Range(1, 1_000_000)]), default=5,
+                   help="how many of the newest checkpoints (default: 5)")  # fmt: skip
     p.set_defaults(run=_average)
 
     p = sub.add_parser("compare", help="score several models by source-length bucket",
@@ -95,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                        "table and, with --out, writes compare.json and compare.png.")  # fmt: skip
     _model_args(p, many=True)
     _test_set_args(p)
-    p.add_argument("--buckets", default="10,15,20,25", help="bucket upper edges (default: 10,15,20,25)")
+    p.add_argument("--buckets", type=_buckets, default="10,15,20,25",
+                   help="bucket upper edges, increasing (default: 10,15,20,25)")  # fmt: skip
     p.add_argument("--metric", help="one metric (default: each model's first eval.metrics entry)")
     p.add_argument("--names", help="comma-separated model names for the table (default: directory names)")
     p.add_argument("--out", help="directory for compare.json and compare.png")
@@ -145,11 +150,13 @@ def _parser() -> argparse.ArgumentParser:
                        "reverse sequences of random symbols.")  # fmt: skip
     p.add_argument("task", choices=["copy", "reverse"])
     p.add_argument("out_dir")
-    p.add_argument("--min-len", type=int, default=10)
-    p.add_argument("--max-len", type=int, default=60)
-    p.add_argument("--symbols", type=int, default=10, help="distinct symbols (default: 10)")
-    p.add_argument("--sizes", default="20000,500,1000", help="train,dev,test sizes")
-    p.add_argument("--seed", type=int, default=1)
+    length = _checked(Annotated[int, Range(1, 100_000)])
+    p.add_argument("--min-len", type=length, default=10)
+    p.add_argument("--max-len", type=length, default=60)
+    p.add_argument("--symbols", type=_checked(Annotated[int, Range(1, len(SYMBOLS))]), default=10,
+                   help=f"distinct symbols, at most {len(SYMBOLS)} (default: 10)")  # fmt: skip
+    p.add_argument("--sizes", type=_sizes, default="20000,500,1000", help="train,dev,test sizes")
+    p.add_argument("--seed", type=_checked(field_type(TrainConfig, "seed")), default=1)
     p.set_defaults(run=_prepare_synthetic)
 
     p = sub.add_parser("prepare-cmudict", help="write the CMUdict G2P train/dev/test split",
@@ -177,30 +184,82 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument(
         "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_checked(field_type(TrainConfig, "device")), default="auto",
+                   help="auto, cpu, cuda or cuda:N")  # fmt: skip
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default, exact); bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
                         "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU; int8: weights quantized "
                         "to int8 for CPU decoding (fastest on a CPU at small batches)")  # fmt: skip
+    # Each search option is checked against its decode.* range when parsed, before a model loads.
     p.add_argument(
-        "--batch-size", type=int, help="sentences per batch (default: the config's decode.batch_size)"
+        "--batch-size",
+        type=_decode("batch_size"),
+        help="sentences per batch (default: the config's decode.batch_size)",
     )
     g = p.add_argument_group("search (defaults: the model config's decode section)")
-    g.add_argument("--beam", type=int, dest="beam_size", help="beam size (1: greedy)")
-    g.add_argument("--nbest", type=int, help="hypotheses per sentence, written as `i ||| text ||| score`")
-    g.add_argument("--alpha", type=float, help="GNMT length penalty ((5 + |y|) / 6)^alpha (0: off)")
-    g.add_argument("--coverage", type=float, help="GNMT coverage penalty weight (attention models)")
-    g.add_argument("--min-len", type=int, dest="min_len", help="no <eos> before this many tokens")
+    g.add_argument("--beam", type=_decode("beam_size"), dest="beam_size", help="beam size (1: greedy)")
     g.add_argument(
-        "--no-repeat-ngram", type=int, dest="no_repeat_ngram", help="never repeat an n-gram of this size"
+        "--nbest", type=_decode("nbest"), help="hypotheses per sentence, written as `i ||| text ||| score`"
     )
+    g.add_argument(
+        "--alpha", type=_decode("alpha"), help="GNMT length penalty ((5 + |y|) / 6)^alpha (0: off)"
+    )
+    g.add_argument(
+        "--coverage", type=_decode("coverage"), help="GNMT coverage penalty weight (attention models)"
+    )
+    g.add_argument(
+        "--min-len", type=_decode("min_len"), dest="min_len", help="no <eos> before this many tokens"
+    )
+    g.add_argument("--no-repeat-ngram", type=_decode("no_repeat_ngram"), dest="no_repeat_ngram",
+                   help="never repeat an n-gram of this size")  # fmt: skip
     g.add_argument("--sample", action="store_const", const=True, help="sample instead of searching")
-    g.add_argument("--temperature", type=float, help="sampling temperature")
-    g.add_argument("--top-k", type=int, dest="top_k", help="sample from the k most probable tokens")
+    g.add_argument("--temperature", type=_decode("temperature"), help="sampling temperature")
     g.add_argument(
-        "--top-p", type=float, dest="top_p", help="sample from the smallest set with this much mass"
+        "--top-k", type=_decode("top_k"), dest="top_k", help="sample from the k most probable tokens"
     )
-    g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--top-p", type=_decode("top_p"), dest="top_p",
+                   help="sample from the smallest set with this much mass")  # fmt: skip
+    g.add_argument("--seed", type=_decode("seed"), help="sampling seed")
+
+
+def _checked(tp: Any) -> Callable[[str], Any]:
+    """An argparse `type`: the text as `tp`, checked like a config value (type, range), so
+    a bad option ends in `aligna X: error: argument --flag: ...`, never a traceback."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check_value(tp, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _decode(name: str) -> Callable[[str], Any]:
+    """The argparse `type` of an option that sets decode.<name>."""
+    return _checked(field_type(DecodeConfig, name))
+
+
+def _positive_ints(text: str) -> list[int]:
+    """Comma-separated integers, each in [1, 100000000]."""
+    number = _checked(Annotated[int, Range(1, 100_000_000)])
+    return [number(n) for n in text.split(",")]
+
+
+def _sizes(text: str) -> tuple[int, int, int]:
+    """--sizes: three positive integers, train,dev,test."""
+    sizes = _positive_ints(text)
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"expected three sizes, train,dev,test; got {len(sizes)}")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _buckets(text: str) -> list[int]:
+    """--buckets: the upper edges of the length buckets, positive and increasing."""
+    edges = _positive_ints(text)
+    if any(a >= b for a, b in zip(edges, edges[1:])):
+        raise argparse.ArgumentTypeError(f"expected increasing edges, e.g. 10,15,20; got {text[:80]}")
+    return edges
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -213,12 +272,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-SEARCH_OPTIONS = ("beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram", "sample",
-                  "temperature", "top_k", "top_p", "seed")  # fmt: skip
+SEARCH_OPTIONS = ("batch_size", "beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram",
+                  "sample", "temperature", "top_k", "top_p", "seed")  # fmt: skip
 
 
 def _search_options(args: argparse.Namespace) -> dict[str, object]:
-    return {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
+    """The decode.* settings given as options (batch_size included), each checked against
+    its range (argparse did so already; this covers a Namespace built in code). How they
+    combine with the model's own decode section is checked when they are applied."""
+    options = {}
+    for name in SEARCH_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            flag = "--beam" if name == "beam_size" else "--" + name.replace("_", "-")
+            try:
+                options[name] = check_value(field_type(DecodeConfig, name), value)
+            except ConfigError as e:
+                raise ConfigError(f"{flag}: {e}") from None
+    return options
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -231,7 +302,7 @@ def _translate(args: argparse.Namespace) -> int:
     else:  # bytes, so the terminal's locale cannot garble UTF-8
         lines = decode_lines(sys.stdin.buffer.read(), "<stdin>")
     options = _search_options(args)
-    results = translator.translate_detailed(lines, args.batch_size, **options)
+    results = translator.translate_detailed(lines, **options)
     if translator.decode_config(**options).nbest > 1:  # Moses n-best format
         text = "".join(
             f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
@@ -315,7 +386,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
     sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
-    hypotheses = translator.translate(sources, args.batch_size, **_search_options(args))
+    hypotheses = translator.translate(sources, **_search_options(args))
     scores = translator.evaluate(sources, references, metrics, hypotheses)
     for name, value in scores.values.items():
         signature = scores.signatures.get(name)
@@ -346,9 +417,9 @@ def _compare(args: argparse.Namespace) -> int:
     }
     first = next(iter(translators.values()))
     sources, references = _test_set(args, first.config.data.group_references)
-    edges = [int(e) for e in args.buckets.split(",")]
+    edges = args.buckets  # increasing positive integers (`_buckets`)
     result = compare_by_length(
-        translators, sources, references, edges, args.metric, args.batch_size, **_search_options(args)
+        translators, sources, references, edges, args.metric, **_search_options(args)
     )
     print(f"{result.metric} by source length in tokens (sentences per bucket in brackets)\n")
     print(result.table())
@@ -414,10 +485,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _prepare_synthetic(args: argparse.Namespace) -> int:
     from .synthetic import write_task
 
-    sizes = tuple(int(n) for n in args.sizes.split(","))
-    if len(sizes) != 3:
-        raise ValueError("--sizes: give three numbers, train,dev,test")
-    paths = write_task(args.out_dir, args.task, args.min_len, args.max_len, args.symbols, sizes, args.seed)  # type: ignore[arg-type]
+    if args.min_len > args.max_len:
+        raise ValueError(f"--min-len {args.min_len} is above --max-len {args.max_len}")
+    paths = write_task(
+        args.out_dir, args.task, args.min_len, args.max_len, args.symbols, args.sizes, args.seed
+    )
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

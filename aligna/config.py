@@ -1,45 +1,128 @@
 """One typed configuration, validated once when the YAML is read.
 
-Every default lives in the dataclasses below and nowhere else. `load_config` turns a YAML
-mapping into a frozen `Config`; an unknown key, a missing key or a bad value raises
-`ConfigError` naming the dotted key (``train.lr``), what was given and what is allowed.
+Every default lives in the dataclasses below and nowhere else. Every number field declares its
+allowed range in its annotation (``Annotated[int, Range(1, 256)]``), every constrained string
+its pattern (`Match`), and every section checks all its fields when it is constructed: from
+YAML (`load_config`), from a dict (`config_from_dict`, `replace_validated`) or in Python
+(``TrainConfig(lr=-1)``). A bad value raises `ConfigError` naming the dotted key
+(``train.lr``), the value (cut to a short form) and what is allowed.
+
+YAML is read with a loader that refuses duplicate keys, files over 1 MiB and aliases that
+expand past `MAX_NODES` values (a "billion laughs" file).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "exact", "wer", "per"]
+
+MAX_FILE_BYTES = 1 << 20  # a config file is a few kB
+MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
+MAX_WIDTH = 65_536  # emb_dim, hidden_size, ff_size, attention_size
+MAX_STEPS = 10**9  # any count of updates
+MAX_VOCAB = 10_000_000
+MAX_SEED = 2**32 - 1  # epoch_batches seeds torch with seed * 100_003 + epoch (must fit 64 bits)
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file (if any) and the dotted key."""
 
 
-# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: low <= x <= high, or low < x / x < high where open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:  # False for NaN
+        above = self.low < x if self.low_open else self.low <= x
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def describe(self, integers: bool) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        kind = "integers" if integers else "numbers"
+        return f"{kind} in {left}{_number_text(self.low)}, {_number_text(self.high)}{right}"
+
+    def check(self, value: float, key: str, integers: bool) -> None:
+        if value not in self:
+            finite = isinstance(value, int) or math.isfinite(value)
+            problem = "is out of range" if finite else "is not a finite number"
+            raise _FieldError(
+                key, f"{_show(value, typed=False)} {problem}; allowed: {self.describe(integers)}"
+            )
 
 
 @dataclass(frozen=True)
-class CorpusConfig:
+class Match:
+    """The strings a field allows: those `pattern` matches in full, `allowed` in words."""
+
+    pattern: str
+    allowed: str
+
+    def check(self, value: str, key: str, integers: bool = False) -> None:
+        if not re.fullmatch(self.pattern, value):
+            raise _FieldError(key, f"{_show(value)} is not allowed; allowed: {self.allowed}")
+
+
+# Ranges shared by several fields.
+Rate = Annotated[float, Range(0, 1, high_open=True)]  # dropout, label smoothing, Adam's betas
+Probability = Annotated[float, Range(0, 1)]
+Width = Annotated[int, Range(1, MAX_WIDTH)]
+Layers = Annotated[int, Range(1, 256)]
+Seed = Annotated[int, Range(0, MAX_SEED)]
+FilePath = Annotated[str, Match(r"(?s).*\S.*", "a non-empty path")]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section:
+    """Base of every section: construction converts each field to its annotated type and
+    checks it (type, `Range`, `Match`, choices), then `_check_together` relates fields."""
+
+    def __post_init__(self) -> None:
+        for name, tp in _hints(type(self)).items():
+            value = getattr(self, name)
+            converted = _convert(tp, value, name)
+            if converted is not value:  # e.g. 1 -> 1.0, a list -> a tuple
+                object.__setattr__(self, name, converted)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks between fields; a section with such rules overrides this."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig(_Section):
     """One split: a pair of line-aligned files (`src`, `tgt`) or one TSV file (`tsv`).
 
     Files may be plain text or gzip (``.gz``), UTF-8, one sentence per line. A TSV line is
     ``source<TAB>target``.
     """
 
-    src: str | None = None
-    tgt: str | None = None
-    tsv: str | None = None
+    src: FilePath | None = None
+    tgt: FilePath | None = None
+    tsv: FilePath | None = None
 
-    def __post_init__(self) -> None:
+    def _check_together(self) -> None:
         pair = self.src is not None or self.tgt is not None
         if pair and self.tsv is not None:
             raise ValueError("give either src and tgt, or tsv, not both")
@@ -54,25 +137,21 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(_Section):
     """How one side's text becomes tokens, and which tokens enter the vocabulary."""
 
     type: Literal["char", "word", "bpe", "unigram"] = "word"
     lowercase: bool = False
-    vocab_size: int = 8000  # sentencepiece model size (bpe / unigram only)
-    character_coverage: float = 1.0  # sentencepiece: share of characters the model covers
-    min_freq: int = 1  # tokens seen fewer times in training data map to <unk>
-    max_size: int = 0  # most frequent tokens kept (0: no limit), specials not counted
-
-    def __post_init__(self) -> None:
-        _check(self.vocab_size >= 8, "vocab_size", "must be >= 8")
-        _check(0 < self.character_coverage <= 1, "character_coverage", "must be in (0, 1]")
-        _check(self.min_freq >= 1, "min_freq", "must be >= 1")
-        _check(self.max_size >= 0, "max_size", "must be >= 0")
+    vocab_size: Annotated[int, Range(8, MAX_VOCAB)] = 8000  # sentencepiece model size (bpe / unigram only)
+    # sentencepiece: share of characters the model covers
+    character_coverage: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    min_freq: Annotated[int, Range(1, 10**9)] = 1  # tokens seen fewer times in training data map to <unk>
+    # most frequent tokens kept (0: no limit), specials not counted
+    max_size: Annotated[int, Range(0, MAX_VOCAB)] = 0
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     train: CorpusConfig
     dev: CorpusConfig | None = None
     test: CorpusConfig | None = None
@@ -81,17 +160,14 @@ class DataConfig:
     src_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tgt_tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shared_vocab: bool = False  # one vocabulary (and one subword model) for both sides
-    max_len: int = 100  # tokens per side, <sos>/<eos> not counted
+    max_len: Annotated[int, Range(1, 100_000)] = 100  # tokens per side, <sos>/<eos> not counted
     too_long: Literal["filter", "truncate"] = "filter"
     # Pairs sharing a source are one example with several references (CMUdict G2P).
     group_references: bool = False
 
-    def __post_init__(self) -> None:
-        _check(self.max_len >= 1, "max_len", "must be >= 1")
-
 
 @dataclass(frozen=True)
-class RNNConfig:
+class RNNConfig(_Section):
     """The recurrent encoder-decoder (Sutskever et al. 2014; Cho et al. 2014), with or
     without attention (Bahdanau et al. 2015; Luong et al. 2015)."""
 
@@ -102,11 +178,10 @@ class RNNConfig:
     # none: the fixed context vector only. bahdanau: additive, before the recurrence.
     # dot / general / concat: Luong's scores, after the recurrence.
     attention: Literal["none", "bahdanau", "dot", "general", "concat"] = "none"
-    attention_size: int = 0  # hidden size of additive scores (0: hidden_size)
+    attention_size: Annotated[int, Range(0, MAX_WIDTH)] = 0  # hidden size of additive scores (0: hidden_size)
     input_feeding: bool = True  # Luong: h~_{t-1} joins the next decoder input
 
-    def __post_init__(self) -> None:
-        _check(self.attention_size >= 0, "attention_size", "must be >= 0")
+    def _check_together(self) -> None:
         _check(
             not (self.feed_context and self.attention != "none"),
             "feed_context",
@@ -120,43 +195,35 @@ class RNNConfig:
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(_Section):
     """The Transformer (Vaswani et al. 2017); its d_model is `model.emb_dim`."""
 
-    heads: int = 8
-    ff_size: int = 2048  # inner size of the position-wise feed-forward network
-    attention_dropout: float = 0.1  # on attention weights
-    activation_dropout: float = 0.0  # inside the feed-forward network
+    heads: Annotated[int, Range(1, 1024)] = 8
+    ff_size: Width = 2048  # inner size of the position-wise feed-forward network
+    attention_dropout: Rate = 0.1  # on attention weights
+    activation_dropout: Rate = 0.0  # inside the feed-forward network
     activation: Literal["relu", "gelu"] = "relu"
     pre_norm: bool = True  # LayerNorm before each sublayer (False: after, as in the paper)
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
-    max_positions: int = 1024  # longest sequence a learned position table covers
+    # longest sequence a learned position table covers
+    max_positions: Annotated[int, Range(1, 1_000_000)] = 1024
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (section 3.4)
-
-    def __post_init__(self) -> None:
-        for key in ("heads", "ff_size", "max_positions"):
-            _check(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("attention_dropout", "activation_dropout"):
-            _check(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     arch: Literal["rnn", "transformer"] = "rnn"
-    emb_dim: int = 256  # embedding size; the Transformer's d_model
-    hidden_size: int = 512  # RNN state size, per direction for a bidirectional encoder
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    dropout: float = 0.3  # on embeddings, between layers, on residuals and outputs
+    emb_dim: Width = 256  # embedding size; the Transformer's d_model
+    hidden_size: Width = 512  # RNN state size, per direction for a bidirectional encoder
+    encoder_layers: Layers = 2
+    decoder_layers: Layers = 2
+    dropout: Rate = 0.3  # on embeddings, between layers, on residuals and outputs
     tie_embeddings: bool = False  # the output projection shares the target embedding
     share_embeddings: bool = False  # source and target share one embedding (needs data.shared_vocab)
     rnn: RNNConfig = field(default_factory=RNNConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
-    def __post_init__(self) -> None:
-        for key in ("emb_dim", "hidden_size", "encoder_layers", "decoder_layers"):
-            _check(getattr(self, key) >= 1, key, "must be >= 1")
-        _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+    def _check_together(self) -> None:
         if self.arch == "transformer":
             _check(
                 self.emb_dim % self.transformer.heads == 0,
@@ -166,114 +233,93 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 42
-    batch_tokens: int = 4096  # per batch: sentences x longest sentence, on each side
-    epochs: int = 10
-    max_steps: int = 0  # stop after this many updates (0: run all epochs)
+class TrainConfig(_Section):
+    seed: Seed = 42
+    # per batch: sentences x longest sentence, on each side
+    batch_tokens: Annotated[int, Range(1, 100_000_000)] = 4096
+    epochs: Annotated[int, Range(1, 1_000_000)] = 10
+    max_steps: Annotated[int, Range(0, MAX_STEPS)] = 0  # stop after this many updates (0: run all epochs)
     optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    lr: Annotated[float, Range(0, 1, low_open=True)] = 1e-3
+    betas: tuple[Rate, Rate] = (0.9, 0.999)
+    weight_decay: Probability = 0.0
     # constant | inverse_sqrt (linear warmup, then lr * sqrt(warmup / step)) | plateau
     schedule: Literal["constant", "inverse_sqrt", "plateau"] = "constant"
-    warmup_steps: int = 0
-    plateau_factor: float = 0.5  # plateau: lr *= factor after `plateau_patience` bad checks
-    plateau_patience: int = 2
-    min_lr: float = 1e-6
-    clip_grad_norm: float = 1.0  # 0: no clipping
-    label_smoothing: float = 0.0
+    warmup_steps: Annotated[int, Range(0, MAX_STEPS)] = 0
+    # plateau: lr *= factor after `plateau_patience` validations without improvement, down to min_lr
+    plateau_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5
+    plateau_patience: Annotated[int, Range(1, 1_000_000)] = 2
+    min_lr: Annotated[float, Range(0, 1)] = 1e-6  # plateau: at most lr
+    clip_grad_norm: Annotated[float, Range(0, 1e6)] = 1.0  # 0: no clipping
+    label_smoothing: Rate = 0.0
     # Teacher forcing: the chance of feeding the gold previous token (1.0: always, the fast
     # path); below 1 the model's own prediction is fed otherwise (scheduled sampling,
     # Bengio et al. 2015), decaying from `teacher_forcing` to `teacher_forcing_min`.
-    teacher_forcing: float = 1.0
+    teacher_forcing: Probability = 1.0
     teacher_forcing_decay: Literal["none", "linear", "exponential", "inverse_sigmoid"] = "none"
-    teacher_forcing_decay_steps: int = 10000
-    teacher_forcing_min: float = 0.0
-    validate_every: int = 1000  # updates between validations (0: once per epoch)
-    log_every: int = 100
+    teacher_forcing_decay_steps: Annotated[int, Range(1, MAX_STEPS)] = 10000
+    teacher_forcing_min: Probability = 0.0  # at most teacher_forcing
+    # updates between validations (0: once per epoch)
+    validate_every: Annotated[int, Range(0, MAX_STEPS)] = 1000
+    log_every: Annotated[int, Range(1, MAX_STEPS)] = 100
     early_stopping_metric: Metric = "loss"
-    early_stopping_patience: int = 0  # validations without improvement (0: never stop early)
-    keep_checkpoints: int = 3  # most recent step checkpoints kept beside best and last
+    # validations without improvement (0: never stop early)
+    early_stopping_patience: Annotated[int, Range(0, 1_000_000)] = 0
+    # most recent step checkpoints kept beside best and last
+    keep_checkpoints: Annotated[int, Range(1, 1_000_000)] = 3
     # updates in a row whose loss or gradient is not finite (each is skipped) before the run stops
-    max_nonfinite_updates: int = 10
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_threads: int = 0  # torch CPU threads (0: torch's default)
+    max_nonfinite_updates: Annotated[int, Range(1, 1_000_000)] = 10
+    device: Annotated[str, Match(r"auto|cpu|cuda(:[0-9]{1,4})?", "auto, cpu, cuda or cuda:N")] = "auto"
+    num_threads: Annotated[int, Range(0, 4096)] = 0  # torch CPU threads (0: torch's default)
     # fp32 is exact; bf16 / fp16 autocast (mixed precision) is for GPUs (fp16 with loss
     # scaling, CUDA only); bf16 also runs on CPUs, faster on those with bf16 units.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the training forward pass
 
-    def __post_init__(self) -> None:
-        _check(self.batch_tokens >= 1, "batch_tokens", "must be >= 1")
-        _check(self.epochs >= 1, "epochs", "must be >= 1")
-        _check(self.max_steps >= 0, "max_steps", "must be >= 0")
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
-        _check(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        _check(0 <= self.teacher_forcing <= 1, "teacher_forcing", "must be in [0, 1]")
-        _check(
-            0 <= self.teacher_forcing_min <= self.teacher_forcing,
-            "teacher_forcing_min",
-            "must be in [0, teacher_forcing]",
-        )
-        _check(self.teacher_forcing_decay_steps >= 1, "teacher_forcing_decay_steps", "must be >= 1")
-        _check(self.validate_every >= 0, "validate_every", "must be >= 0")
-        _check(self.log_every >= 1, "log_every", "must be >= 1")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        _check(self.max_nonfinite_updates >= 1, "max_nonfinite_updates", "must be >= 1")
-        _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device",
-            "must be auto, cpu, cuda or cuda:N",
-        )
+    def _check_together(self) -> None:
+        _at_most(self, "teacher_forcing_min", "teacher_forcing")
+        if self.schedule == "plateau":  # min_lr means nothing to the other schedules
+            _at_most(self, "min_lr", "lr")
         _check(
             not (self.precision == "fp16" and self.device == "cpu"), "precision", "fp16 needs a CUDA device"
         )
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(_Section):
     """Search settings: the defaults of `translate` and `evaluate`. Validation during
     training always decodes greedily (fast and comparable across checks)."""
 
-    max_len_a: float = 1.5  # output length limit: a * source_length + b tokens
-    max_len_b: int = 10
-    batch_size: int = 64  # sentences per batch
-    beam_size: int = 1  # 1: greedy search
-    nbest: int = 1  # hypotheses returned per sentence (beam search, <= beam_size)
-    alpha: float = 0.0  # GNMT length penalty ((5 + |y|) / 6)^alpha; 0: rank by log-probability
-    coverage: float = 0.0  # GNMT coverage penalty weight (models with attention)
-    min_len: int = 0  # no <eos> before this many tokens
-    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0: off)
+    # output length limit: a * source_length + b tokens
+    max_len_a: Annotated[float, Range(0, 100)] = 1.5
+    max_len_b: Annotated[int, Range(0, 100_000)] = 10
+    batch_size: Annotated[int, Range(1, 100_000)] = 64  # sentences per batch
+    beam_size: Annotated[int, Range(1, 256)] = 1  # 1: greedy search
+    nbest: Annotated[int, Range(1, 256)] = 1  # hypotheses returned per sentence (beam search, <= beam_size)
+    # GNMT length penalty ((5 + |y|) / 6)^alpha; 0: rank by log-probability
+    alpha: Annotated[float, Range(0, 10)] = 0.0
+    coverage: Annotated[float, Range(0, 10)] = 0.0  # GNMT coverage penalty weight (models with attention)
+    min_len: Annotated[int, Range(0, 100_000)] = 0  # no <eos> before this many tokens
+    no_repeat_ngram: Annotated[int, Range(0, 100)] = 0  # forbid repeating any n-gram of this size (0: off)
     sample: bool = False  # sample instead of searching
-    temperature: float = 1.0  # sampling: softmax(logits / temperature)
-    top_k: int = 0  # sampling: only the k most probable tokens (0: all)
-    top_p: float = 1.0  # sampling: only the most probable tokens holding this much mass
-    seed: int = 1  # sampling: random seed
+    # sampling: softmax(logits / temperature)
+    temperature: Annotated[float, Range(0.01, 100)] = 1.0  # lower: softmax overflows to NaN
+    top_k: Annotated[int, Range(0, MAX_VOCAB)] = 0  # sampling: only the k most probable tokens (0: all)
+    # sampling: only the most probable tokens holding this much mass
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    seed: Seed = 1  # sampling: random seed
 
-    def __post_init__(self) -> None:
-        _check(self.max_len_a >= 0 and self.max_len_b >= 0, "max_len_a", "a and b must be >= 0")
-        for key in ("batch_size", "beam_size", "nbest"):
-            _check(getattr(self, key) >= 1, key, "must be >= 1")
-        _check(self.nbest <= self.beam_size, "nbest", "must be <= beam_size")
+    def _check_together(self) -> None:
+        _at_most(self, "nbest", "beam_size")
         _check(
             not (self.sample and self.beam_size > 1),
             "sample",
             "sampling and beam_size > 1 exclude each other",
         )
-        _check(self.alpha >= 0, "alpha", "must be >= 0")
-        _check(self.coverage >= 0, "coverage", "must be >= 0")
-        _check(self.min_len >= 0, "min_len", "must be >= 0")
-        _check(self.no_repeat_ngram >= 0, "no_repeat_ngram", "must be >= 0")
-        _check(self.temperature > 0, "temperature", "must be > 0")
-        _check(self.top_k >= 0, "top_k", "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     # bleu/chrf: sacreBLEU on detokenized text; tok_bleu: BLEU on already tokenized,
     # lowercased text (the form of published Multi30k results); wer/per: word and
     # phoneme error rate (G2P); exact: percent of outputs equal to a reference;
@@ -282,8 +328,9 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class Config:
-    model_dir: str
+class Config(_Section):
+    # Checkpoints, logs and vocabularies; `train --overwrite` deletes it first, so never empty.
+    model_dir: FilePath
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -291,7 +338,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = ""
 
-    def __post_init__(self) -> None:
+    def _check_together(self) -> None:
         metric = self.train.early_stopping_metric
         if metric not in ("loss", "ppl") and metric not in self.eval.metrics:
             raise ConfigError(
@@ -309,31 +356,22 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(key, message)
-
-
-class _FieldError(ValueError):
-    """Raised by __post_init__ checks; `_build` prefixes the section's dotted path."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read and validate a YAML config; `overrides` are ``dotted.key=value`` strings."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{size} bytes; a config file may have at most {MAX_FILE_BYTES} bytes")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
+        raw = _load_yaml(text)
+        if not isinstance(raw, dict):
+            raise ConfigError("the top level must be a mapping of sections")
         return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -341,20 +379,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `raw` with each ``a.b.c=value`` set (value parsed as YAML)."""
-    import copy
-
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+            raise ConfigError(f"override {_show(item, typed=False)}: expected dotted.key=value")
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+                raise ConfigError(f"override {_show(item, typed=False)}: {_key(part)} is not a section")
+        try:
+            node[leaf] = _load_yaml(value)
+        except ConfigError as e:
+            raise ConfigError(f"override {_show(item, typed=False)}: {e}") from None
     return raw
 
 
@@ -377,7 +416,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def replace_validated(section: Any, where: str, **changes: Any) -> Any:
     """A copy of a config section with `changes`, validated as if read from YAML
-    (`where`, e.g. "decode", names the section in errors)."""
+    (`where`, e.g. "decode", names the section in errors: ``decode.beam_size``)."""
     return _build(type(section), config_to_dict(section) | changes, where)
 
 
@@ -385,77 +424,286 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")
 
 
+def field_type(section: type, name: str) -> Any:
+    """The annotated type of field `name` of a section class, its `Range` or `Match` included."""
+    return _hints(section)[name]
+
+
+def check_value(tp: Any, value: Any) -> Any:
+    """`value` converted to type `tp` and checked like a config field (type, `Range`, `Match`,
+    choices), for values given outside a config, e.g. command-line options. The error
+    message names no key: the caller puts its own (an option name) in front."""
+    try:
+        return _convert(tp, value, "")
+    except _FieldError as e:
+        raise ConfigError(e.message) from None
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, integers too long to convert quickly and
+    documents whose anchors and aliases expand to more than MAX_NODES values."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _count_values(node, {}, set())
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise ConfigError(
+                        f"line {line}: duplicate key {_show(key, typed=False)} (first on line {lines[key]})"
+                    )
+                lines[key] = line
+            except TypeError:  # unhashable: the base class refuses it
+                break
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > 100:  # 1:2:3:... (base 60) of 1 MiB would take hours
+            raise ConfigError(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} characters")
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _count_values(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Values in `node` with every alias expanded (memoized by node, so a few hundred bytes
+    of nested aliases cost little to count); raises past MAX_NODES or on a cycle."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ConfigError(f"line {node.start_mark.line + 1}: an alias inside its own anchor (a cycle)")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1
+    for child in children:
+        total += _count_values(child, sizes, open_)
+        if total > MAX_NODES:
+            raise ConfigError(
+                f"line {node.start_mark.line + 1}: anchors and aliases expand to over {MAX_NODES} values"
+            )
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML with `_Loader`; every problem becomes a one-line ConfigError."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"not valid YAML: {_one_line(e.problem or e.context or '')}{at}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise ConfigError("not valid YAML: nested too deeply") from None
+    except ValueError as e:  # e.g. a date that does not exist
+        raise ConfigError(f"not valid YAML: {_one_line(str(e))}") from None
+
+
+# --------------------------------------------------------------------------- building
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+def _at_most(section: Any, key: str, limit: str) -> None:
+    """A range that depends on another field: `key` <= `limit`."""
+    value, bound = getattr(section, key), getattr(section, limit)
+    _check(value <= bound, key, f"must be <= {limit} ({bound}); got {value}")
+
+
+class _FieldError(ConfigError):
+    """A bad field value, raised on construction; `_build` puts the section's dotted path
+    in front of `key`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.message = key, message
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from mapping `raw`; `where` is the dotted path for errors."""
+    """Build section `cls` from mapping `raw`; `where` is the dotted path for errors."""
     label = where or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a mapping of keys, got {_show(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{_join(where, key)}: unknown key{hint}; allowed keys: {sorted(fields)}")
+            close = difflib.get_close_matches(str(key)[:100], fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed keys: {', '.join(fields)}"
+            raise ConfigError(f"{_join(where, _key(key))}: unknown key{hint}")
     values = {}
     for name, f in fields.items():
         if name in raw:
-            values[name] = _convert(hints[name], raw[name], _join(where, name))
+            section, value = _section_type(hints[name]), raw[name]
+            values[name] = (
+                _build(section, value, _join(where, name)) if section and value is not None else value
+            )
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(where, name)}: missing required key")
     try:
         return cls(**values)
     except _FieldError as e:
-        raise ConfigError(f"{_join(where, e.key)}: {e}") from None
+        raise ConfigError(f"{_join(where, e.key)}: {e.message}") from None
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"{label}: {e}") from None
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def _section_type(tp: Any) -> type | None:
+    """The section class of a field typed `Section` or `Section | None`, else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    inner = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+    return inner if dataclasses.is_dataclass(inner) else None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """`value` as type `tp`, checked against the rules in its annotation; `key` names it."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        value = _convert(args[0], value, key)
+        for rule in tp.__metadata__:
+            rule.check(value, key, args[0] is int)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
+        return _convert(inner, value, key)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        if not isinstance(value, tp):
+            raise _FieldError(key, f"expected a mapping of keys, got {_show(value)}")
+        return value
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {_show(value)} is not allowed; allowed values: {list(args)}")
+            raise _FieldError(key, f"{_show(value)} is not allowed; allowed values: {list(args)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+            raise _FieldError(key, f"expected a list, got {_show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            raise _FieldError(key, f"expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+            raise _FieldError(key, f"expected true or false, got {_show(value)}")
         return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
-        return float(value)
+    if tp is int or tp is float:
+        return _number(value, key, tp is int)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+            raise _FieldError(key, f"expected a string, got {_show(value)}")
         return value
-    raise TypeError(f"{where}: unsupported config type {tp}")  # a bug in this module
+    raise TypeError(f"{key}: unsupported config type {tp}")  # a bug in this module
 
 
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
+def _number(value: Any, key: str, integer: bool) -> int | float:
+    """`value` as an int or a float. YAML 1.1 reads ``1e-3`` (no dot) as a string, so strings
+    that spell a number count; an integer field takes an integral float (``1e7``)."""
+    expected = f"expected {'an integer' if integer else 'a number'}, got {_show(value)}"
+    number = value
+    if isinstance(value, str):
+        number = _parse_number(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise _FieldError(key, expected)
+    if not integer:
+        try:
+            return float(number)
+        except OverflowError:  # an int past 1e308
+            raise _FieldError(key, f"{_show(value)} is not a finite number") from None
+    if isinstance(number, float) and math.isfinite(number):
+        if not number.is_integer():
+            raise _FieldError(key, expected)
+        return int(number)
+    return number  # a float here is NaN or infinite: the field's Range says so
 
 
-def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+def _parse_number(text: str) -> int | float | None:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:  # also: an int of over 4300 digits
+            pass
+    return None
+
+
+# --------------------------------------------------------------------------- messages
+
+
+_REPR = reprlib.Repr()  # cuts long strings and big containers while it writes them
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 3
+MAX_SHOWN = 80  # characters of a value quoted in a message
+
+
+def _show(value: Any, typed: bool = True) -> str:
+    """`value` for a message: its repr cut to at most MAX_SHOWN characters, then its type
+    (with `typed`, or when cut) and its size (when cut)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int of over 4300 digits, which Python will not write out
+        text = "..."
+    if len(text) > MAX_SHOWN:
+        text = text[: MAX_SHOWN - 3] + "..."
+    kind = type(value).__name__
+    if "..." in text:  # reprlib or the line above cut something
+        size = _size(value)
+        return f"{text} ({kind}, {size})" if size else f"{text} ({kind})"
+    return f"{text} ({kind})" if typed else text
+
+
+def _size(value: Any) -> str | None:
+    if isinstance(value, (str, bytes)):
+        return f"{len(value)} characters"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"{len(value)} items"
+    if isinstance(value, int) and value:
+        return f"{int(math.log10(abs(value))) + 1} digits"
+    return None
+
+
+def _key(key: Any) -> str:
+    """A key the user wrote, for a message: as written when short and printable."""
+    if isinstance(key, str) and 0 < len(key) <= 40 and key.isprintable() and key == key.strip():
+        return key
+    return _show(key, typed=not isinstance(key, str))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 2 * MAX_SHOWN else text[: 2 * MAX_SHOWN - 3] + "..."
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

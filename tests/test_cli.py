@@ -241,7 +241,7 @@ def test_fuzzed_configs_train_or_fail_with_one_named_line(tmp_path, capsys, monk
             if section is None:
                 raw[key] = value
             else:
-                raw[section][key] = value
+                raw.setdefault(section, {})[key] = value
         if isinstance(raw["model_dir"], str) and raw["model_dir"] not in ("", "."):
             raw["model_dir"] = str(tmp_path / f"run{run}" / raw["model_dir"].replace("/", "_")[:50])
         path = tmp_path / f"c{run}.yaml"

@@ -7,8 +7,8 @@ YAML (`load_config`), from a dict (`config_from_dict`, `replace_validated`) or i
 (``TrainConfig(lr=-1)``). A bad value raises `ConfigError` naming the dotted key
 (``train.lr``), the value (cut to a short form) and what is allowed.
 
-YAML is read with a loader that refuses duplicate keys, files over 1 MiB and aliases that
-expand past `MAX_NODES` values (a "billion laughs" file).
+YAML is read by `yamlsafe`, which refuses duplicate keys and aliases that expand past its
+`MAX_NODES` values (a "billion laughs" file); files over 1 MiB are refused here.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from .yamlsafe import YAMLProblem, load_yaml
+
 Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "exact", "wer", "per"]
 
 MAX_FILE_BYTES = 1 << 20  # a config file is a few kB
-MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
 MAX_WIDTH = 65_536  # emb_dim, hidden_size, ff_size, attention_size
 MAX_STEPS = 10**9  # any count of updates
 MAX_VOCAB = 10_000_000
@@ -329,7 +330,7 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class Config(_Section):
-    # Checkpoints, logs and vocabularies; `train --overwrite` deletes it first, so never empty.
+    # Checkpoints, logs and vocabularies (see modeldir); never empty.
     model_dir: FilePath
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +352,12 @@ class Config(_Section):
             self.train.early_stopping_patience > 0 or self.train.schedule == "plateau"
         ):
             raise ConfigError("data.dev: early stopping and the plateau schedule need a dev set")
+        t = self.model.transformer
+        if self.model.arch == "transformer" and t.positions == "learned" and self.data.max_len + 1 > t.max_positions:
+            raise ConfigError(
+                f"model.transformer.max_positions: {t.max_positions} learned positions cannot hold data.max_len "
+                f"{self.data.max_len} tokens and <sos>; use at least {self.data.max_len + 1} or a smaller max_len"
+            )
 
 
 # --------------------------------------------------------------------------- loading
@@ -369,7 +376,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
-        raw = _load_yaml(text)
+        raw = _yaml(text)
         if not isinstance(raw, dict):
             raise ConfigError("the top level must be a mapping of sections")
         return config_from_dict(apply_overrides(raw, overrides or []))
@@ -391,10 +398,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {_show(item, typed=False)}: {_key(part)} is not a section")
         try:
-            node[leaf] = _load_yaml(value)
+            node[leaf] = _yaml(value)
         except ConfigError as e:
             raise ConfigError(f"override {_show(item, typed=False)}: {e}") from None
     return raw
+
+
+def _yaml(text: str) -> Any:
+    try:
+        return load_yaml(text)
+    except YAMLProblem as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -437,84 +451,6 @@ def check_value(tp: Any, value: Any) -> Any:
         return _convert(tp, value, "")
     except _FieldError as e:
         raise ConfigError(e.message) from None
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, integers too long to convert quickly and
-    documents whose anchors and aliases expand to more than MAX_NODES values."""
-
-    def compose_document(self) -> yaml.Node:
-        node = super().compose_document()
-        _count_values(node, {}, set())
-        return node
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden
-                continue
-            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
-            try:
-                if key in lines:
-                    raise ConfigError(
-                        f"line {line}: duplicate key {_show(key, typed=False)} (first on line {lines[key]})"
-                    )
-                lines[key] = line
-            except TypeError:  # unhashable: the base class refuses it
-                break
-        return super().construct_mapping(node, deep)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        if len(node.value) > 100:  # 1:2:3:... (base 60) of 1 MiB would take hours
-            raise ConfigError(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} characters")
-        return super().construct_yaml_int(node)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def _count_values(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
-    """Values in `node` with every alias expanded (memoized by node, so a few hundred bytes
-    of nested aliases cost little to count); raises past MAX_NODES or on a cycle."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise ConfigError(f"line {node.start_mark.line + 1}: an alias inside its own anchor (a cycle)")
-    open_.add(id(node))
-    children = node.value if isinstance(node, yaml.SequenceNode) else []
-    if isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    total = 1
-    for child in children:
-        total += _count_values(child, sizes, open_)
-        if total > MAX_NODES:
-            raise ConfigError(
-                f"line {node.start_mark.line + 1}: anchors and aliases expand to over {MAX_NODES} values"
-            )
-    open_.discard(id(node))
-    sizes[id(node)] = total
-    return total
-
-
-def _load_yaml(text: str) -> Any:
-    """Parse YAML with `_Loader`; every problem becomes a one-line ConfigError."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except ConfigError:
-        raise
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"not valid YAML: {_one_line(e.problem or e.context or '')}{at}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {_one_line(str(e))}") from None
-    except RecursionError:
-        raise ConfigError("not valid YAML: nested too deeply") from None
-    except ValueError as e:  # e.g. a date that does not exist
-        raise ConfigError(f"not valid YAML: {_one_line(str(e))}") from None
 
 
 # --------------------------------------------------------------------------- building
@@ -694,11 +630,6 @@ def _key(key: Any) -> str:
     if isinstance(key, str) and 0 < len(key) <= 40 and key.isprintable() and key == key.strip():
         return key
     return _show(key, typed=not isinstance(key, str))
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= 2 * MAX_SHOWN else text[: 2 * MAX_SHOWN - 3] + "..."
 
 
 def _join(where: str, key: str) -> str:

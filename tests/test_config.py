@@ -490,3 +490,10 @@ def test_search_options_include_batch_size_and_name_the_flag():
     args.batch_size, args.beam_size = 8, 0
     with pytest.raises(ConfigError, match=r"^--beam: 0 is out of range"):
         _search_options(args)
+
+
+def test_learned_positions_must_hold_the_longest_sentence():
+    raw = minimal(model={"arch": "transformer", "transformer": {"positions": "learned", "max_positions": 50}})
+    with pytest.raises(ConfigError, match=r"max_positions: 50 learned positions cannot hold data.max_len 100"):
+        config_from_dict(raw)
+    config_from_dict({**raw, "data": {**raw["data"], "max_len": 49}})

@@ -67,9 +67,10 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m aligna serve MODEL_DIR ... --port P` from this checkout, ready when built."""
+    """`python -m aligna serve MODEL_DIR ... --port P` from this checkout. It starts at once;
+    `wait_ready` returns when /readyz says 200 (so a browser can start meanwhile)."""
 
-    def __init__(self, model_dirs: list[str | Path], *options: str, ready_timeout: float = 120.0) -> None:
+    def __init__(self, model_dirs: list[str | Path], *options: str) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="aligna_serve_", suffix=".log")
         env = dict(
@@ -78,25 +79,21 @@ class Server:
         command = [sys.executable, "-m", "aligna", "serve", *map(str, model_dirs),
                    "--port", self.url.rsplit(":", 1)[1], *options]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.ready = False
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> Server:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while not self.ready and time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"aligna serve exited with {self.process.returncode}:\n{self.log_text()}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
+                    self.ready = response.status == 200
             except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"aligna serve was not ready after {timeout:.0f} s:\n{self.log_text()}")
+                time.sleep(0.1)
+        if not self.ready:
+            raise RuntimeError(f"aligna serve was not ready after {timeout:.0f} s:\n{self.log_text()}")
+        return self
 
     def log_text(self) -> str:
         self.log.flush()
@@ -212,6 +209,7 @@ def main() -> None:
     with Server([args.model_dir], "--threads", "1") as server:
         driver = chrome(width, height)
         try:
+            server.wait_ready()
             open_page(driver, server.url)
             if args.beam is not None:
                 set_search(driver, args.beam)

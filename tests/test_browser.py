@@ -102,14 +102,16 @@ def models(browser_ready, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(models):
+    """The three models in one server; the driver fixture waits for it to be ready."""
     with page.Server(list(models.values()), "--threads", "1") as served:
         yield served
 
 
 @pytest.fixture(scope="module")
 def driver(server):
-    browser = page.chrome()
+    browser = page.chrome()  # while the server loads
     try:
+        server.wait_ready()
         page.open_page(browser, server.url)
         yield browser
     finally:

@@ -220,6 +220,7 @@ def main() -> None:
                     if value not in [v for v, _ in options(driver, element_id)]:
                         sys.exit(f"--{element_id} {label}: the page offers {options(driver, element_id)}")
                     select(driver, element_id, value=value)
+            driver.execute_script("document.activeElement && document.activeElement.blur()")  # no focus ring
             time.sleep(0.3)  # let the heatmap's transition finish
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(args.out))

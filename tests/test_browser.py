@@ -118,6 +118,12 @@ def driver(server):
         browser.quit()
 
 
+@pytest.fixture(autouse=True)
+def greedy(driver):
+    """Every test starts from greedy search, whatever the one before left on the page."""
+    page.set_search(driver, beam=1)
+
+
 def grid(driver) -> dict:
     return driver.execute_script(READ_GRID)
 
@@ -159,7 +165,6 @@ def test_page_translates_as_the_python_api(driver, server, models):
     assert shown == expected.text
     nbest = driver.find_elements("css selector", "#results .result .nbest li span:first-child")
     assert [e.text for e in nbest] == [text for text, _ in expected.nbest]
-    page.set_search(driver, beam=1)
 
 
 def test_heatmap_shows_every_kind_layer_and_head(driver, server, models):
@@ -191,7 +196,7 @@ def test_heatmap_shows_every_kind_layer_and_head(driver, server, models):
             )
         assert colours(shown["1", "0"]) != colours(shown["1", "1"]), f"{kind}: both heads drawn alike"
         assert colours(shown["1", "0"]) != colours(shown["0", "0"]), f"{kind}: both layers drawn alike"
-    assert m["rows"] == tgt and m["cols"] == src
+    assert maps["cross"]["rows"] == tgt and maps["cross"]["cols"] == src
     assert maps["encoder"]["rows"] == maps["encoder"]["cols"] == src
     assert maps["decoder"]["rows"] == tgt and maps["decoder"]["cols"] == ["<sos>", *tgt[:-1]]
 

@@ -144,6 +144,11 @@ def assert_grid(shown: dict, rows: list[str], cols: list[str], weights: list[lis
         )
 
 
+def selected(driver) -> list[str]:
+    """The values of #kind, #layer and #head."""
+    return [driver.find_element("id", k).get_attribute("value") for k in ("kind", "layer", "head")]
+
+
 def colours(shown: dict) -> list[list[str]]:
     return [[colour for _, colour in row["cells"]] for row in shown["rows"]]
 
@@ -174,10 +179,9 @@ def test_heatmap_shows_every_kind_layer_and_head(driver, server, models):
     assert src == SENTENCE.split() and tgt[-1] == "<eos>"
     assert sorted(value for value, _ in page.options(driver, "kind")) == ["cross", "decoder", "encoder"]
 
-    page.select(driver, "kind", value="cross")
-    page.select(driver, "layer", value="1")
-    page.select(driver, "head", value="mean")
-    search_used = grid(driver)  # the last layer's cross-attention, mean over heads: the map search used
+    # As it comes: the map search used, the last layer's cross-attention averaged over heads.
+    assert selected(driver) == ["cross", "1", "mean"]
+    search_used = grid(driver)
     assert_grid(search_used, tgt, src, record["weights"])
 
     assert page.options(driver, "layer") == [["0", "layer 1"], ["1", "layer 2"]]
@@ -199,6 +203,16 @@ def test_heatmap_shows_every_kind_layer_and_head(driver, server, models):
     assert maps["cross"]["rows"] == tgt and maps["cross"]["cols"] == src
     assert maps["encoder"]["rows"] == maps["encoder"]["cols"] == src
     assert maps["decoder"]["rows"] == tgt and maps["decoder"]["cols"] == ["<sos>", *tgt[:-1]]
+
+    # A choice is kept for the next translation.
+    page.select(driver, "kind", value="decoder")
+    page.select(driver, "layer", value="0")
+    page.select(driver, "head", value="1")
+    page.translate(driver, SENTENCE)
+    assert selected(driver) == ["decoder", "0", "1"]
+    assert_grid(
+        grid(driver), maps["decoder"]["rows"], maps["decoder"]["cols"], maps["decoder"]["weights"][0][1]
+    )
 
     # the state the screenshot shows: the map search used
     page.select(driver, "kind", value="cross")

@@ -91,7 +91,7 @@ def models(browser_ready, tmp_path_factory) -> dict[str, Path]:
                 "model_dir": str(tmp / name),
                 "data": {"train": {"tsv": str(train_tsv)}, "dev": {"tsv": str(dev_tsv)}},
                 "model": {"emb_dim": 16, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, **model},
-                "train": {"batch_tokens": 256, "epochs": 10, "max_steps": steps, "lr": 3e-3, "validate_every": 0},
+                "train": {"batch_tokens": 256, "epochs": 10, "max_steps": steps, "lr": 3e-3, "validate_every": 1000},
                 "eval": {"metrics": ["wer"]},
             })  # fmt: skip
             dirs[name] = Path(train(config, progress=False))

@@ -39,23 +39,18 @@ MODELS = {  # name (the served model's name is its directory's) -> model section
     "plain": ({}, 10),
 }  # fmt: skip
 
-# The grid as the page draws it: headers and, per cell, the weight it shows (from a data-
-# attribute, the title or the text, whichever the page provides) and its colour.
+# The grid as the page draws it: the headers and, per cell, its weight (data-weight, to 3
+# decimals; null if missing) and its colour.
 READ_GRID = """
 const hm = document.getElementById('heatmap');
-const num = c => {
-  for (const s of [c.dataset.w, c.dataset.weight, c.dataset.value, c.title, c.textContent]) {
-    const m = s && String(s).match(/-?\\d*\\.?\\d+(e-?\\d+)?/);
-    if (m) return parseFloat(m[0]);
-  }
-  return null;
-};
+const text = e => (e ? e.textContent.trim() : null);
 return {
-  text: hm.innerText,
-  cols: [...hm.querySelectorAll('.hm-src')].map(e => e.textContent.trim()),
+  cols: [...hm.querySelectorAll('.hm-src')].map(text),
   rows: [...hm.querySelectorAll('.hm-row')].map(r => ({
-    tgt: (r.querySelector('.hm-tgt') || {textContent: ''}).textContent.trim(),
-    cells: [...r.querySelectorAll('.hm-cell')].map(c => [num(c), getComputedStyle(c).backgroundColor]),
+    tgt: text(r.querySelector('.hm-tgt')),
+    cells: [...r.querySelectorAll('.hm-cell')].map(c => [
+      c.dataset.weight === undefined ? null : parseFloat(c.dataset.weight), getComputedStyle(c).backgroundColor,
+    ]),
   })),
 };
 """
@@ -142,6 +137,14 @@ def assert_grid(shown: dict, rows: list[str], cols: list[str], weights: list[lis
         assert [value for value, _ in row["cells"]] == pytest.approx(expected, abs=TOLERANCE), (
             f"row {r} ({rows[r]})"
         )
+        shades = [opacity(colour) for _, colour in sorted(row["cells"], key=lambda cell: cell[0])]
+        assert shades == sorted(shades), f"row {r} ({rows[r]}): a heavier weight drawn lighter"
+
+
+def opacity(colour: str) -> float:
+    """The alpha of a computed CSS colour, "rgba(r, g, b, a)" or "rgb(r, g, b)"."""
+    parts = colour[colour.index("(") + 1 : -1].split(",")
+    return float(parts[3]) if len(parts) == 4 else 1.0
 
 
 def selected(driver) -> list[str]:

@@ -116,8 +116,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(f"the server was not ready after {timeout:.0f} s:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         self.log.flush()
@@ -252,7 +253,7 @@ def main() -> None:
             )
             after = rss_bytes(server.process.pid)
         except BaseException:
-            print(server.log_tail(), file=sys.stderr)
+            print(f"the server's log, {server.log.name}, ends:\n{server.log_tail()}", file=sys.stderr)
             raise
         finally:
             server.stop()

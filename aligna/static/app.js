@@ -95,8 +95,8 @@ function showModel() {
 
 function buildRequest() {
   const m = currentModel();
-  const texts = $("source").value.replace(/\r\n?/g, "\n").split("\n");
-  while (texts.length && texts[texts.length - 1].trim() === "") texts.pop();
+  // one sentence per non-blank line (a blank line between sentences is not a sentence)
+  const texts = $("source").value.replace(/\r\n?/g, "\n").split("\n").filter((line) => line.trim() !== "");
   const beam = $("beam-search").checked;
   const request = { model: m ? m.name : undefined, texts: texts };
   request.beam_size = beam ? Number($("beam").value) || 1 : 1;

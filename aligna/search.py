@@ -215,10 +215,14 @@ def beam_search(
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         vocab = log_probs.size(-1)
+        eos = log_probs[:, EOS_ID].clone()
         if t < min_len:
             log_probs[:, EOS_ID] = float("-inf")
         if no_repeat_ngram and t >= no_repeat_ngram - 1:
             log_probs = _block_ngrams(history, log_probs, no_repeat_ngram)
+        stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
+        if bool(stuck.any()):
+            log_probs[stuck, EOS_ID] = eos[stuck]
         live = sentence.size(0)
         candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
         top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first

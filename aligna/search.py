@@ -196,6 +196,13 @@ def beam_search(
     length limit (then its live beams are finished as they are), and leaves the batch.
     Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
     log P(Y|X).
+
+    No step copies the past, so step 1000 costs what step 1 does: a step keeps only what
+    is new, its attention weights and, for each row that goes on, the row it came from
+    (a back-pointer) and the token it took. A finished hypothesis is just its last step
+    and row; its tokens and attention are read back along the back-pointers at the end,
+    for all hypotheses at once (`_backtrack`). Only n-gram blocking, which looks at every
+    n-gram so far, keeps each row's token history (and reorders it every step).
     """
     k = beam_size
     batch = src.size(0)
@@ -207,9 +214,9 @@ def beam_search(
     sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start as the same empty prefix: expand only one
-    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t)
-    attention: Tensor | None = None  # (rows, t, S) weights of every emitted token
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    trail = _Trail([], [], [])  # what each step adds: attention, back-pointers, tokens
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t), n-gram blocking only
+    finished: list[list[_Finished]] = [[] for _ in range(batch)]
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
@@ -229,45 +236,122 @@ def beam_search(
         parent = top // vocab + torch.arange(live, device=device).unsqueeze(1) * k  # row of each candidate
         token = top % vocab
         if attn is not None:
-            attn = attn.float()
-            attention = (
-                attn.unsqueeze(1) if attention is None else torch.cat([attention, attn.unsqueeze(1)], 1)
-            )
+            trail.attention.append(attn.float())  # (b * k, S)
         at_limit = t + 1 >= limit[sentence]  # (b,)
         # Finish the k best candidates that end in <eos>, and everything at the length limit.
         rank = torch.arange(2 * k, device=device).unsqueeze(0)
         finish = ((token == EOS_ID) | at_limit.unsqueeze(1)) & (rank < k) & (top_scores > float("-inf"))
-        for i, j in finish.nonzero().tolist():
-            row, n = int(parent[i, j]), t + 1
-            ids = history[row].tolist() + ([] if token[i, j] == EOS_ID else [int(token[i, j])])
-            maps = None if attention is None else attention[row, :, : int(src_lengths[sentence[i]])].cpu()
-            log_prob = float(top_scores[i, j])
-            penalty = coverage_penalty(maps.sum(0), coverage) if maps is not None else 0.0
-            finished[int(sentence[i])].append(
-                Hypothesis(ids, log_prob / length_penalty(n, alpha) + penalty, log_prob, maps)
-            )
+        i, j = finish.nonzero(as_tuple=True)
+        for s, row, last, log_prob in zip(
+            sentence[i].tolist(), parent[i, j].tolist(), token[i, j].tolist(), top_scores[i, j].tolist()
+        ):
+            finished[s].append(_Finished(t, row, last, log_prob))
         # Continue with the k best candidates that do not end in <eos>.
         order = torch.where(token == EOS_ID, 2 * k + rank, rank)  # <eos> candidates last
         pick = order.argsort(dim=1)[:, :k]  # (b, k)
         scores = top_scores.gather(1, pick)
         rows = parent.gather(1, pick).view(-1)  # (b * k,)
         prev = token.gather(1, pick).view(-1)
-        done = at_limit | torch.tensor([len(finished[int(s)]) >= k for s in sentence], device=device)
+        done = at_limit | torch.tensor([len(finished[s]) >= k for s in sentence.tolist()], device=device)
         if bool(done.all()):
             break
-        keep = (~done).nonzero().squeeze(1)  # live sentences that go on
-        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-        rows, prev, scores, sentence = (
-            rows.view(live, k)[keep].view(-1),
-            prev.view(live, k)[keep].view(-1),
-            scores[keep],
-            sentence[keep],
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)  # live sentences that go on
+            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            rows, prev, scores, sentence = (
+                rows.view(live, k)[keep].view(-1),
+                prev.view(live, k)[keep].view(-1),
+                scores[keep],
+                sentence[keep],
+            )
+            enc = enc.reorder(keep_rows)
+        trail.parent.append(rows)
+        trail.token.append(prev)
+        if no_repeat_ngram:
+            history = torch.cat([history[rows], prev.unsqueeze(1)], dim=1)
+        state = state.reorder(rows)
+    return SearchResult(_rank(finished, trail, src_lengths, nbest, alpha, coverage, device))
+
+
+@dataclass
+class _Trail:
+    """What each beam step t adds; rows_t is the number of rows (live hypotheses) at step t."""
+
+    attention: list[Tensor]  # [t] (rows_t, S) attention weights (empty: the model has none)
+    parent: list[Tensor]  # [t] (rows_{t+1},) the row at step t of each row at step t + 1
+    token: list[Tensor]  # [t] (rows_{t+1},) the token it took at step t
+
+
+@dataclass
+class _Finished:
+    """A finished hypothesis as the beam keeps it, until `_backtrack` reads its tokens."""
+
+    step: int  # the step of its last token: it has step + 1 tokens, <eos> included if emitted
+    row: int  # its row at that step
+    last: int  # its last token (<eos> unless it stopped at the length limit)
+    log_prob: float
+
+
+def _rank(
+    finished: list[list[_Finished]], trail: _Trail, src_lengths: Tensor, nbest: int, alpha: float,
+    coverage: float, device: torch.device,
+) -> list[list[Hypothesis]]:  # fmt: skip
+    """The `nbest` best finished hypotheses of each sentence, as Hypotheses. Tokens and
+    attention are rebuilt only for those, except with a coverage penalty, which needs the
+    attention of every finished hypothesis to rank them."""
+    if not (coverage and trail.attention):  # the rank needs only log P and the length
+        finished = [
+            sorted(ends, key=lambda f: -f.log_prob / length_penalty(f.step + 1, alpha))[:nbest]
+            for ends in finished
+        ]
+    paths = iter(_backtrack([f for ends in finished for f in ends], trail, device))
+    ranked = []
+    for i, ends in enumerate(finished):
+        hyps = []
+        for f, (ids, maps) in zip(ends, paths):
+            maps = None if maps is None else maps[:, : int(src_lengths[i])].cpu()
+            penalty = coverage_penalty(maps.sum(0), coverage) if maps is not None and coverage else 0.0
+            score = f.log_prob / length_penalty(f.step + 1, alpha) + penalty
+            hyps.append(Hypothesis(ids, score, f.log_prob, maps))
+        ranked.append(sorted(hyps, key=lambda h: -h.score)[:nbest])
+    return ranked
+
+
+def _backtrack(
+    ends: list[_Finished], trail: _Trail, device: torch.device
+) -> list[tuple[list[int], Tensor | None]]:
+    """Tokens (without <eos>) and attention (step + 1, S) of each finished hypothesis, read
+    back from its last step to the first along the back-pointers: one gather per step for
+    all the hypotheses together, O(T) tensor operations in all."""
+    if not ends:
+        return []
+    order = sorted(range(len(ends)), key=lambda h: -ends[h].step)  # longest first
+    ends = [ends[h] for h in order]
+    count, length = len(ends), ends[0].step + 1
+    row = torch.tensor([f.row for f in ends], device=device)  # (H,) each one's row at step t
+    ids = torch.zeros(count, length, dtype=torch.long, device=device)  # (H, T)
+    ids[torch.arange(count), [f.step for f in ends]] = torch.tensor([f.last for f in ends], device=device)
+    maps = None
+    if trail.attention:
+        maps = torch.zeros(count, length, trail.attention[0].size(1), device=device)  # (H, T, S)
+    reading = 0  # the hypotheses being read at step t, those with step >= t, are the first `reading`
+    for t in range(length - 1, -1, -1):
+        while reading < count and ends[reading].step >= t:
+            reading += 1
+        here = row[:reading]
+        if maps is not None:
+            maps[:reading, t] = trail.attention[t][here]
+        if t > 0:
+            ids[:reading, t - 1] = trail.token[t - 1][here]
+            row[:reading] = trail.parent[t - 1][here]
+    paths: list[tuple[list[int], Tensor | None]] = [([], None)] * count
+    for p, (h, f, tokens) in enumerate(zip(order, ends, ids.tolist())):
+        tokens = tokens[: f.step + 1]
+        paths[h] = (
+            tokens[:-1] if tokens[-1] == EOS_ID else tokens,
+            None if maps is None else maps[p, : f.step + 1],
         )
-        history = torch.cat([history[rows], prev.unsqueeze(1)], dim=1)
-        attention = None if attention is None else attention[rows]
-        state, enc = state.reorder(rows), enc.reorder(keep_rows)
-    ranked = [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
-    return SearchResult(ranked)
+    return paths
 
 
 def _block_ngrams(history: Tensor, log_probs: Tensor, n: int) -> Tensor:

@@ -1,4 +1,5 @@
 import math
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -224,3 +225,202 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
         model, src, lengths, 1.0, 3, top_p=1e-6, generator=torch.Generator().manual_seed(3)
     )
     assert top1.tokens == nucleus.tokens == greedy_search(model, src, lengths, 1.0, 3).tokens
+
+
+# --------------------------------------------------------------------------- beam search: back-pointers
+
+from test_transformer import VARIANTS as TRANSFORMERS  # noqa: E402
+from test_transformer import make as make_transformer  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from aligna.search import Hypothesis, SearchResult, _block_ngrams  # noqa: E402
+
+
+@torch.no_grad()
+def _reference_beam_search(
+    model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int, max_len_a: float = 1.5,
+    max_len_b: int = 10, alpha: float = 0.0, nbest: int = 1, min_len: int = 0, no_repeat_ngram: int = 0,
+    coverage: float = 0.0,
+) -> SearchResult:  # fmt: skip
+    """`beam_search` as it was before it kept back-pointers (aligna c61294d): every step
+    copied the whole token and attention history of every row (O(t * S) a step). The
+    reference the new one must match exactly.
+
+    Each step extends every live hypothesis by every token, keeps the 2k best candidates
+    per sentence (enough to refill k beams when some end in `<eos>`), moves those ending
+    in `<eos>` among the k best to the sentence's finished list, and continues with the k
+    best others. A sentence is done when it has k finished hypotheses or reaches its
+    length limit (then its live beams are finished as they are), and leaves the batch.
+    Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
+    log P(Y|X).
+    """
+    k = beam_size
+    batch = src.size(0)
+    device = src.device
+    limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
+    enc = model.encode(src, src_lengths)
+    enc = enc.reorder(torch.arange(batch, device=device).repeat_interleave(k))  # (B * k, ...)
+    state = model.init_state(enc)
+    sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start as the same empty prefix: expand only one
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t)
+    attention: Tensor | None = None  # (rows, t, S) weights of every emitted token
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
+    for t in range(int(limit.max())):
+        logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        vocab = log_probs.size(-1)
+        eos = log_probs[:, EOS_ID].clone()
+        if t < min_len:
+            log_probs[:, EOS_ID] = float("-inf")
+        if no_repeat_ngram and t >= no_repeat_ngram - 1:
+            log_probs = _block_ngrams(history, log_probs, no_repeat_ngram)
+        stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
+        if bool(stuck.any()):
+            log_probs[stuck, EOS_ID] = eos[stuck]
+        live = sentence.size(0)
+        candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
+        top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first
+        parent = top // vocab + torch.arange(live, device=device).unsqueeze(1) * k  # row of each candidate
+        token = top % vocab
+        if attn is not None:
+            attn = attn.float()
+            attention = (
+                attn.unsqueeze(1) if attention is None else torch.cat([attention, attn.unsqueeze(1)], 1)
+            )
+        at_limit = t + 1 >= limit[sentence]  # (b,)
+        # Finish the k best candidates that end in <eos>, and everything at the length limit.
+        rank = torch.arange(2 * k, device=device).unsqueeze(0)
+        finish = ((token == EOS_ID) | at_limit.unsqueeze(1)) & (rank < k) & (top_scores > float("-inf"))
+        for i, j in finish.nonzero().tolist():
+            row, n = int(parent[i, j]), t + 1
+            ids = history[row].tolist() + ([] if token[i, j] == EOS_ID else [int(token[i, j])])
+            maps = None if attention is None else attention[row, :, : int(src_lengths[sentence[i]])].cpu()
+            log_prob = float(top_scores[i, j])
+            penalty = coverage_penalty(maps.sum(0), coverage) if maps is not None else 0.0
+            finished[int(sentence[i])].append(
+                Hypothesis(ids, log_prob / length_penalty(n, alpha) + penalty, log_prob, maps)
+            )
+        # Continue with the k best candidates that do not end in <eos>.
+        order = torch.where(token == EOS_ID, 2 * k + rank, rank)  # <eos> candidates last
+        pick = order.argsort(dim=1)[:, :k]  # (b, k)
+        scores = top_scores.gather(1, pick)
+        rows = parent.gather(1, pick).view(-1)  # (b * k,)
+        prev = token.gather(1, pick).view(-1)
+        done = at_limit | torch.tensor([len(finished[int(s)]) >= k for s in sentence], device=device)
+        if bool(done.all()):
+            break
+        keep = (~done).nonzero().squeeze(1)  # live sentences that go on
+        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        rows, prev, scores, sentence = (
+            rows.view(live, k)[keep].view(-1),
+            prev.view(live, k)[keep].view(-1),
+            scores[keep],
+            sentence[keep],
+        )
+        history = torch.cat([history[rows], prev.unsqueeze(1)], dim=1)
+        attention = None if attention is None else attention[rows]
+        state, enc = state.reorder(rows), enc.reorder(keep_rows)
+    ranked = [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+    return SearchResult(ranked)
+
+
+MODELS = {  # name: how to build it (once, on first use)
+    **{name: lambda name=name: make(seed=7, **VARIANTS[name])
+       for name in ["gru-context", "bahdanau-bigru", "luong-general-feed-bilstm", "luong-dot-nofeed-lstm"]},
+    **{name: lambda name=name: make_transformer(seed=7, **TRANSFORMERS[name]) for name in TRANSFORMERS},
+}  # fmt: skip
+_built: dict[str, Seq2Seq] = {}
+
+
+def random_case(seed):
+    """A model, a batch and beam options drawn at random from `seed`."""
+    rng = random.Random(seed)
+    name = rng.choice(sorted(MODELS))
+    model = _built.setdefault(name, MODELS[name]())
+    src, lengths, _ = random_batch([rng.randint(1, 9) for _ in range(rng.randint(1, 5))], seed=seed)
+    k = rng.choice([1, 2, 3, 5])
+    options = dict(
+        beam_size=k, max_len_a=rng.choice([0.5, 1.0, 2.0]), max_len_b=rng.choice([0, 3, 10]),
+        alpha=rng.choice([0.0, 0.6, 1.5]), nbest=rng.randint(1, k + 2), min_len=rng.choice([0, 0, 2, 5, 40]),
+        no_repeat_ngram=rng.choice([0, 0, 1, 2, 3]), coverage=rng.choice([0.0, 0.0, 0.2, 1.0]),
+    )  # fmt: skip
+    return model, src, lengths, options
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_beam_search_equals_the_copying_reference(seed):
+    """Same hypotheses, in the same order, with bit-identical scores and attention maps."""
+    model, src, lengths, options = random_case(seed)
+    if seed == 0:  # one sure case of n-gram blocking leaving no token before min_len
+        options.update(max_len_a=2.0, max_len_b=10, min_len=40, no_repeat_ngram=1)
+    new = beam_search(model, src, lengths, **options)
+    old = _reference_beam_search(model, src, lengths, **options)
+    assert len(new.nbest) == len(old.nbest) == src.size(0)
+    for mine, theirs in zip(new.nbest, old.nbest):
+        assert len(mine) == len(theirs) > 0
+        for a, b in zip(mine, theirs):
+            assert (a.tokens, a.score, a.log_prob) == (b.tokens, b.score, b.log_prob)
+            assert (a.attention is None) == (b.attention is None)
+            if a.attention is not None:
+                assert a.attention.shape == b.attention.shape and torch.equal(a.attention, b.attention)
+
+
+class Written(TorchDispatchMode):
+    """Counts the tensor elements that aten operations write (views write nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.elements += sum(x.numel() for x in pytree.tree_leaves(out) if isinstance(x, Tensor))
+        return out
+
+
+@dataclass
+class Source(Reorderable):
+    mask: Tensor  # (B, S) true at real tokens
+
+
+class Attending(MarkovModel):
+    """A `MarkovModel` that attends evenly to the source tokens: a cheap model with attention."""
+
+    def encode(self, src, src_lengths):
+        return Source(torch.arange(src.size(1)) < src_lengths.unsqueeze(1))
+
+    def init_state(self, enc):
+        return LastToken(torch.full((enc.mask.size(0),), SOS_ID))
+
+    def decode_step(self, prev_tokens, state, enc):
+        return self.log_probs[prev_tokens], LastToken(prev_tokens), enc.mask / enc.mask.sum(1, keepdim=True)
+
+
+def written_per_step(search, steps):
+    """Elements written by each step of `search` (and in all) on a sentence of 6 tokens,
+    beam 3, decoded for `steps` steps (min_len: <eos> is never allowed)."""
+    model = Attending({SOS_ID: {A: 0.5, Bt: 0.5}, A: {A: 0.5, C: 0.5}, Bt: {C: 1.0}, C: {A: 0.2, C: 0.8}})
+    counter, marks = Written(), []
+    decode_step = model.decode_step
+    model.decode_step = lambda *args: (marks.append(counter.elements), decode_step(*args))[1]
+    with counter:
+        result = search(
+            model, torch.ones(1, 6, dtype=torch.long), torch.tensor([6]), 3, 0.0, steps, min_len=10**9
+        )
+    assert len(result.tokens[0]) == steps
+    return [b - a for a, b in zip(marks, marks[1:])], counter.elements
+
+
+def test_a_beam_step_costs_the_same_at_any_length():
+    """The old search copied the whole history every step: O(t * S) a step, O(T^2 * S) in all."""
+    per_step, total = written_per_step(beam_search, 400)
+    assert per_step[390] == per_step[10]  # nothing in a step grows with t
+    _, short = written_per_step(beam_search, 100)
+    assert total < 4.5 * short  # 4x the length: 4x the work
+    old_per_step, old_total = written_per_step(_reference_beam_search, 400)
+    assert old_per_step[390] > 10 * old_per_step[10] and old_total > 10 * total  # what this test catches

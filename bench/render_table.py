@@ -167,6 +167,28 @@ def published_rows(records: list[dict]) -> list[str]:
     return rows
 
 
+def serve_load_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| models | server threads | batching | clients | requests/s | p50 / p95 / p99 ms | errors | RSS ready -> after | "
+        "same output | machine | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        models = ", ".join(f"{m['name']} ({m['architecture']}, {m['parameters'] / 1e6:.1f} M)" for m in r["models"])
+        for run in r["runs"]:
+            lat = run["latency_ms"]
+            threads = run["server"].split("--threads ")[1].split()[0] if "--threads " in run["server"] else "default"
+            batching = f"max batch {run['max_batch']}" if run["max_batch"] > 1 else "off (max batch 1)"
+            rows.append(
+                f"| {models} | {threads} | {batching} | {r['clients']} | {run['requests_per_s']:.1f} | "
+                f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} | {run['errors']} | "
+                f"{run['rss_ready'] / 2**20:.0f} -> {run['rss_after'] / 2**20:.0f} MiB | "
+                f"{'yes' if r['same_translations'] else 'NO'} ({r['compared']}) | {_machine(r['machine'])} | "
+                f"`{r['command']}` |"
+            )
+    return rows
+
+
 def render() -> str:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
     quality = [r for r in records if "metrics" in r and r.get("benchmark") != "published"]
@@ -197,6 +219,13 @@ def render() -> str:
     for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_translate_speed"]:
         parts += ["", f"Translation speed against JoeyNMT 2.3.0, same test set, same length limit, no length "
                   f"penalty (`bench/results/{r['name']}.json`):", "", *peer_translate_rows(r)]  # fmt: skip
+    serving = [r for r in records if r.get("benchmark") == "serve_load"]
+    if serving:
+        parts += ["", "Serving under load: `aligna serve` on loopback, each client sending one test_2016_flickr "
+                  "sentence per request back to back, dynamic batching on and off, the clients on the same "
+                  "machine (`bench/results/serve_load_*.json`). The models are `configs/multi30k_de_en_{transformer,"
+                  "bahdanau}.yaml` trained for 60 updates (`--set train.max_steps=60`): their size and output "
+                  "lengths are real, their quality is not the point here:", "", *serve_load_rows(serving)]  # fmt: skip
     for r in lengths:
         parts += [
             "",

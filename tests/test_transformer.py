@@ -154,6 +154,7 @@ def test_inputs_longer_than_learned_positions_are_cut_not_fatal(toy_config, alig
         model={"arch": "transformer", "transformer": {"heads": 2, "ff_size": 32, "positions": "learned",
                                                       "max_positions": 12}},
         train={"max_steps": 5, "validate_every": 0},
+        data={"max_len": 11},  # training fits the table; translation gets longer inputs
         decode={"max_len_a": 50.0},  # would ask for outputs far past the position table
     )  # fmt: skip
     train(config, progress=False)

@@ -26,7 +26,6 @@ def sequence_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0)
     )
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def corpus_loss(
     model: Seq2Seq, examples: Examples, batch_tokens: int, device: torch.device

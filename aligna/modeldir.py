@@ -258,9 +258,7 @@ class ModelDir:
         tmp = root / f"{TMP}{name}"
         try:
             root.mkdir(exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            tmp.mkdir()  # a stale one was removed by `claim`, a failed one below
             save_weights(model, tmp / MODEL)
             tensors, meta = optimizer_to_flat(optimizer.state_dict())
             save_tensors(tensors | rng_state(), tmp / OPTIMIZER)
@@ -355,6 +353,8 @@ class ModelDir:
     def average(self, model: nn.Module, last: int) -> Path:
         """Average the weights of the `last` newest checkpoints into averaged.safetensors,
         using `model` (of the right architecture) as the container."""
+        if last < 1:
+            raise ModelDirError(f"--last: {last} is out of range; allowed: integers >= 1")
         paths = self.checkpoints()[-last:]
         if len(paths) < last:
             raise ModelDirError(
@@ -442,10 +442,6 @@ class TrainingLock:
         if self._file is not None:
             self._file.close()  # closing the file drops the flock
             self._file = None
-
-    @property
-    def held(self) -> bool:
-        return self._file is not None
 
 
 def _holder(text: str) -> str:

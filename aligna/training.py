@@ -415,6 +415,7 @@ class Trainer:
     def _validate_and_save(self) -> bool:
         """Validate (if there is a dev set), save a checkpoint; True when training should stop."""
         st, cfg = self.state, self.cfg
+        self._require_finite_weights()  # before best.safetensors or a checkpoint is written
         stop = False
         if self.dev is not None:
             started = time.perf_counter()
@@ -423,7 +424,6 @@ class Trainer:
             higher = HIGHER_IS_BETTER[cfg.early_stopping_metric]
             improved = st.best is None or (value > st.best if higher else value < st.best)
             if improved:
-                self._require_finite_weights()
                 st.best, st.best_step, st.bad_validations = value, st.step, 0
                 self.md.save_best(self.model, {"step": st.step, cfg.early_stopping_metric: value, **scores.values})
             else:
@@ -443,13 +443,12 @@ class Trainer:
                 stop = True
         st.plateau = asdict(self.plateau)
         st.scaler = self.scaler.state_dict() if self.scaler is not None else None
-        self._require_finite_weights()
         self.md.save_checkpoint(st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
         return stop
 
     def _require_finite_weights(self) -> None:
         """Never write weights that are not finite (nor prune the good ones for them)."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):  # one sync
             raise TrainingDiverged(
                 f"training stopped at step {self.state.step}: the weights are no longer finite, so no "
                 f"checkpoint was written; {self._last_good()}. Lower train.lr (now {self.cfg.lr:g}) or "

@@ -237,7 +237,5 @@ def load(
 
 def average(model_dir: str | Path, last: int) -> Path:
     """Average the weights of the `last` newest step checkpoints into averaged.safetensors."""
-    if last < 1:
-        raise ValueError(f"--last: {last} is out of range; allowed: integers >= 1")
     translator = load(model_dir, checkpoint="latest", device="cpu")
     return ModelDir(model_dir).average(translator.model, last)

@@ -184,7 +184,7 @@ def serve_load_rows(records: list[dict]) -> list[str]:
                 f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} | {run['errors']} | "
                 f"{run['rss_ready'] / 2**20:.0f} -> {run['rss_after'] / 2**20:.0f} MiB | "
                 f"{'yes' if r['same_translations'] else 'NO'} ({r['compared']}) | {_machine(r['machine'])} | "
-                f"`{r['command']}` |"
+                f"`{r.get('reproduce', r['command'])}` |"
             )
     return rows
 
@@ -224,7 +224,7 @@ def render() -> str:
         parts += ["", "Serving under load: `aligna serve` on loopback, each client sending one test_2016_flickr "
                   "sentence per request back to back, dynamic batching on and off, the clients on the same "
                   "machine (`bench/results/serve_load_*.json`). The models are `configs/multi30k_de_en_{transformer,"
-                  "bahdanau}.yaml` trained for 60 updates (`--set train.max_steps=60`): their size and output "
+                  "bahdanau}.yaml` trained for 60 updates (the command trains them first): their size and output "
                   "lengths are real, their quality is not the point here:", "", *serve_load_rows(serving)]  # fmt: skip
     for r in lengths:
         parts += [

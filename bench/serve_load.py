@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,15 +35,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_record  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from screenshot import Server  # noqa: E402  (the page's test and screenshots start it the same way)
+
 from aligna.data import read_lines  # noqa: E402
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.lc.norm.tok.de.gz"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> dict[str, int | None]:
@@ -84,56 +77,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
-
-
-class Server:
-    """`python -m aligna serve` as a child process, its log in a temporary file."""
-
-    def __init__(
-        self, model_dirs: list[str], names: list[str], extra: list[str], ready_timeout: float
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="serve_load_", suffix=".log", delete=False)
-        command = [sys.executable, "-m", "aligna", "serve", *model_dirs, "--port", str(self.port), *extra]
-        for name in names:
-            command += ["--name", name]
-        self.command = command
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        )
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready(ready_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s:\n{tail}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        text = Path(self.log.name).read_text("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # uvicorn shuts down on SIGTERM
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 async def load(
@@ -243,8 +186,10 @@ def main() -> None:
     runs, outputs, served = [], {}, []
     device = "cpu"
     for mode, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
-        server = Server(args.model_dirs, names, [*extra, "--max-batch", str(max_batch)], args.ready_timeout)
+        options = [*extra, "--max-batch", str(max_batch), *(o for n in names for o in ("--name", n))]
+        server = Server(args.model_dirs, *options)
         try:
+            server.wait_ready(args.ready_timeout)
             info = httpx.get(server.url + "/v1/models", timeout=10).json()
             asyncio.run(warm_up(server.url, names, sources, search))
             before = rss_bytes(server.process.pid)
@@ -253,7 +198,7 @@ def main() -> None:
             )
             after = rss_bytes(server.process.pid)
         except BaseException:
-            print(f"the server's log, {server.log.name}, ends:\n{server.log_tail()}", file=sys.stderr)
+            print(f"the server's log ends:\n{server.log_text()}", file=sys.stderr)
             raise
         finally:
             server.stop()
@@ -269,7 +214,6 @@ def main() -> None:
               f"{mib(after['peak']):>10} {run['drain_seconds']:7.1f}", flush=True)  # fmt: skip
         for kind, n in run["error_kinds"].items():
             print(f"  {n} x {kind}")
-        os.unlink(server.log.name)
 
     both = outputs["batched"].keys() & outputs["unbatched"].keys()
     differ = sorted(k for k in both if outputs["batched"][k] != outputs["unbatched"][k])

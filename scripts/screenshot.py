@@ -76,9 +76,9 @@ class Server:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         )
-        command = [sys.executable, "-m", "aligna", "serve", *map(str, model_dirs),
-                   "--port", self.url.rsplit(":", 1)[1], *options]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.command = [sys.executable, "-m", "aligna", "serve", *map(str, model_dirs),
+                        "--port", self.url.rsplit(":", 1)[1], *options]  # fmt: skip
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.ready = False
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
@@ -92,7 +92,9 @@ class Server:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         if not self.ready:
-            raise RuntimeError(f"aligna serve was not ready after {timeout:.0f} s:\n{self.log_text()}")
+            log = self.log_text()
+            self.stop()
+            raise RuntimeError(f"aligna serve was not ready after {timeout:.0f} s:\n{log}")
         return self
 
     def log_text(self) -> str:

@@ -242,6 +242,7 @@ function drawHeatmap() {
   $("attention-note").textContent = note;
   $("readout").textContent = "";
   table.replaceChildren();
+  $("legend").hidden = !grid;
   if (!grid) return;
   const head = document.createElement("tr");
   head.className = "hm-header";

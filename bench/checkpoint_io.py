@@ -1,8 +1,8 @@
 """What the model directory's safety costs: time to write and to read back a checkpoint,
 with its digests and manifest, against plain safetensors calls on the same tensors.
 
-    python bench/checkpoint_io.py                                  # the de->en Transformer config
-    python bench/checkpoint_io.py configs/multi30k_de_en_gru.yaml --repeat 5
+    python -m bench.checkpoint_io                                  # the de->en Transformer config
+    python -m bench.checkpoint_io configs/multi30k_de_en_gru.yaml --repeat 5
 
 The model is built from the config with vocabularies of --vocab tokens (no data is read);
 one Adam update fills the optimizer state, so the checkpoint has its real size.
@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, config_hash, write_record  # noqa: E402
-from safetensors.torch import load_file, load_model, save_file, save_model  # noqa: E402
-
-from aligna.build import build_model, count_parameters  # noqa: E402
-from aligna.config import load_config  # noqa: E402
-from aligna.modeldir import ModelDir  # noqa: E402
-from aligna.tensorfiles import optimizer_to_flat  # noqa: E402
-from aligna.training import TrainState, make_optimizer  # noqa: E402
+from aligna.build import build_model, count_parameters
+from aligna.config import load_config
+from aligna.modeldir import ModelDir
+from aligna.tensorfiles import optimizer_to_flat
+from aligna.training import TrainState, make_optimizer
+from bench.common import ROOT, config_hash, write_record
 
 
 def timed(fn, repeat: int) -> float:
@@ -40,7 +37,9 @@ def timed(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.checkpoint_io", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("config", nargs="?", default="configs/multi30k_de_en_transformer.yaml")
     parser.add_argument("--vocab", type=int, default=8000, help="source and target vocabulary size")
     parser.add_argument("--repeat", type=int, default=5)

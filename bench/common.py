@@ -62,6 +62,16 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def command_line() -> str:
+    """The command that started this process, to be run again from the repository root:
+    `python -m bench.NAME ARGS` for a benchmark (python sets sys.argv[0] to the module's
+    file, which cannot be run by path), the arguments as given otherwise."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        return " ".join(["python", *sys.argv])
+    return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
+
+
 def write_record(name: str, record: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
@@ -69,7 +79,7 @@ def write_record(name: str, record: dict[str, Any]) -> Path:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "git_commit": git_commit(),
         "machine": machine(),
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(),
         **record,
     }
     path = RESULTS / f"{name}.json"

@@ -1,8 +1,8 @@
 """Translation speed: greedy and beam search at several batch sizes, on a config's test set.
 
-    python bench/decode_speed.py runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer
-    python bench/decode_speed.py runs/multi30k_de_en_transformer --beams 1 --batch-sizes 64 --no-cache
-    python bench/decode_speed.py runs/multi30k_de_en_bahdanau --precisions fp32 bf16 int8
+    python -m bench.decode_speed runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer
+    python -m bench.decode_speed runs/multi30k_de_en_transformer --beams 1 --batch-sizes 64 --no-cache
+    python -m bench.decode_speed runs/multi30k_de_en_bahdanau --precisions fp32 bf16 int8
 
 For each model directory, each beam size and each batch size, the whole test set
 (`data.test` of the model's config) is translated once untimed (warm-up) and then timed:
@@ -15,7 +15,6 @@ that both give the same output. Writes bench/results/decode_speed_<device>.json 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from itertools import product
@@ -24,15 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config_hash, write_record  # noqa: E402
-
-import aligna  # noqa: E402
-from aligna.data import read_parallel, reference_sets  # noqa: E402
-from aligna.metrics import score  # noqa: E402
-from aligna.model import Reorderable, Seq2Seq  # noqa: E402
-from aligna.runtime import PRECISIONS  # noqa: E402
-from aligna.transformer import Transformer, TransformerEncoderOutput  # noqa: E402
+import aligna
+from aligna.data import read_parallel, reference_sets
+from aligna.metrics import score
+from aligna.model import Reorderable, Seq2Seq
+from aligna.runtime import PRECISIONS
+from aligna.transformer import Transformer, TransformerEncoderOutput
+from bench.common import config_hash, write_record
 
 
 @dataclass
@@ -87,6 +84,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.decode_speed",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model_dirs", nargs="+")

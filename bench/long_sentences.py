@@ -1,7 +1,7 @@
 """The long-sentence experiment: models with and without attention, scored by source length.
 
-    python bench/long_sentences.py multi30k [--train]   # no attention vs Bahdanau vs Luong, Multi30k de->en
-    python bench/long_sentences.py reverse [--train]    # the same models on reversing 10-60 symbols
+    python -m bench.long_sentences multi30k [--train]   # no attention vs Bahdanau vs Luong, Multi30k de->en
+    python -m bench.long_sentences reverse [--train]    # the same models on reversing 10-60 symbols
 
 Loads each config's trained model_dir (with --train, trains the ones that have none yet),
 translates the task's test set greedily, scores it within source-length buckets, prints
@@ -11,19 +11,15 @@ the table, and writes bench/results/length_TASK.json and .png.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, config_hash, write_record  # noqa: E402
-
-import aligna  # noqa: E402
-from aligna.compare import compare_by_length  # noqa: E402
-from aligna.config import load_config  # noqa: E402
-from aligna.data import read_parallel, reference_sets  # noqa: E402
-from aligna.modeldir import ModelDir  # noqa: E402
-from aligna.synthetic import write_task  # noqa: E402
-from aligna.training import setup_logging, train  # noqa: E402
+import aligna
+from aligna.compare import compare_by_length
+from aligna.config import load_config
+from aligna.data import read_parallel, reference_sets
+from aligna.modeldir import ModelDir
+from aligna.synthetic import write_task
+from aligna.training import setup_logging, train
+from bench.common import RESULTS, ROOT, config_hash, write_record
 
 TASKS = {
     "multi30k": {
@@ -42,6 +38,7 @@ TASKS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.long_sentences",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("task", choices=sorted(TASKS))

@@ -1,10 +1,10 @@
 """Rows against published results: train a config, average its last checkpoints, decode the
 test set with beam search, and compare the score with the published anchor and our target.
 
-    python bench/published.py --list
-    python bench/published.py multi30k_de_en_transformer               # train + average + evaluate
-    python bench/published.py multi30k_de_en_transformer --skip-train  # evaluate the run in model_dir
-    python bench/published.py cmudict_g2p_transformer --set train.precision=bf16
+    python -m bench.published --list
+    python -m bench.published multi30k_de_en_transformer               # train + average + evaluate
+    python -m bench.published multi30k_de_en_transformer --skip-train  # evaluate the run in model_dir
+    python -m bench.published cmudict_g2p_transformer --set train.precision=bf16
 
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
 published number and what it measured, the target, whether it was met and by how much,
@@ -14,21 +14,18 @@ the train time and speed, and the machine. The README table is rendered from the
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, config_hash, write_record  # noqa: E402
-
-import aligna  # noqa: E402
-from aligna.config import load_config  # noqa: E402
-from aligna.data import read_parallel, reference_sets  # noqa: E402
-from aligna.g2p import prepare_cmudict  # noqa: E402
-from aligna.modeldir import ModelDir  # noqa: E402
-from aligna.training import setup_logging, train  # noqa: E402
-from aligna.translate import average  # noqa: E402
+import aligna
+from aligna.config import load_config
+from aligna.data import read_parallel, reference_sets
+from aligna.g2p import prepare_cmudict
+from aligna.modeldir import ModelDir
+from aligna.training import setup_logging, train
+from aligna.translate import average
+from bench.common import ROOT, command_line, config_hash, write_record
 
 LC_TOK = "lowercased tokenized text (lc.norm.tok), multi-bleu.perl style"
 
@@ -86,6 +83,7 @@ def met(value: float, target: float, higher: bool) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.published",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("row", nargs="?", choices=sorted(ROWS))
@@ -137,7 +135,7 @@ def main() -> None:
     for m, v in verdicts.items():
         print(f"{m}: aligna {v['aligna']:.2f}, published {v['published']}, target {v['target']}: "
               f"{'met' if v['met'] else 'missed'} by {abs(v['margin']):.2f}")  # fmt: skip
-    command = " ".join(["python", *sys.argv])
+    command = command_line()
     if args.skip_train:
         command = (
             f"aligna train {row.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command

@@ -1,7 +1,7 @@
 """Render the README results table from the JSON records in bench/results/.
 
-    python bench/render_table.py            # rewrite the table in README.md
-    python bench/render_table.py --check    # exit 1 if README.md is out of date
+    python -m bench.render_table            # rewrite the table in README.md
+    python -m bench.render_table --check    # exit 1 if README.md is out of date
 
 Only records are shown: a row without a record cannot appear.
 """
@@ -209,7 +209,7 @@ def render() -> str:
     if peers:
         parts += ["", "Training speed against JoeyNMT 2.3.0, same data, same batches, fp32, target tokens/s of "
                   "the update (`bench/results/peer_joeynmt_train_speed_*.json`; what differs is listed in "
-                  "`bench/joeynmt_peer.py`):", "", *peer_speed_rows(peers)]  # fmt: skip
+                  "`bench/joeynmt/__init__.py`):", "", *peer_speed_rows(peers)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_train"]:
         parts += ["", f"Time to quality against JoeyNMT 2.3.0, same data and batches, dev BLEU by training "
                   f"time without validation (`bench/results/{r['name']}.json`):", "", *peer_curve_rows(r)]  # fmt: skip
@@ -238,7 +238,7 @@ def render() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.render_table", description=__doc__)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     text = README.read_text(encoding="utf-8")

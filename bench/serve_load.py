@@ -1,8 +1,8 @@
 """Load on `aligna serve`: many concurrent clients, each sending one sentence per request.
 
-    python bench/serve_load.py runs/multi30k_de_en_transformer
-    python bench/serve_load.py runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer --clients 100 --duration 30
-    python bench/serve_load.py runs/toy --clients 10 --duration 5 --src data/toy/test.src --name serve_load_toy
+    python -m bench.serve_load runs/multi30k_de_en_transformer
+    python -m bench.serve_load runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer --clients 100 --duration 30
+    python -m bench.serve_load runs/toy --clients 10 --duration 5 --src data/toy/test.src --name serve_load_toy
 
 For each mode, dynamic batching on (`--max-batch`, default 32) and off (`--max-batch 1`), a
 fresh `python -m aligna serve MODEL_DIR ...` is started on a free loopback port, and
@@ -32,13 +32,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_record  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from screenshot import Server  # noqa: E402  (the page's test and screenshots start it the same way)
-
-from aligna.data import read_lines  # noqa: E402
+from aligna.data import read_lines
+from bench.common import ROOT, write_record
+from scripts.screenshot import Server  # the page's test and screenshots start it the same way
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.lc.norm.tok.de.gz"
 
@@ -142,6 +138,7 @@ async def warm_up(url: str, names: list[str], sources: list[str], search: dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.serve_load",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(

@@ -1,31 +1,29 @@
 """Train a config from scratch, score its best checkpoint on the config's test set, and
 write a JSON record to bench/results/NAME.json (the README results table is made from these).
 
-    python bench/train_eval.py configs/multi30k_de_en_gru.yaml
-    python bench/train_eval.py configs/cmudict_g2p.yaml --set train.epochs=5
-    python bench/train_eval.py configs/X.yaml --skip-train   # score a run already in model_dir
+    python -m bench.train_eval configs/multi30k_de_en_gru.yaml
+    python -m bench.train_eval configs/cmudict_g2p.yaml --set train.epochs=5
+    python -m bench.train_eval configs/X.yaml --skip-train   # score a run already in model_dir
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config_hash, write_record  # noqa: E402
-
-import aligna  # noqa: E402
-from aligna.config import load_config  # noqa: E402
-from aligna.data import read_parallel, reference_sets  # noqa: E402
-from aligna.modeldir import ModelDir  # noqa: E402
-from aligna.training import setup_logging, train  # noqa: E402
+import aligna
+from aligna.config import load_config
+from aligna.data import read_parallel, reference_sets
+from aligna.modeldir import ModelDir
+from aligna.training import setup_logging, train
+from bench.common import command_line, config_hash, write_record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.train_eval",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("config")
@@ -53,7 +51,7 @@ def main() -> None:
     scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
     for metric, value in scores.values.items():
         print(f"{metric:>9} {value:8.2f}  {scores.signatures.get(metric, '')}")
-    command = " ".join(["python", *sys.argv])
+    command = command_line()
     if args.skip_train:  # the training happened before this command: the recipe names it
         command = (
             f"aligna train {args.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command

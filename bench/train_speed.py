@@ -3,26 +3,22 @@
 Each config's model is trained for --warmup untimed and --steps timed updates on the
 batches of its first epoch; the record says where it ran and with how many threads.
 
-    python bench/train_speed.py                       # the default configs below
-    python bench/train_speed.py configs/X.yaml --steps 50
+    python -m bench.train_speed                       # the default configs below
+    python -m bench.train_speed configs/X.yaml --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, config_hash, write_record  # noqa: E402
-
-from aligna.build import build_model, count_parameters  # noqa: E402
-from aligna.config import load_config  # noqa: E402
-from aligna.data import Pipeline, collate, encode_pairs, epoch_batches, read_parallel  # noqa: E402
-from aligna.training import make_optimizer, train_step  # noqa: E402
+from aligna.build import build_model, count_parameters
+from aligna.config import load_config
+from aligna.data import Pipeline, collate, encode_pairs, epoch_batches, read_parallel
+from aligna.training import make_optimizer, train_step
+from bench.common import ROOT, config_hash, write_record
 
 DEFAULT = ["configs/multi30k_de_en_lstm.yaml", "configs/multi30k_de_en_gru.yaml", "configs/quickstart.yaml"]
 
@@ -65,6 +61,7 @@ def measure(path: str, steps: int, warmup: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m bench.train_speed",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("configs", nargs="*", default=DEFAULT)

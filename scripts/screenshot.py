@@ -7,7 +7,8 @@
 Starts `python -m aligna serve MODEL_DIR` on a free loopback port, opens its page in headless
 Chromium (Debian's chromium and chromium-driver, driven by Selenium; nothing is downloaded),
 types the sentence, translates it and saves the window as a PNG. tests/test_browser.py
-drives the page with the same helpers.
+drives the page with the same helpers, and bench/serve_load.py starts its servers with
+`Server` (both import this file as scripts.screenshot, from the repository root).
 """
 
 from __future__ import annotations

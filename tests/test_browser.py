@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,7 @@ from conftest import reverse_pairs, write_tsv
 import aligna
 from aligna.config import config_from_dict
 from aligna.training import train
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import screenshot as page  # noqa: E402
+from scripts import screenshot as page
 
 SENTENCE = "a b c d e f"
 TOLERANCE = 1e-3  # the page shows weights to 3 decimals (and the API rounds them to 5)

@@ -1,13 +1,15 @@
-"""The JoeyNMT side of bench/joeynmt_peer.py, run by JoeyNMT's own virtualenv.
+"""The JoeyNMT side of `python -m bench.joeynmt`, run by JoeyNMT's own virtualenv.
 
-Not meant to be run by hand: joeynmt_peer.py writes a JoeyNMT config and calls
+Not meant to be run by hand: bench/joeynmt/commands.py writes a JoeyNMT config and calls
+(bench/joeynmt/joey_venv.py `run_driver`, from the repository root)
 
-    VENV/bin/python bench/peer_joeynmt_driver.py speed CONFIG --steps 30 --warmup 3 [--threads N]
-    VENV/bin/python bench/peer_joeynmt_driver.py train CONFIG [--threads N]
-    VENV/bin/python bench/peer_joeynmt_driver.py translate CONFIG --beams 1 5 --batch-sizes 16 64 [--threads N]
+    VENV/bin/python bench/joeynmt/driver.py speed CONFIG --steps 30 --warmup 3 [--threads N]
+    VENV/bin/python bench/joeynmt/driver.py train CONFIG [--threads N]
+    VENV/bin/python bench/joeynmt/driver.py translate CONFIG --beams 1 5 --batch-sizes 16 64 [--threads N]
 
 Each prints one line `RESULT_PREFIX + JSON` on stdout (JoeyNMT itself logs to stderr).
-It imports JoeyNMT, torch and the standard library only: aligna is not installed here.
+It imports JoeyNMT, torch, yaml and the standard library only: aligna is not installed here,
+and it is run by path (not as part of the bench package), so nothing else in bench/ is imported.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from joeynmt.model import Model
 from joeynmt.prediction import predict, prepare
 from joeynmt.training import TrainManager, train
 
-RESULT_PREFIX = "PEER_RESULT "  # joeynmt_peer.py reads the line that starts with this
+RESULT_PREFIX = "PEER_RESULT "  # joey_venv.run_driver reads the line that starts with this
 
 
 def count_parameters(model: Model) -> int:
@@ -112,7 +114,7 @@ def speed(cfg: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- train
 
 
-VALIDATION_LINE = "peer driver: validation at step %d took %.3f s"  # joeynmt_peer.py parses it
+VALIDATION_LINE = "peer driver: validation at step %d took %.3f s"  # commands.joey_curve parses it
 
 
 def log_validation_time(logger: Any) -> None:
@@ -136,7 +138,7 @@ def train_model(cfg: dict[str, Any], config_path: Path) -> dict[str, Any]:
     shutil.copy2(config_path, model_dir / "config.yaml")
     logger = get_logger("", log_file=(model_dir / "train.log").as_posix())
     logger.info(
-        "Hello! This is Joey-NMT (version %s), run by bench/peer_joeynmt_driver.py.", version("joeynmt")
+        "Hello! This is Joey-NMT (version %s), run by bench/joeynmt/driver.py.", version("joeynmt")
     )
     log_validation_time(logger)
     started = time.perf_counter()
@@ -188,7 +190,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["speed", "train", "translate"])
-    parser.add_argument("config", type=Path, help="a JoeyNMT config written by joeynmt_peer.py")
+    parser.add_argument("config", type=Path, help="a JoeyNMT config written by python -m bench.joeynmt")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)

@@ -18,8 +18,10 @@ from typing import Annotated, Any
 
 from . import __version__
 from .config import ConfigError, DecodeConfig, Range, TrainConfig, check_value, field_type
+from .export import QUANTIZATIONS
 from .runtime import PRECISIONS
 from .synthetic import SYMBOLS
+from .translate import ENGINES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Serve trained models over HTTP (needs pip install 'aligna[serve]'): "
                        "POST /v1/translate, GET /v1/models, /healthz, /readyz, /docs, and a page at /. "
                        "Requests with the same search options that arrive together are decoded in one batch.")  # fmt: skip
-    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`")
+    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                   help="directories written by `aligna train` or `aligna export`")  # fmt: skip
     p.add_argument("--name", action="append", dest="names", metavar="NAME",
                    help="a model's name in requests, once per MODEL_DIR in order (default: the directory's name)")  # fmt: skip
     p.add_argument(
@@ -122,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as for translate (default: fp32)")
+    _engine_arg(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=32, help="texts per decoding batch (default: 32)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
@@ -144,6 +148,19 @@ def _parser() -> argparse.ArgumentParser:
         "--max-output-len", type=int, default=512, help="largest max_len_b and min_len (default: 512)"
     )
     p.set_defaults(run=_serve)
+
+    p = sub.add_parser("export", help="export a trained Transformer to CTranslate2",
+                       description="Write a CTranslate2 model of MODEL_DIR's Transformer to OUT, with the "
+                       "tokenizers and vocabularies aligna needs beside it; translate, evaluate and serve "
+                       "take OUT like a model directory (needs pip install 'aligna[ct2]').")  # fmt: skip
+    p.add_argument("model_dir", help="a directory written by `aligna train`")
+    p.add_argument("--to", required=True, choices=["ctranslate2"], help="the inference engine")
+    p.add_argument("out", help="the directory to write (must not exist, or hold an earlier export)")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path")
+    p.add_argument("--quantization", choices=QUANTIZATIONS,
+                   help="weight type of the exported model (default: float32); int8 is the fast one on a CPU")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("prepare-synthetic", help="write a copy or reverse task of symbol sequences",
                        description="Write train.tsv, dev.tsv and test.tsv of a synthetic task: copy or "
@@ -174,16 +191,24 @@ def _test_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tsv", help="instead of --src/--ref: one file of source<TAB>reference lines")
 
 
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="aligna (PyTorch) or ctranslate2 (an `aligna export` directory, or a model directory "
+                   "exported on the fly; needs pip install 'aligna[ct2]'); auto (default): ctranslate2 for "
+                   "an exported directory, aligna otherwise")  # fmt: skip
+
+
 def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     if many:
         p.add_argument(
             "model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`"
         )
     else:
-        p.add_argument("model_dir", help="a directory written by `aligna train`")
+        p.add_argument("model_dir", help="a directory written by `aligna train` or `aligna export`")
     p.add_argument(
         "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
     )
+    _engine_arg(p)
     p.add_argument("--device", type=_checked(field_type(TrainConfig, "device")), default="auto",
                    help="auto, cpu, cuda or cuda:N")  # fmt: skip
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -296,7 +321,7 @@ def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
     from .translate import load
 
-    translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
+    translator = load(args.model_dir, args.checkpoint, args.device, args.precision, args.engine)
     if args.input:
         lines = read_lines(args.input)
     else:  # bytes, so the terminal's locale cannot garble UTF-8
@@ -383,7 +408,7 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 def _evaluate(args: argparse.Namespace) -> int:
     from .translate import load
 
-    translator = load(args.model_dir, args.checkpoint, args.device, args.precision)
+    translator = load(args.model_dir, args.checkpoint, args.device, args.precision, args.engine)
     sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
     hypotheses = translator.translate(sources, **_search_options(args))
@@ -413,7 +438,7 @@ def _compare(args: argparse.Namespace) -> int:
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
     translators = {
-        n: load(m, args.checkpoint, args.device, args.precision) for n, m in zip(names, args.model_dirs)
+        n: load(m, args.checkpoint, args.device, args.precision, args.engine) for n, m in zip(names, args.model_dirs)
     }
     first = next(iter(translators.values()))
     sources, references = _test_set(args, first.config.data.group_references)
@@ -448,7 +473,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"serving needs fastapi and uvicorn ({e}): pip install 'aligna[serve]'") from None
     from .serve import Settings, create_app, read_api_key, setup_logging
-    from .translate import load
+    from .translate import Translator, load
 
     names = args.names or [Path(m).resolve().name for m in args.model_dirs]
     if len(names) != len(args.model_dirs):
@@ -471,14 +496,23 @@ def _serve(args: argparse.Namespace) -> int:
     models = {}
     for name, model_dir in zip(names, args.model_dirs):
         print(f"loading {name!r} from {model_dir}", file=sys.stderr)
-        models[name] = load(model_dir, args.checkpoint, args.device, args.precision)
-        models[name].search_model()  # the int8 copy is made now, not on the first request
+        models[name] = load(model_dir, args.checkpoint, args.device, args.precision, args.engine)
+        if isinstance(models[name], Translator):
+            models[name].search_model()  # the int8 copy is made now, not on the first request
     app = create_app(models, settings)
     if settings.api_key is not None:
         print(
             "API key required (Authorization: Bearer ...) except on /healthz, /readyz and /", file=sys.stderr
         )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_ctranslate2
+
+    out = export_ctranslate2(args.model_dir, args.out, args.checkpoint, args.quantization, args.overwrite)
+    print(f"CTranslate2 model written to {out}", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import bucket_labels, score, score_by_length
-from .translate import Translator
+from .translate import TextTranslator
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Comparison:
 
 
 def compare_by_length(
-    translators: dict[str, Translator], sources: Sequence[str], references: Sequence[Sequence[str]],
+    translators: dict[str, TextTranslator], sources: Sequence[str], references: Sequence[Sequence[str]],
     edges: Sequence[int], metric: str | None = None, batch_size: int | None = None, **search: object,
 ) -> Comparison:  # fmt: skip
     """Translate `sources` with every model and score each length bucket (length: the

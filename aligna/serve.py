@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import BatchWorker, WorkerStopped
 from .config import ConfigError, config_to_dict
-from .translate import Translator
+from .translate import TextTranslator
 
 log = logging.getLogger("aligna")
 
@@ -231,9 +231,7 @@ def _validation_error(exc: RequestValidationError, content_type: str) -> Respons
 # --------------------------------------------------------------------------- a served model
 
 
-def model_info(name: str, translator: Translator) -> dict[str, Any]:
-    from .build import count_parameters
-
+def model_info(name: str, translator: TextTranslator) -> dict[str, Any]:
     config, m = translator.config, translator.config.model
     if m.arch == "transformer":
         architecture, attention, heads = "transformer", "multi-head", m.transformer.heads
@@ -244,10 +242,10 @@ def model_info(name: str, translator: Translator) -> dict[str, Any]:
         "name": name, "architecture": architecture, "attention": attention,
         "src_lang": config.data.src_lang, "tgt_lang": config.data.tgt_lang,
         "src_tokenizer": config.data.src_tokenizer.type, "tgt_tokenizer": config.data.tgt_tokenizer.type,
-        "parameters": count_parameters(translator.model), "precision": translator.precision,
+        "parameters": translator.parameters, "precision": translator.precision, "engine": translator.engine,
         "device": str(translator.device), "has_attention": attention != "none",
         "layers": {"encoder": m.encoder_layers, "decoder": m.decoder_layers}, "heads": heads,
-        "max_len": translator.model.max_len, "decode": config_to_dict(config.decode),
+        "max_len": translator.max_len, "decode": config_to_dict(config.decode),
     }  # fmt: skip
 
 
@@ -263,7 +261,7 @@ def _one_line(text: str) -> str:
 @dataclass
 class ServedModel:
     name: str
-    translator: Translator
+    translator: TextTranslator
     info: dict[str, Any]
     worker: BatchWorker | None = None
     _sampling: count = field(default_factory=count)
@@ -395,7 +393,7 @@ def _bearer(value: bytes) -> bytes | None:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(models: dict[str, Translator], settings: Settings | None = None) -> FastAPI:
+def create_app(models: dict[str, TextTranslator], settings: Settings | None = None) -> FastAPI:
     """The API over `models` (name -> Translator). Workers start and stop with the app's
     lifespan (run it under uvicorn, or `with TestClient(app)`)."""
     settings = settings or Settings()

@@ -48,49 +48,39 @@ class Translation:
         return self.tokens + ["<eos>"] * (rows - len(self.tokens))
 
 
-class Translator:
-    """A model with its tokenizers and vocabularies, ready to translate and evaluate.
+class TextTranslator:
+    """Text in, text out, whatever engine decodes: tokenizing, cutting inputs to what the
+    model takes, options, attention records and scores are shared; an engine supplies
+    `_translate_tokens` (and `_corpus_loss` for loss / perplexity). Engines: `Translator`
+    (aligna's own search over a PyTorch model) and `ct2.CT2Translator` (CTranslate2, for a
+    model exported with `aligna export`)."""
 
-    Safe to call from several threads at once: options are passed per call, nothing is
-    stored between calls, search runs under `torch.inference_mode()`, and the model is never
-    switched between train and eval mode here (it is put in eval mode once, at construction;
-    a trainer that shares it switches it back before validating, see `_eval_model`)."""
+    engine = "aligna"
 
-    def __init__(
-        self,
-        model: Seq2Seq,
-        pipeline: Pipeline,
-        config: Config,
-        device: torch.device,
-        precision: str = "fp32",
-    ) -> None:
-        self.model, self.pipeline, self.config, self.device = model, pipeline, config, device
-        self.precision = precision  # fp32, bf16 / fp16 autocast, or int8 weights for decoding
-        self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
-        self._int8_made = threading.Lock()
-        model.eval()
+    def __init__(self, pipeline: Pipeline, config: Config, device: torch.device, precision: str) -> None:
+        self.pipeline, self.config, self.device, self.precision = pipeline, config, device, precision
 
-    def search_model(self) -> Seq2Seq:
-        """The model that searches: `model`, or its int8 copy when precision is int8."""
-        check_precision(self.device, self.precision)
-        if self.precision != "int8":
-            return self.model
-        with self._int8_made:  # several threads may ask at once; one copy is made
-            if self._int8 is None:
-                self._int8 = quantize_int8(self.model)
-        return self._int8
+    @property
+    def max_len(self) -> int | None:
+        """The longest input (and output) the model takes, in tokens (None: no limit)."""
+        raise NotImplementedError
 
-    def _eval_model(self, search: bool = True) -> Seq2Seq:
-        """The model to run (its int8 copy for `search` at precision int8), which must be in eval mode."""
-        if self.model.training:
-            raise RuntimeError("the model is in training mode: call model.eval() before translating with it")
-        return self.search_model() if search else self.model
+    @property
+    def parameters(self) -> int:
+        raise NotImplementedError
+
+    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
+        """Translations of tokenized inputs (None for an input with no tokens)."""
+        raise NotImplementedError
+
+    def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
+        """Mean per-token cross-entropy of the pairs' targets and the number of target tokens."""
+        raise NotImplementedError
 
     def translate(self, texts: Sequence[str], batch_size: int | None = None, **search: object) -> list[str]:
         """Translations of `texts`; `search` overrides decode settings (beam_size=5, ...)."""
         return [t.text for t in self.translate_detailed(texts, batch_size, **search)]
 
-    @torch.inference_mode()
     def translate_detailed(
         self, texts: Sequence[str], batch_size: int | None = None, **search_options: object
     ) -> list[Translation]:
@@ -99,9 +89,8 @@ class Translator:
         if batch_size is not None:
             search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
-        batch_size = decode.batch_size
         src_tokens = [self.pipeline.src_tokens(t) for t in texts]
-        limit = self.model.max_len  # a table of learned positions ends somewhere
+        limit = self.max_len  # a table of positions ends somewhere
         if limit is not None and any(len(toks) > limit for toks in src_tokens):
             cut = [i + 1 for i, toks in enumerate(src_tokens) if len(toks) > limit]
             log.warning(
@@ -110,29 +99,7 @@ class Translator:
                 len(cut), limit, limit, ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""),
             )  # fmt: skip
             src_tokens = [toks[:limit] for toks in src_tokens]
-        ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
-        results: list[Translation | None] = [None] * len(texts)
-        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
-        generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
-        model = self._eval_model()
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
-            lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
-            with autocast(self.device, self.precision):
-                found = search(model, src, lengths, decode, generator)
-            for hyps, i in zip(found.nbest, chunk):
-                best = hyps[0]
-                results[i] = Translation(
-                    text=self.pipeline.detokenize(best.tokens),
-                    # every emitted id, so that the attention rows keep their labels (an under-trained
-                    # model may emit <pad> or <sos>; the text leaves them out)
-                    tokens=self.pipeline.tgt_vocab.itos_of(best.tokens),
-                    src_tokens=src_tokens[i],
-                    score=best.log_prob,
-                    attention=best.attention,
-                    nbest=[(self.pipeline.detokenize(h.tokens), h.score) for h in hyps],
-                )
+        results = self._translate_tokens(src_tokens, decode)
         empty = Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest)  # an input with no tokens
         return [r if r is not None else empty for r in results]
 
@@ -140,20 +107,11 @@ class Translator:
         """The config's decode section with `options` applied and validated."""
         return replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
 
-    @torch.inference_mode()
     def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
         """Every attention map of the model for one translation, each (layers, heads, rows,
-        cols); see `Seq2Seq.attention_maps`. Rows follow `translation.attention_rows`."""
-        if not translation.src_tokens:
-            return {}
-        vocab = self.pipeline
-        src = torch.tensor([vocab.src_vocab.encode(translation.src_tokens)], device=self.device)
-        rows = len(translation.attention_rows) or len(translation.tokens) + 1
-        tgt_in = torch.tensor([[SOS_ID, *vocab.tgt_vocab.encode(translation.tokens)]], device=self.device)[
-            :, :rows
-        ]
-        maps = self._eval_model(search=False).attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
-        return {name: m[0].float().cpu() for name, m in maps.items()}
+        cols), rows following `translation.attention_rows`; {} where the engine gives none
+        but the map search used."""
+        return {}
 
     def attention_record(self, translation: Translation, every_map: bool = False) -> dict[str, Any]:
         """The attention of one translation as plain JSON-able data::
@@ -204,28 +162,146 @@ class Translator:
                 [r for refs in references for r in refs],
                 "evaluation pairs",
             )
-            limit = self.model.max_len  # tgt_in is <sos> + the reference
-            examples = encode_pairs(
-                self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
-            )
-            if examples.report.empty:
-                log.info("%s (left out of loss and perplexity)", examples.report)
-            loss, _ = corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+            loss, _ = self._corpus_loss(pairs)
             scores.values.update({"loss": loss, "ppl": perplexity(loss)})
         return scores
+
+
+class Translator(TextTranslator):
+    """aligna's own engine: a PyTorch model searched by `search.search`.
+
+    Safe to call from several threads at once: options are passed per call, nothing is
+    stored between calls, search runs under `torch.inference_mode()`, and the model is never
+    switched between train and eval mode here (it is put in eval mode once, at construction;
+    a trainer that shares it switches it back before validating, see `_eval_model`)."""
+
+    def __init__(
+        self,
+        model: Seq2Seq,
+        pipeline: Pipeline,
+        config: Config,
+        device: torch.device,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__(pipeline, config, device, precision)  # precision: fp32, bf16 / fp16, int8
+        self.model = model
+        self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
+        self._int8_made = threading.Lock()
+        model.eval()
+
+    @property
+    def max_len(self) -> int | None:
+        return self.model.max_len
+
+    @property
+    def parameters(self) -> int:
+        from .build import count_parameters
+
+        return count_parameters(self.model)
+
+    def search_model(self) -> Seq2Seq:
+        """The model that searches: `model`, or its int8 copy when precision is int8."""
+        check_precision(self.device, self.precision)
+        if self.precision != "int8":
+            return self.model
+        with self._int8_made:  # several threads may ask at once; one copy is made
+            if self._int8 is None:
+                self._int8 = quantize_int8(self.model)
+        return self._int8
+
+    def _eval_model(self, search: bool = True) -> Seq2Seq:
+        """The model to run (its int8 copy for `search` at precision int8), which must be in eval mode."""
+        if self.model.training:
+            raise RuntimeError("the model is in training mode: call model.eval() before translating with it")
+        return self.search_model() if search else self.model
+
+    @torch.inference_mode()
+    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
+        ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
+        results: list[Translation | None] = [None] * len(src_tokens)
+        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
+        model = self._eval_model()
+        for start in range(0, len(order), decode.batch_size):
+            chunk = order[start : start + decode.batch_size]
+            src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
+            lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
+            with autocast(self.device, self.precision):
+                found = search(model, src, lengths, decode, generator)
+            for hyps, i in zip(found.nbest, chunk):
+                best = hyps[0]
+                results[i] = Translation(
+                    text=self.pipeline.detokenize(best.tokens),
+                    # every emitted id, so that the attention rows keep their labels (an under-trained
+                    # model may emit <pad> or <sos>; the text leaves them out)
+                    tokens=self.pipeline.tgt_vocab.itos_of(best.tokens),
+                    src_tokens=src_tokens[i],
+                    score=best.log_prob,
+                    attention=best.attention,
+                    nbest=[(self.pipeline.detokenize(h.tokens), h.score) for h in hyps],
+                )
+        return results
+
+    @torch.inference_mode()
+    def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
+        """Every attention map of the model for one translation, each (layers, heads, rows,
+        cols); see `Seq2Seq.attention_maps`. Rows follow `translation.attention_rows`."""
+        if not translation.src_tokens:
+            return {}
+        vocab = self.pipeline
+        src = torch.tensor([vocab.src_vocab.encode(translation.src_tokens)], device=self.device)
+        rows = len(translation.attention_rows) or len(translation.tokens) + 1
+        tgt_in = torch.tensor([[SOS_ID, *vocab.tgt_vocab.encode(translation.tokens)]], device=self.device)[
+            :, :rows
+        ]
+        maps = self._eval_model(search=False).attention_maps(src, torch.tensor([src.size(1)], device=self.device), tgt_in)
+        return {name: m[0].float().cpu() for name, m in maps.items()}
+
+    @torch.inference_mode()
+    def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
+        limit = self.model.max_len  # tgt_in is <sos> + the reference
+        examples = encode_pairs(
+            self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
+        )
+        if examples.report.empty:
+            log.info("%s (left out of loss and perplexity)", examples.report)
+        return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
 
 
 def _rounded(value: Any) -> Any:
     return [_rounded(v) for v in value] if isinstance(value, list) else round(float(value), 5)
 
 
+ENGINES = ("auto", "aligna", "ctranslate2")
+
+
 def load(
-    model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str = "fp32"
-) -> Translator:
-    """Load a trained model directory. `checkpoint`: best, latest, averaged, or a path."""
+    model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str = "fp32",
+    engine: str = "auto",
+) -> TextTranslator:  # fmt: skip
+    """Load a trained model directory, or one written by `aligna export`. `checkpoint`: best,
+    latest, averaged, or a path. `engine`: aligna (PyTorch), ctranslate2 (an exported
+    directory, or a model directory exported on the fly), auto (ctranslate2 for an exported
+    directory, aligna otherwise)."""
+    from .export import is_exported
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    dev = resolve_device(device)
+    if is_exported(model_dir):
+        if engine == "aligna":
+            raise ValueError(f"{model_dir} is a CTranslate2 export: load it with engine ctranslate2 (or auto)")
+        if checkpoint != "best":
+            raise ValueError(f"{model_dir} is a CTranslate2 export of one checkpoint: --checkpoint does not apply")
+        from .ct2 import load_exported
+
+        return load_exported(model_dir, dev, precision)
     md = ModelDir(model_dir)
     md.require()
-    dev = resolve_device(device)
+    if engine == "ctranslate2":
+        from .ct2 import load_converted
+
+        return load_converted(model_dir, checkpoint, dev, precision)
     check_precision(dev, precision)
     config = load_config(md / CONFIG)
     pipeline = Pipeline.load(md.path)
@@ -237,5 +313,6 @@ def load(
 
 def average(model_dir: str | Path, last: int) -> Path:
     """Average the weights of the `last` newest step checkpoints into averaged.safetensors."""
-    translator = load(model_dir, checkpoint="latest", device="cpu")
+    translator = load(model_dir, checkpoint="latest", device="cpu", engine="aligna")
+    assert isinstance(translator, Translator)
     return ModelDir(model_dir).average(translator.model, last)

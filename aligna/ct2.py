@@ -1,0 +1,186 @@
+"""Translating with CTranslate2: a model exported by `aligna export` behind aligna's text ends.
+
+    translator = aligna.load("runs/de_en-ct2")              # an exported directory
+    translator = aligna.load("runs/de_en", engine="ctranslate2")  # exported on the fly
+
+aligna tokenizes, cuts inputs to what the model takes and detokenizes (`TextTranslator`);
+CTranslate2 searches. aligna's decode options map onto CTranslate2's so that both engines
+search the same way:
+
+- batches: inputs sorted by length and cut into `batch_size` sentences, as aligna does, each
+  one `translate_batch` call;
+- length limit: aligna's is per sentence (a * |x| + b, `<eos>` included), CTranslate2's per
+  call; a call gets its batch's longest limit, and the few outputs that run past their own
+  limit are decoded again with it, so every limit is exact;
+- beam search: CTranslate2 returns all `beam_size` finished hypotheses, ranked by raw
+  log-probability (length_penalty 0), and aligna ranks them by GNMT's length penalty
+  ((5 + |y|) / 6)^alpha, which CTranslate2 lacks (its own is |y|^alpha);
+- min_len, no_repeat_ngram, sampling (temperature, top_k, top_p, seed) map one to one;
+  the coverage penalty (CTranslate2's is not GNMT's) is an error, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, DecodeConfig, load_config
+from .data import ParallelText, Pipeline, encode_pairs
+from .export import ctranslate2_module, export_ctranslate2, export_info
+from .modeldir import CONFIG
+from .search import length_penalty, max_lengths
+from .translate import TextTranslator, Translation
+from .vocab import EOS, EOS_ID, PAD_ID, SOS_ID
+
+COMPUTE_TYPES = {"fp32": "float32", "int8": "int8", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class CT2Translator(TextTranslator):
+    """An exported Transformer decoded by CTranslate2 (`precision` picks its compute type:
+    fp32 float32, int8 int8, bf16 bfloat16, fp16 float16, where the device supports it)."""
+
+    engine = "ctranslate2"
+
+    def __init__(
+        self, path: str | Path, pipeline: Pipeline, config: Config, info: dict[str, Any], device: torch.device,
+        precision: str = "fp32", threads: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(pipeline, config, device, precision)
+        ctranslate2 = ctranslate2_module()
+        compute = COMPUTE_TYPES.get(precision)
+        supported = ctranslate2.get_supported_compute_types(device.type)
+        if compute not in supported:
+            raise ValueError(
+                f"precision {precision}: CTranslate2 on {device.type} computes in "
+                f"{', '.join(sorted(supported))}, not {compute}"
+            )
+        self.info = info
+        self.ct2 = ctranslate2.Translator(
+            str(path), device=device.type, device_index=device.index or 0, compute_type=compute,
+            intra_threads=threads or torch.get_num_threads(), inter_threads=1,
+        )  # fmt: skip
+        self._seeded = threading.Lock()  # CTranslate2's random seed is global
+
+    @property
+    def max_len(self) -> int | None:
+        return int(self.info["max_positions"])
+
+    @property
+    def parameters(self) -> int:
+        return int(self.info["parameters"])
+
+    def options(self, decode: DecodeConfig) -> dict[str, Any]:
+        """CTranslate2's translate_batch options for aligna's decode settings."""
+        if decode.coverage:
+            raise ConfigError(
+                "decode.coverage: CTranslate2's coverage penalty is not aligna's (GNMT's); "
+                "use engine aligna for it, or coverage 0"
+            )
+        beam = decode.beam_size if not decode.sample else 1
+        options: dict[str, Any] = dict(
+            beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,
+            no_repeat_ngram_size=decode.no_repeat_ngram, max_input_length=0, return_end_token=True,
+            return_scores=True, return_attention=True,
+        )  # fmt: skip
+        if decode.sample:
+            options.update(sampling_topk=decode.top_k, sampling_topp=decode.top_p,
+                           sampling_temperature=decode.temperature)  # fmt: skip
+        return options
+
+    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
+        options = self.options(decode)
+        lengths = torch.tensor([len(t) for t in src_tokens])
+        limits = max_lengths(lengths, decode.max_len_a, decode.max_len_b, self.max_len).tolist()
+        order = sorted((i for i in range(len(src_tokens)) if src_tokens[i]), key=lambda i: -len(src_tokens[i]))
+        found: dict[int, Any] = {}
+        with self._seeded if decode.sample else nullcontext():
+            if decode.sample:
+                ctranslate2_module().set_random_seed(decode.seed)
+            for start in range(0, len(order), decode.batch_size):
+                chunk = order[start : start + decode.batch_size]
+                self._decode(chunk, src_tokens, max(limits[i] for i in chunk), options, found)
+            # Outputs that ran past their own limit: again, each with its limit.
+            over = [i for i in order if len(found[i][0].hypotheses[0]) > limits[i]]
+            for limit in sorted({limits[i] for i in over}):
+                self._decode([i for i in over if limits[i] == limit], src_tokens, limit, options, found)
+        results: list[Translation | None] = [None] * len(src_tokens)
+        for i in order:
+            results[i] = self._translation(*found[i], src_tokens[i], decode)
+        return results
+
+    def _decode(self, chunk: list[int], src_tokens: list[list[str]], limit: int, options: dict, found: dict) -> None:
+        sources = [src_tokens[i] for i in chunk]
+        batch = self.ct2.translate_batch(sources, max_decoding_length=limit, **options)
+        first: list[Any] = [None] * len(chunk)
+        if options["beam_size"] > 1:
+            # CTranslate2 4.8 gives a beam hypothesis the first attention row of another sentence
+            # of the batch; every hypothesis starts from <sos>, so one greedy step has the right one.
+            steps = self.ct2.translate_batch(sources, beam_size=1, max_decoding_length=1, min_decoding_length=0,
+                                             max_input_length=0, return_attention=True)  # fmt: skip
+            first = [step.attention[0][0] if step.attention[0] else None for step in steps]
+        found.update(zip(chunk, zip(batch, first)))
+
+    def _translation(self, result: Any, first: list[float] | None, src_tokens: list[str], decode: DecodeConfig) -> Translation:
+        """aligna's Translation of one CTranslate2 result (and the right first attention row of
+        a beam search): hypotheses ranked by GNMT's length penalty."""
+        ranked = []
+        for tokens, log_prob, attention in zip(result.hypotheses, result.scores, result.attention):
+            if first is not None and attention:
+                attention = [first, *attention[1:]]
+            steps = len(tokens)  # <eos> included when emitted, as aligna's lp(Y) counts
+            words = tokens[:-1] if tokens and tokens[-1] == EOS else tokens
+            ranked.append((log_prob / length_penalty(steps, decode.alpha), log_prob, words, attention))
+        ranked.sort(key=lambda h: -h[0])
+        ranked = ranked[: decode.nbest]
+        _, log_prob, words, attention = ranked[0]
+        ids = self.pipeline.tgt_vocab.encode(words)
+        return Translation(
+            text=self.pipeline.detokenize(ids),
+            tokens=list(words),
+            src_tokens=src_tokens,
+            score=float(log_prob),
+            attention=torch.tensor(attention, dtype=torch.float32) if attention else None,
+            nbest=[(self.pipeline.detokenize(self.pipeline.tgt_vocab.encode(w)), float(s)) for s, _, w, _ in ranked],
+        )
+
+    def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
+        """CTranslate2's `score_batch` over the pairs aligna's engine would score (same
+        cutting and filtering): mean per-token cross-entropy, `<eos>` included."""
+        limit = self.max_len
+        examples = encode_pairs(self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate", "evaluation")
+        src_itos, tgt_itos = self.pipeline.src_vocab.itos, self.pipeline.tgt_vocab.itos
+        sources = [[src_itos[i] for i in s.tolist()] for s in examples.src]
+        targets = [[tgt_itos[i] for i in t.tolist() if i not in (SOS_ID, EOS_ID, PAD_ID)] for t in examples.tgt]
+        if not sources:
+            return 0.0, 0
+        scored = self.ct2.score_batch(sources, targets, max_batch_size=self.config.train.batch_tokens,
+                                      batch_type="tokens", max_input_length=0)  # fmt: skip
+        total = -sum(sum(r.log_probs) for r in scored)
+        tokens = sum(len(r.log_probs) for r in scored)
+        return total / max(tokens, 1), tokens
+
+
+def load_exported(path: str | Path, device: torch.device, precision: str, threads: int | None = None) -> CT2Translator:
+    """A directory written by `aligna export --to ctranslate2`."""
+    path = Path(path)
+    info = export_info(path)
+    config = load_config(path / CONFIG)
+    return CT2Translator(path, Pipeline.load(path), config, info, device, precision, threads)
+
+
+def load_converted(
+    model_dir: str | Path, checkpoint: str, device: torch.device, precision: str, threads: int | None = None
+) -> CT2Translator:
+    """A model directory exported on the fly into a temporary directory, gone once loaded."""
+    scratch = Path(tempfile.mkdtemp(prefix="aligna-ct2-"))
+    try:
+        out = export_ctranslate2(model_dir, scratch / "model", checkpoint)
+        return load_exported(out, device, precision, threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

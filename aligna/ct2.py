@@ -10,13 +10,20 @@ search the same way:
 - batches: inputs sorted by length and cut into `batch_size` sentences, as aligna does, each
   one `translate_batch` call;
 - length limit: aligna's is per sentence (a * |x| + b, `<eos>` included), CTranslate2's per
-  call; a call gets its batch's longest limit, and the few outputs that run past their own
-  limit are decoded again with it, so every limit is exact;
+  call; a call gets its batch's longest limit, and the few sentences whose search reached
+  their own limit are decoded again with it, so every limit is exact;
 - beam search: CTranslate2 returns all `beam_size` finished hypotheses, ranked by raw
   log-probability (length_penalty 0), and aligna ranks them by GNMT's length penalty
-  ((5 + |y|) / 6)^alpha, which CTranslate2 lacks (its own is |y|^alpha);
-- min_len, no_repeat_ngram, sampling (temperature, top_k, top_p, seed) map one to one;
-  the coverage penalty (CTranslate2's is not GNMT's) is an error, not silently dropped.
+  ((5 + |y|) / 6)^alpha, which CTranslate2 lacks (its own is |y|^alpha). The best hypothesis
+  is aligna's; below it, an n-best list with alpha > 0 can differ where hypotheses end at the
+  length limit: aligna ranks all of those, CTranslate2 returns at most `beam_size`;
+- min_len and sampling (temperature, top_k, top_p) map one to one (with min_len, CTranslate2's
+  scores come from the distribution renormalized without `<eos>`, aligna's from the model's);
+  CTranslate2 seeds its
+  sampler once, so the seed is the config's, set when the model loads, and sampled calls
+  from a fresh load repeat as a sequence;
+- the coverage penalty (CTranslate2's is not GNMT's) and n-gram blocking (CTranslate2's
+  gives other outputs than aligna's) are errors, not silently dropped.
 """
 
 from __future__ import annotations
@@ -61,11 +68,15 @@ class CT2Translator(TextTranslator):
                 f"{', '.join(sorted(supported))}, not {compute}"
             )
         self.info = info
+        # CTranslate2 seeds each worker's sampler once, from the global seed at its first use:
+        # a run of sampled calls from a fresh load is reproducible, one call alone is not.
+        self.seed = config.decode.seed
+        ctranslate2.set_random_seed(self.seed)
         self.ct2 = ctranslate2.Translator(
             str(path), device=device.type, device_index=device.index or 0, compute_type=compute,
             intra_threads=threads or torch.get_num_threads(), inter_threads=1,
         )  # fmt: skip
-        self._seeded = threading.Lock()  # CTranslate2's random seed is global
+        self._sampling = threading.Lock()  # sampled calls one at a time: one random stream
 
     @property
     def max_len(self) -> int | None:
@@ -81,6 +92,16 @@ class CT2Translator(TextTranslator):
             raise ConfigError(
                 "decode.coverage: CTranslate2's coverage penalty is not aligna's (GNMT's); "
                 "use engine aligna for it, or coverage 0"
+            )
+        if decode.no_repeat_ngram:
+            raise ConfigError(
+                "decode.no_repeat_ngram: CTranslate2 blocks repeated n-grams differently from aligna "
+                "(other outputs); use engine aligna for it, or no_repeat_ngram 0"
+            )
+        if decode.sample and decode.seed != self.seed:
+            raise ConfigError(
+                f"decode.seed: CTranslate2 seeds its sampler once, when the model loads (with seed {self.seed}, "
+                "the config's decode.seed), so a seed per request cannot be kept"
             )
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
@@ -99,14 +120,15 @@ class CT2Translator(TextTranslator):
         limits = max_lengths(lengths, decode.max_len_a, decode.max_len_b, self.max_len).tolist()
         order = sorted((i for i in range(len(src_tokens)) if src_tokens[i]), key=lambda i: -len(src_tokens[i]))
         found: dict[int, Any] = {}
-        with self._seeded if decode.sample else nullcontext():
-            if decode.sample:
-                ctranslate2_module().set_random_seed(decode.seed)
+        batch_limit: dict[int, int] = {}
+        with self._sampling if decode.sample else nullcontext():
             for start in range(0, len(order), decode.batch_size):
                 chunk = order[start : start + decode.batch_size]
-                self._decode(chunk, src_tokens, max(limits[i] for i in chunk), options, found)
-            # Outputs that ran past their own limit: again, each with its limit.
-            over = [i for i in order if len(found[i][0].hypotheses[0]) > limits[i]]
+                batch_limit.update(dict.fromkeys(chunk, max(limits[i] for i in chunk)))
+                self._decode(chunk, src_tokens, batch_limit[chunk[0]], options, found)
+            # A sentence whose search reached its own limit in a batch with a longer one may
+            # have gone on where aligna stops: again, with its own limit (rare once trained).
+            over = [i for i in order if batch_limit[i] > limits[i] and max(map(len, found[i][0].hypotheses)) >= limits[i]]
             for limit in sorted({limits[i] for i in over}):
                 self._decode([i for i in over if limits[i] == limit], src_tokens, limit, options, found)
         results: list[Translation | None] = [None] * len(src_tokens)

@@ -1,0 +1,209 @@
+"""Export to CTranslate2: the exported model searches exactly as aligna's fp32 engine does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reverse_pairs, write_tsv
+
+import aligna
+from aligna.config import ConfigError, config_from_dict
+from aligna.export import EXPORT_INFO, ExportError, export_ctranslate2, export_info
+from aligna.training import train
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+VARIANTS = {
+    # pre-norm, sinusoidal positions, one vocabulary with shared and tied embeddings
+    "pre": {"model": {"share_embeddings": True, "tie_embeddings": True},
+            "data": {"shared_vocab": True}},
+    # post-norm (the paper's), learned positions, GELU, unscaled embeddings, separate vocabularies
+    "post": {"model": {"transformer": {"pre_norm": False, "positions": "learned", "max_positions": 40,
+                                       "activation": "gelu", "scale_embeddings": False, "heads": 2, "ff_size": 48}}},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("export")
+    return {
+        "train": write_tsv(tmp / "train.tsv", reverse_pairs(3000, seed=1, max_len=12)),
+        "dev": write_tsv(tmp / "dev.tsv", reverse_pairs(20, seed=2, max_len=12)),
+        # longer than anything seen in training: some outputs run to their length limit
+        "test": write_tsv(tmp / "test.tsv", reverse_pairs(300, seed=3, min_len=1, max_len=20)),
+        "tmp": tmp,
+    }
+
+
+def _config(corpus, name: str, arch: str = "transformer", **sections):
+    raw = {
+        "model_dir": str(corpus["tmp"] / name),
+        "data": {"train": {"tsv": str(corpus["train"])}, "dev": {"tsv": str(corpus["dev"])}, "max_len": 30},
+        "model": {"arch": arch, "emb_dim": 32, "hidden_size": 32, "encoder_layers": 2, "decoder_layers": 2,
+                  "dropout": 0.0, "transformer": {"heads": 4, "ff_size": 64}},
+        "train": {"batch_tokens": 512, "epochs": 1, "max_steps": 120, "lr": 0.003, "validate_every": 0,
+                  "log_every": 1000, "num_threads": 1},
+        "decode": {"max_len_a": 1.0, "max_len_b": 3},
+        "eval": {"metrics": ["exact"]},
+    }  # fmt: skip
+    for section, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                raw[section].setdefault(key, {}).update(value)
+            else:
+                raw[section][key] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus) -> dict[str, Path]:
+    torch.manual_seed(0)
+    return {name: Path(train(_config(corpus, name, **sections), progress=False)) for name, sections in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def exported(trained, corpus) -> dict[str, Path]:
+    return {name: export_ctranslate2(path, corpus["tmp"] / f"{name}-ct2") for name, path in trained.items()}
+
+
+def _sources(corpus) -> list[str]:
+    return [line.split("\t")[0] for line in corpus["test"].read_text().splitlines()]
+
+
+SEARCHES = [
+    {"beam_size": 1},
+    {"beam_size": 5},
+    {"beam_size": 5, "alpha": 0.6, "nbest": 3},
+    {"beam_size": 3, "batch_size": 7},
+    {"beam_size": 1, "min_len": 2},
+]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("search", SEARCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_ctranslate2_searches_as_aligna_fp32(trained, exported, corpus, variant, search):
+    """Greedy and beam search through CTranslate2 float32 give aligna's fp32 output on 300
+    sentences, n-best lists included, with the same scores and attention maps. Some inputs
+    are longer than any seen in training, so outputs also end at their length limit."""
+    torch.set_num_threads(1)
+    ours, theirs = aligna.load(trained[variant]), aligna.load(exported[variant])
+    assert (ours.engine, theirs.engine) == ("aligna", "ctranslate2")
+    sources = _sources(corpus)
+    a, b = ours.translate_detailed(sources, **search), theirs.translate_detailed(sources, **search)
+    assert [t.tokens for t in b] == [t.tokens for t in a]
+    if not search.get("alpha"):
+        assert [[text for text, _ in t.nbest] for t in b] == [[text for text, _ in t.nbest] for t in a]
+    # With a length penalty, aligna ranks every hypothesis finished at the length limit, which
+    # can be more than the beam_size CTranslate2 returns: below the best, n-best lists may differ.
+    assert any(len(t.tokens) >= 1.0 * len(s.split()) + 3 for t, s in zip(a, sources))  # some hit the limit
+    for x, y in zip(a, b):
+        if not search.get("min_len"):  # CTranslate2 scores renormalized after forbidding <eos>
+            assert y.score == pytest.approx(x.score, abs=1e-3)
+            assert y.nbest[0][1] == pytest.approx(x.nbest[0][1], abs=1e-3)
+        assert y.attention.shape == x.attention.shape
+        assert torch.allclose(y.attention, x.attention, atol=1e-4)
+
+
+def test_loss_and_scores_agree(trained, exported, corpus):
+    sources = _sources(corpus)[:100]
+    references = [[" ".join(reversed(s.split()))] for s in sources]
+    ours, theirs = aligna.load(trained["pre"]), aligna.load(exported["pre"])
+    a = ours.evaluate(sources, references, ["exact", "loss"])
+    b = theirs.evaluate(sources, references, ["exact", "loss"])
+    assert b.values["exact"] == a.values["exact"]
+    assert b.values["loss"] == pytest.approx(a.values["loss"], rel=1e-4)
+
+
+def test_int8_export_translates_close_to_fp32(trained, corpus, tmp_path):
+    out = export_ctranslate2(trained["pre"], tmp_path / "int8", quantization="int8")
+    assert export_info(out)["quantization"] == "int8"
+    assert (out / "model.bin").stat().st_size < (corpus["tmp"] / "pre-ct2" / "model.bin").stat().st_size
+    sources = _sources(corpus)
+    fp32 = aligna.load(trained["pre"]).translate(sources)
+    int8 = aligna.load(out, precision="int8").translate(sources)
+    assert sum(x == y for x, y in zip(fp32, int8)) >= 0.8 * len(sources)
+
+
+def test_engine_ctranslate2_exports_on_the_fly(trained, corpus):
+    sources = _sources(corpus)[:50]
+    assert aligna.load(trained["post"], engine="ctranslate2").translate(sources) == aligna.load(
+        trained["post"]
+    ).translate(sources)
+
+
+def test_options_ctranslate2_lacks_are_errors(exported):
+    translator = aligna.load(exported["pre"])
+    with pytest.raises(ConfigError, match="coverage"):
+        translator.translate(["1 2 3"], beam_size=3, coverage=0.2)
+    with pytest.raises(ConfigError, match="no_repeat_ngram"):
+        translator.translate(["1 2 3"], beam_size=3, no_repeat_ngram=2)
+    with pytest.raises(ValueError, match="precision bf16: CTranslate2 on cpu computes in"):
+        aligna.load(exported["pre"], precision="bf16")
+    with pytest.raises(ValueError, match="engine ctranslate2"):
+        aligna.load(exported["pre"], engine="aligna")
+    with pytest.raises(ValueError, match="--checkpoint does not apply"):
+        aligna.load(exported["pre"], checkpoint="latest")
+
+
+def test_sampling_repeats_from_a_fresh_load(exported):
+    def draws():
+        translator = aligna.load(exported["pre"])
+        return [translator.translate(["1 2 3 4 5"] * 8, sample=True, temperature=2.0) for _ in range(2)]
+
+    first = draws()
+    assert first[0] != first[1] and draws() == first
+    with pytest.raises(ConfigError, match="seeds its sampler once"):
+        aligna.load(exported["pre"]).translate(["1 2"], sample=True, seed=7)
+
+
+def test_an_rnn_is_refused_with_what_to_use_instead(corpus, tmp_path):
+    rnn = Path(train(_config(corpus, "rnn", arch="rnn", train={"max_steps": 2}), progress=False))
+    with pytest.raises(ExportError, match="CTranslate2 has no RNN.*--precision int8"):
+        export_ctranslate2(rnn, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_what_it_did_not_write(trained, tmp_path):
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    with pytest.raises(ExportError, match="not an earlier aligna export"):
+        export_ctranslate2(trained["pre"], other, overwrite=True)
+    assert (other / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(ExportError, match="must not go into the model directory"):
+        export_ctranslate2(trained["pre"], trained["pre"] / "ct2")
+    out = export_ctranslate2(trained["pre"], tmp_path / "ct2")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_ctranslate2(trained["pre"], out)
+    assert export_ctranslate2(trained["pre"], out, checkpoint="latest", overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2", "thesis"]  # no staging directory left
+    assert (out / EXPORT_INFO).is_file() and (out / "config.yaml").is_file()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aligna", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_export_translate_evaluate(trained, corpus, tmp_path):
+    out = tmp_path / "cli-ct2"
+    done = _cli("export", str(trained["pre"]), "--to", "ctranslate2", str(out))
+    assert done.returncode == 0, done.stderr
+    src = tmp_path / "src.txt"
+    src.write_text("".join(s + "\n" for s in _sources(corpus)[:20]))
+    ours = _cli("translate", str(trained["pre"]), "-i", str(src), "--beam", "4")
+    theirs = _cli("translate", str(out), "-i", str(src), "--beam", "4", "--precision", "fp32")
+    assert theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout == ours.stdout
+    fly = _cli("translate", str(trained["pre"]), "-i", str(src), "--beam", "4", "--engine", "ctranslate2")
+    assert fly.stdout == ours.stdout
+    scored = _cli("evaluate", str(out), "--tsv", str(corpus["test"]), "--metrics", "exact,ppl")
+    assert scored.returncode == 0 and "exact" in scored.stdout, scored.stderr
+    refused = _cli("translate", str(out), "-i", str(src), "--coverage", "0.3", "--beam", "2")
+    assert refused.returncode != 0 and "coverage" in refused.stderr and "Traceback" not in refused.stderr
+    rnn_dir = corpus["tmp"] / "not-there"
+    missing = _cli("export", str(rnn_dir), "--to", "ctranslate2", str(tmp_path / "x"))
+    assert missing.returncode != 0 and "not an aligna model directory" in missing.stderr

@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as for translate (default: fp32)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="as for translate (default: fp32, or an export's stored type)")  # fmt: skip
     _engine_arg(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=32, help="texts per decoding batch (default: 32)")
@@ -211,8 +212,9 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     _engine_arg(p)
     p.add_argument("--device", type=_checked(field_type(TrainConfig, "device")), default="auto",
                    help="auto, cpu, cuda or cuda:N")  # fmt: skip
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 (default, exact); bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default: fp32 (exact), or for a CTranslate2 export the type its weights were stored in; "
+                        "bf16 / fp16 autocast for faster decoding: bf16 on a GPU or "
                         "a CPU with bf16 units (avx512_bf16, AMX), fp16 on a GPU; int8: weights quantized "
                         "to int8 for CPU decoding (fastest on a CPU at small batches)")  # fmt: skip
     # Each search option is checked against its decode.* range when parsed, before a model loads.

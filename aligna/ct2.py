@@ -50,19 +50,20 @@ COMPUTE_TYPES = {"fp32": "float32", "int8": "int8", "bf16": "bfloat16", "fp16": 
 
 class CT2Translator(TextTranslator):
     """An exported Transformer decoded by CTranslate2 (`precision` picks its compute type:
-    fp32 float32, int8 int8, bf16 bfloat16, fp16 float16, where the device supports it)."""
+    fp32 float32, int8 int8, bf16 bfloat16, fp16 float16, where the device supports it;
+    None: the type the weights were stored in)."""
 
     engine = "ctranslate2"
 
     def __init__(
         self, path: str | Path, pipeline: Pipeline, config: Config, info: dict[str, Any], device: torch.device,
-        precision: str = "fp32", threads: int | None = None,
+        precision: str | None = None, threads: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(pipeline, config, device, precision)
         ctranslate2 = ctranslate2_module()
-        compute = COMPUTE_TYPES.get(precision)
+        compute = COMPUTE_TYPES.get(precision) if precision else "default"  # default: as stored
         supported = ctranslate2.get_supported_compute_types(device.type)
-        if compute not in supported:
+        if compute != "default" and compute not in supported:
             raise ValueError(
                 f"precision {precision}: CTranslate2 on {device.type} computes in "
                 f"{', '.join(sorted(supported))}, not {compute}"
@@ -76,6 +77,8 @@ class CT2Translator(TextTranslator):
             str(path), device=device.type, device_index=device.index or 0, compute_type=compute,
             intra_threads=threads or torch.get_num_threads(), inter_threads=1,
         )  # fmt: skip
+        kind = self.ct2.compute_type
+        self.precision = "int8" if kind.startswith("int8") else {v: k for k, v in COMPUTE_TYPES.items()}.get(kind, kind)
         self._sampling = threading.Lock()  # sampled calls one at a time: one random stream
 
     @property
@@ -188,7 +191,7 @@ class CT2Translator(TextTranslator):
         return total / max(tokens, 1), tokens
 
 
-def load_exported(path: str | Path, device: torch.device, precision: str, threads: int | None = None) -> CT2Translator:
+def load_exported(path: str | Path, device: torch.device, precision: str | None, threads: int | None = None) -> CT2Translator:
     """A directory written by `aligna export --to ctranslate2`."""
     path = Path(path)
     info = export_info(path)
@@ -197,7 +200,7 @@ def load_exported(path: str | Path, device: torch.device, precision: str, thread
 
 
 def load_converted(
-    model_dir: str | Path, checkpoint: str, device: torch.device, precision: str, threads: int | None = None
+    model_dir: str | Path, checkpoint: str, device: torch.device, precision: str | None, threads: int | None = None
 ) -> CT2Translator:
     """A model directory exported on the fly into a temporary directory, gone once loaded."""
     scratch = Path(tempfile.mkdtemp(prefix="aligna-ct2-"))

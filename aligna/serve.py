@@ -160,6 +160,7 @@ class ModelInfo(BaseModel):
     tgt_tokenizer: str
     parameters: int
     precision: str
+    engine: str  # aligna (PyTorch) or ctranslate2 (an `aligna export` directory)
     device: str
     has_attention: bool
     layers: dict[str, int]
@@ -408,8 +409,8 @@ def create_app(models: dict[str, TextTranslator], settings: Settings | None = No
             s.worker = BatchWorker(lambda texts, key, run=run: run(texts, key, settings.max_batch),
                                    settings.max_batch, settings.max_wait_ms, s.name).start()  # fmt: skip
             i = s.info
-            log.info("serving %r: %s, %s parameters, %s on %s", s.name, i["architecture"], f"{i['parameters']:,}",
-                     i["precision"], i["device"])  # fmt: skip
+            log.info("serving %r: %s, %s parameters, %s %s on %s", s.name, i["architecture"], f"{i['parameters']:,}",
+                     i["engine"], i["precision"], i["device"])  # fmt: skip
         log.info("the page: %s  the API docs: %s  (POST %s)", settings.url("/"), settings.url("/docs"),
                  settings.url("/v1/translate"))  # fmt: skip
         try:

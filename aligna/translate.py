@@ -276,13 +276,14 @@ ENGINES = ("auto", "aligna", "ctranslate2")
 
 
 def load(
-    model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str = "fp32",
+    model_dir: str | Path, checkpoint: str = "best", device: str = "auto", precision: str | None = None,
     engine: str = "auto",
 ) -> TextTranslator:  # fmt: skip
     """Load a trained model directory, or one written by `aligna export`. `checkpoint`: best,
-    latest, averaged, or a path. `engine`: aligna (PyTorch), ctranslate2 (an exported
-    directory, or a model directory exported on the fly), auto (ctranslate2 for an exported
-    directory, aligna otherwise)."""
+    latest, averaged, or a path. `precision`: fp32, bf16, fp16, int8; None: fp32, or for an
+    export the type its weights were stored in. `engine`: aligna (PyTorch), ctranslate2 (an
+    exported directory, or a model directory exported on the fly), auto (ctranslate2 for an
+    exported directory, aligna otherwise)."""
     from .export import is_exported
 
     if engine not in ENGINES:
@@ -302,6 +303,7 @@ def load(
         from .ct2 import load_converted
 
         return load_converted(model_dir, checkpoint, dev, precision)
+    precision = precision or "fp32"
     check_precision(dev, precision)
     config = load_config(md / CONFIG)
     pipeline = Pipeline.load(md.path)

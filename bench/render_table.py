@@ -96,6 +96,39 @@ def decode_rows(record: dict) -> list[str]:
     return rows
 
 
+def engine_rows(record: dict) -> list[str]:
+    """One row per search, batch and threads; a column per engine and precision (sentences/s,
+    and in brackets how many outputs equal aligna fp32's where that is not all)."""
+    engines = list(dict.fromkeys((r["engine"], r["precision"]) for r in record["runs"]))
+    cells: dict[tuple, dict] = {}
+    for r in record["runs"]:
+        cells.setdefault((r["threads"], r["beam"], r["batch_size"]), {})[r["engine"], r["precision"]] = r
+    n = record["runs"][0]["sentences"]
+    rows = [
+        f"`{record['command']}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
+        f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
+        f"({record.get('weights', record['checkpoint'])}). Sentences/s, BLEU in brackets; where not all {n} outputs "
+        "equal aligna fp32's, how many do:",
+        "",
+        "| threads | search | batch | " + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |",
+        "|---|---|---|" + "---|" * (len(engines) + 1),
+    ]
+    for (threads, beam, batch), found in cells.items():
+        parts = []
+        for key in engines:
+            r = found.get(key)
+            if r is None:
+                parts.append("-")
+                continue
+            bleu = r.get("tok_bleu", r.get("bleu"))
+            same = r.get("same_as_aligna_fp32")
+            parts.append(f"{r['sentences_per_s']:,.1f} ({bleu:.1f})" + (f", {same} same" if same not in (None, n) else ""))
+        ours, theirs = found.get(("aligna", "int8")), found.get(("ctranslate2", "int8"))
+        ratio = f"{ours['sentences_per_s'] / theirs['sentences_per_s']:.2f}x" if ours and theirs else "-"
+        rows.append(f"| {threads} | {_search(beam)} | {batch} | " + " | ".join(parts) + f" | {ratio} |")
+    return rows
+
+
 def peer_speed_rows(records: list[dict]) -> list[str]:
     rows = [
         "| config | parameters aligna / JoeyNMT | threads | aligna tok/s | JoeyNMT tok/s | ratio | machine | reproduce |",
@@ -216,6 +249,11 @@ def render() -> str:
     for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip
+    for r in [r for r in records if r.get("benchmark") == "engine_speed"]:
+        parts += ["", f"aligna against CTranslate2 on the same model (`bench/results/{r['name']}.json`; "
+                  "`ctranslate2` is the exported model behind aligna's text ends, `ctranslate2-alone` its own "
+                  "`translate_batch` on pre-tokenized input, without attention and with its default length "
+                  "limit of 256):", "", *engine_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_translate_speed"]:
         parts += ["", f"Translation speed against JoeyNMT 2.3.0, same test set, same length limit, no length "
                   f"penalty (`bench/results/{r['name']}.json`):", "", *peer_translate_rows(r)]  # fmt: skip

@@ -124,7 +124,9 @@ def test_int8_export_translates_close_to_fp32(trained, corpus, tmp_path):
     assert (out / "model.bin").stat().st_size < (corpus["tmp"] / "pre-ct2" / "model.bin").stat().st_size
     sources = _sources(corpus)
     fp32 = aligna.load(trained["pre"]).translate(sources)
-    int8 = aligna.load(out, precision="int8").translate(sources)
+    loaded = aligna.load(out)  # the stored type by default
+    assert loaded.precision == "int8" and aligna.load(out, precision="fp32").precision == "fp32"
+    int8 = loaded.translate(sources)
     assert sum(x == y for x, y in zip(fp32, int8)) >= 0.8 * len(sources)
 
 
@@ -207,3 +209,20 @@ def test_cli_export_translate_evaluate(trained, corpus, tmp_path):
     rnn_dir = corpus["tmp"] / "not-there"
     missing = _cli("export", str(rnn_dir), "--to", "ctranslate2", str(tmp_path / "x"))
     assert missing.returncode != 0 and "not an aligna model directory" in missing.stderr
+
+
+def test_an_exported_model_is_served(trained, exported):
+    from fastapi.testclient import TestClient
+
+    from aligna.serve import Settings, create_app
+
+    models = {"ct2": aligna.load(exported["pre"]), "torch": aligna.load(trained["pre"])}
+    with TestClient(create_app(models, Settings(max_wait_ms=1))) as client:
+        info = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert (info["ct2"]["engine"], info["torch"]["engine"]) == ("ctranslate2", "aligna")
+        assert info["ct2"]["parameters"] == info["torch"]["parameters"]
+        body = {"texts": ["1 2 3 4", "5 6 7"], "beam_size": 3, "attention": "all"}
+        ours = client.post("/v1/translate", json={**body, "model": "torch"}).json()["results"]
+        theirs = client.post("/v1/translate", json={**body, "model": "ct2"}).json()["results"]
+        assert [r["text"] for r in theirs] == [r["text"] for r in ours]
+        assert theirs[0]["attention"]["weights"] and theirs[0]["attention"]["maps"] == {}

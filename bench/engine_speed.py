@@ -1,0 +1,147 @@
+"""aligna's own decoding against CTranslate2 on the same model, side by side in one run.
+
+    python -m bench.engine_speed runs/multi30k_de_en_transformer --threads 1 2
+    python -m bench.engine_speed runs/multi30k_de_en_bahdanau --engines aligna:fp32 aligna:bf16 aligna:int8
+
+For each thread count, search (greedy, beam 5) and batch size (1, 16, 64), the model's test
+set (`data.test` of its config) is translated, once untimed and then timed, by:
+- aligna at fp32, bf16 (autocast) and int8 (dynamically quantized Linear layers);
+- CTranslate2 through aligna (`aligna.load(..., engine="ctranslate2")`: the model exported
+  on the fly) at float32 and int8: what an aligna user gets, text in, text out, with
+  attention maps and aligna's exact per-sentence length limits;
+- CTranslate2 alone (`translate_batch` on the pre-tokenized test set, no attention, one
+  length limit for the batch, as a CTranslate2 user would call it), float32 and int8.
+Each row: sentences/s, target tokens/s (`<eos>` not counted), tokenized BLEU, and how many
+outputs equal aligna fp32's. Writes bench/results/engine_speed_<model>_cpu.json (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from itertools import product
+from pathlib import Path
+
+import torch
+
+import aligna
+from aligna.ct2 import COMPUTE_TYPES
+from aligna.data import read_parallel, reference_sets
+from aligna.export import ctranslate2_module, export_ctranslate2
+from aligna.metrics import score
+from bench.common import config_hash, write_record
+
+ENGINES = [("aligna", "fp32"), ("aligna", "bf16"), ("aligna", "int8"),
+           ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
+           ("ctranslate2-alone", "fp32"), ("ctranslate2-alone", "int8")]  # fmt: skip
+
+
+class Alone:
+    """CTranslate2 as its own users call it: tokens in, tokens out, one call for the set."""
+
+    engine = "ctranslate2-alone"
+
+    def __init__(self, exported: Path, translator, precision: str, threads: int) -> None:
+        ctranslate2 = ctranslate2_module()
+        self.pipeline, self.config, self.precision = translator.pipeline, translator.config, precision
+        self.ct2 = ctranslate2.Translator(str(exported), compute_type=COMPUTE_TYPES[precision], intra_threads=threads)
+
+    def translate_tokens(self, tokens: list[list[str]], beam: int, batch_size: int, alpha: float) -> list[list[str]]:
+        results = self.ct2.translate_batch(
+            tokens, max_batch_size=batch_size, beam_size=beam, length_penalty=alpha, min_decoding_length=0,
+            max_decoding_length=256,
+        )  # fmt: skip
+        return [r.hypotheses[0] for r in results]
+
+
+def measure(translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
+            alpha: float) -> tuple[dict, list[str]]:  # fmt: skip
+    search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0}
+    if isinstance(translator, Alone):
+        tokens = [translator.pipeline.src_tokens(s) for s in sources]
+        translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, search["alpha"])  # warm-up
+        started = time.perf_counter()
+        outputs = translator.translate_tokens(tokens, beam, batch_size, search["alpha"])
+        seconds = time.perf_counter() - started
+        vocab = translator.pipeline.tgt_vocab
+        hypotheses = [translator.pipeline.detokenize(vocab.encode(t)) for t in outputs]
+        n_tokens = sum(len(t) for t in outputs)
+    else:
+        translator.translate(sources[: 2 * batch_size], batch_size=batch_size, **search)  # warm-up
+        started = time.perf_counter()
+        found = translator.translate_detailed(sources, batch_size=batch_size, **search)
+        seconds = time.perf_counter() - started
+        hypotheses = [t.text for t in found]
+        n_tokens = sum(len(t.tokens) for t in found)
+    metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
+    return {
+        "beam": beam, "alpha": search["alpha"], "batch_size": batch_size, "seconds": seconds,
+        "sentences": len(sources), "sentences_per_s": len(sources) / seconds,
+        "target_tokens_per_s": n_tokens / seconds, metric: score(hypotheses, references, [metric]).values[metric],
+    }, hypotheses  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("model_dir")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--alpha", type=float, default=0.0,
+                        help="length penalty of beam search (0: CTranslate2 alone ranks as aligna does)")  # fmt: skip
+    parser.add_argument("--engines", nargs="+", default=[f"{e}:{p}" for e, p in ENGINES],
+                        help="ENGINE:PRECISION pairs (default: all of them)")  # fmt: skip
+    parser.add_argument("--checkpoint", default="best")
+    parser.add_argument("--sentences", type=int, help="only the first N test sentences")
+    parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
+    args = parser.parse_args()
+    engines = [tuple(e.split(":", 1)) for e in args.engines]
+    reference = aligna.load(args.model_dir, checkpoint=args.checkpoint, device="cpu", engine="aligna")
+    config = reference.config
+    if config.data.test is None:
+        parser.error(f"{args.model_dir}: its config has no data.test")
+    test = read_parallel(config.data.test, "test")
+    sources, references = reference_sets(test, config.data.group_references)
+    if args.sentences:
+        sources, references = sources[: args.sentences], references[: args.sentences]
+    exported = None  # CTranslate2 has no RNN: an RNN model is measured with aligna's engines alone
+    if any(engine != "aligna" for engine, _ in engines):
+        scratch = Path("runs") / "bench-engine-speed" / Path(args.model_dir).name
+        exported = export_ctranslate2(args.model_dir, scratch, args.checkpoint, overwrite=True)
+    runs = []
+    print(f"{'engine':<18} {'prec':>5} {'thr':>3} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} "
+          f"{'BLEU':>6} {'=fp32':>6}")  # fmt: skip
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        translators = {}
+        for engine, precision in engines:
+            if engine == "aligna":
+                translators[engine, precision] = aligna.load(args.model_dir, args.checkpoint, "cpu", precision, "aligna")
+            elif engine == "ctranslate2":
+                translators[engine, precision] = aligna.load(exported, "best", "cpu", precision, "ctranslate2")
+            else:
+                translators[engine, precision] = Alone(exported, reference, precision, threads)
+        for beam, batch_size in product(args.beams, args.batch_sizes):
+            baseline = None
+            for (engine, precision), translator in translators.items():
+                run, hypotheses = measure(translator, sources, references, beam, batch_size, args.alpha)
+                if (engine, precision) == ("aligna", "fp32"):
+                    baseline = hypotheses
+                same = sum(a == b for a, b in zip(hypotheses, baseline)) if baseline else None
+                run |= {"engine": engine, "precision": precision, "threads": threads, "same_as_aligna_fp32": same}
+                runs.append(run)
+                bleu = run.get("tok_bleu", run.get("bleu"))
+                print(f"{engine:<18} {precision:>5} {threads:>3} {beam:>4} {batch_size:>5} "
+                      f"{run['sentences_per_s']:8.1f} {run['target_tokens_per_s']:8.0f} {bleu:6.2f} "
+                      f"{'' if same is None else same:>6}", flush=True)  # fmt: skip
+    ct2 = ctranslate2_module() if exported else None
+    write_record(args.name or f"engine_speed_{Path(args.model_dir).name}_cpu", {
+        "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint,
+        "config_sha256": config_hash(config), "test_set": test.origin, "ctranslate2_version": ct2.__version__ if ct2 else None,
+        "runs": runs,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

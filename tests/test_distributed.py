@@ -97,13 +97,13 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 
 
 def test_a_killed_rank_ends_the_job_and_resume_completes_it(config_file, tmp_path):
-    settings = {"max_steps": 40, "validate_every": 5, "epochs": 20}
+    settings = {"max_steps": 24, "validate_every": 4, "epochs": 20}
     reference = config_file("whole", **settings)
     code, err = finish(torchrun("train", str(reference)))
     assert code == 0, err
     interrupted = config_file("killed", **settings)
     job = torchrun("train", str(interrupted))
-    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000010"
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000008"
     deadline = time.monotonic() + 180
     while not checkpoint.exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
@@ -116,7 +116,7 @@ def test_a_killed_rank_ends_the_job_and_resume_completes_it(config_file, tmp_pat
     code, err = finish(torchrun("train", str(interrupted), "--resume"))
     assert code == 0, err
     assert "resumed from" in err
-    assert_same(weights(tmp_path / "killed", 40), weights(tmp_path / "whole", 40))
+    assert_same(weights(tmp_path / "killed", 24), weights(tmp_path / "whole", 24))
 
 
 def _free_port() -> int:

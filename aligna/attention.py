@@ -99,15 +99,17 @@ class ScaledDotProductAttention(DotAttention):
         return torch.matmul(query, keys.transpose(-2, -1)) / math.sqrt(query.size(-1))
 
     def forward(  # type: ignore[override]
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = True
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """Also accepts a head dimension: query (B, h, Tq, d), keys/values (B, h, S, d),
-        mask broadcastable to (B, h, Tq, S)."""
+        mask broadcastable to (B, h, Tq, S), or None: every key may be attended to."""
         p = self.dropout if self.training else 0.0
-        mask = _broadcastable(mask, query)
+        mask = None if mask is None else _broadcastable(mask, query)
         if not need_weights:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p), None
-        scores = self.score(query, keys).masked_fill(~mask, float("-inf"))
+        scores = self.score(query, keys)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         return torch.matmul(F.dropout(weights, p) if p else weights, values), weights
 
@@ -142,11 +144,12 @@ class MultiHeadAttention(nn.Module):
         return self.split(keys), self.split(values)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = False
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S)
-        -> output (B, T, d_model), weights (B, h, T, S) if asked for."""
-        if mask.dim() == 3:
+        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S), or
+        None (every key may be attended to) -> output (B, T, d_model), weights (B, h, T, S)
+        if asked for."""
+        if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
         context, weights = self.attention(
             self.split(self.query_proj(query)), keys, values, mask, need_weights

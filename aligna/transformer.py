@@ -11,9 +11,7 @@ warmup tricks and is the default here.
 Decoding is incremental: the decoder state caches every layer's self-attention keys and
 values, so a step projects only the new token; the encoder-decoder keys and values are
 projected once per sentence in `encode`. The cache is part of the explicit state and
-reorders along the batch like any other state: all layers' keys and values are one
-preallocated tensor, which a step writes its new position into in place (no copy of the
-past) and a beam search reorders with one operation.
+reorders along the batch like any other state.
 """
 
 from __future__ import annotations
@@ -40,34 +38,13 @@ class TransformerEncoderOutput(Reorderable):
 
 @dataclass
 class TransformerState(Reorderable):
-    """The decoder's self-attention cache. Positions < `length` of `cache` hold the keys and
-    values of the tokens decoded so far; the rest is room for the next ones, which the next
-    `decode` writes in place. So a state is extended, not copied: decode on from the newest
-    state only (`reorder` makes a copy, which is a new state of its own)."""
+    keys: list[Tensor]  # per decoder layer (B, h, t, d_k): self-attention keys of the t tokens so far
+    values: list[Tensor]  # per decoder layer (B, h, t, d_k)
 
-    cache: Tensor  # (L, 2, B, h, capacity, d_k): layer l's keys [l, 0] and values [l, 1]
-    length: int  # tokens decoded so far, the position of the next one
-
-    def reorder(self, index: Tensor) -> TransformerState:
-        """Rows `index` of every layer's keys and values: one copy of the filled positions."""
-        layers, two, _, heads, capacity, d_k = self.cache.shape
-        cache = self.cache.new_empty(layers, two, index.size(0), heads, capacity, d_k)
-        filled = (..., slice(0, self.length), slice(None))
-        if self.cache.requires_grad:  # autograd cannot follow out=; a gather, then a copy
-            cache[filled] = self.cache[filled].index_select(2, index)
-        else:
-            torch.index_select(self.cache[filled], 2, index, out=cache[filled])
-        return TransformerState(cache, self.length)
-
-    def reserve(self, steps: int) -> TransformerState:
-        """This state, or a copy with a larger capacity when `steps` more positions do not fit
-        (capacity doubles, so growing costs O(1) copies per position)."""
-        needed, capacity = self.length + steps, self.cache.size(4)
-        if needed <= capacity:
-            return self
-        cache = self.cache.new_empty(*self.cache.shape[:4], max(needed, 2 * capacity), self.cache.size(5))
-        cache[..., : self.length, :] = self.cache[..., : self.length, :]
-        return TransformerState(cache, self.length)
+    @property
+    def length(self) -> int:
+        """Tokens decoded so far, the position of the next one."""
+        return self.keys[0].size(2)
 
 
 class PositionalEncoding(nn.Module):
@@ -161,32 +138,26 @@ class DecoderLayer(nn.Module):
         self.ff_block = Sublayer(d_model, dropout, pre_norm)
 
     def forward(
-        self, x: Tensor, cache: Tensor, past: int, causal: Tensor | None, cross: tuple[Tensor, Tensor],
+        self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor | None, cross: tuple[Tensor, Tensor],
         src_mask: Tensor, need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
-        """x (B, T, d): the new positions past..past+T-1; cache (2, B, h, capacity, d_k): this
-        layer's keys [0] and values [1], filled before `past`, written here at the new
-        positions; causal (T, past + T): which positions each new one may see (None: all,
-        as for a single new position).
-        -> x (B, T, d), self- and cross-attention weights."""
-        seen = past + x.size(1)
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor | None]:  # fmt: skip
+        """x (B, T, d): the new positions; cache: keys/values (B, h, t, d_k) of the earlier ones;
+        causal (T, t + T): which positions each new one may see (None: all, as for one new position).
+        -> x (B, T, d), the extended cache, self- and cross-attention weights."""
+        extended = cache
 
         def self_attend(h: Tensor) -> tuple[Tensor, Tensor | None]:
+            nonlocal extended
             keys, values = self.self_attention.project(h)  # (B, h, T, d_k): only the new tokens
-            cache[0, :, :, past:seen], cache[1, :, :, past:seen] = keys, values
-            # From an empty cache the new positions are all there is, and a full (training) pass
-            # reads nothing from the cache, which later layers write into.
-            if past:
-                keys, values = cache[0, :, :, :seen], cache[1, :, :, :seen]  # (B, h, past + T, d_k)
-            mask = None if causal is None else causal.unsqueeze(0)
-            return self.self_attention(h, keys, values, mask, need_weights)
+            extended = (torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2))
+            return self.self_attention(h, *extended, None if causal is None else causal.unsqueeze(0), need_weights)
 
         x, self_weights = self.self_block(x, self_attend)
         x, cross_weights = self.cross_block(
             x, lambda h: self.cross_attention(h, cross[0], cross[1], src_mask, need_weights)
         )
         x, _ = self.ff_block(x, lambda h: (self.feed_forward(h), None))
-        return x, self_weights, cross_weights
+        return x, extended, self_weights, cross_weights
 
 
 class Transformer(Seq2Seq):
@@ -254,13 +225,12 @@ class Transformer(Seq2Seq):
             x, mask, [k for k, _ in cross], [v for _, v in cross], maps if need_weights else None
         )
 
-    def init_state(self, encoder_output: TransformerEncoderOutput, capacity: int = 32) -> TransformerState:  # type: ignore[override]
-        """An empty cache with room for `capacity` positions (it grows when they are used up)."""
-        states = encoder_output.states
-        cache = states.new_empty(
-            len(self.decoder_layers), 2, states.size(0), self.heads, capacity, self.d_model // self.heads
-        )  # (L, 2, B, h, capacity, d_k)
-        return TransformerState(cache, 0)
+    def init_state(self, encoder_output: TransformerEncoderOutput) -> TransformerState:  # type: ignore[override]
+        batch, device = encoder_output.states.size(0), encoder_output.states.device
+        empty = torch.zeros(
+            batch, self.heads, 0, self.d_model // self.heads, device=device, dtype=encoder_output.states.dtype
+        )
+        return TransformerState([empty] * len(self.decoder_layers), [empty] * len(self.decoder_layers))
 
     # ------------------------------------------------------------------ decoder
 
@@ -275,7 +245,6 @@ class Transformer(Seq2Seq):
         the last layer's encoder-decoder attention averaged over heads (B, T, S), and with
         need_weights="all" every layer's self- and cross-attention weights (B, h, T, *)."""
         past, steps = state.length, tokens.size(1)
-        state = state.reserve(steps)
         x = self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)  # (B, T, d)
         x = self.dropout(x) if self.training else x
         # The new position past + i may see positions 0 .. past + i; a single one sees them all.
@@ -283,20 +252,22 @@ class Transformer(Seq2Seq):
             None if steps == 1
             else torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
         )  # fmt: skip
-        maps: dict[str, list[Tensor]] = {"decoder_self": [], "cross": []}
+        keys, values, maps = [], [], {"decoder_self": [], "cross": []}
         summary = None
         for i, layer in enumerate(self.decoder_layers):
             wanted = need_weights == "all" or (need_weights == "last" and i == len(self.decoder_layers) - 1)
-            x, self_w, cross_w = layer(
-                x, state.cache[i], past, causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted
-            )  # (B, T, d), (B, h, T, past + T), (B, h, T, S)
+            x, (k, v), self_w, cross_w = layer(
+                x, (state.keys[i], state.values[i]), causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted
+            )  # fmt: skip
+            keys.append(k)
+            values.append(v)
             if need_weights == "all":
                 maps["decoder_self"].append(self_w)
                 maps["cross"].append(cross_w)
             if wanted and i == len(self.decoder_layers) - 1:
                 summary = cross_w.mean(dim=1)  # (B, T, S)
         logits = self.output(self.decoder_norm(x))  # (B, T, V)
-        return logits, TransformerState(state.cache, past + steps), summary, maps
+        return logits, TransformerState(keys, values), summary, maps
 
     def decode_step(
         self,

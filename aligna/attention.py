@@ -88,8 +88,8 @@ class GeneralAttention(DotAttention):
 
 class ScaledDotProductAttention(DotAttention):
     """score(q, k) = qᵀ k / sqrt(d_k) (Vaswani et al. 2017, "Attention Is All You Need",
-    eq. 1). `forward` uses torch's fused kernel unless the weights are asked for; both
-    paths compute the same function."""
+    eq. 1). `forward` uses torch's fused kernel unless the weights are asked for or there
+    is one query per row; both paths compute the same function."""
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
@@ -99,17 +99,22 @@ class ScaledDotProductAttention(DotAttention):
         return torch.matmul(query, keys.transpose(-2, -1)) / math.sqrt(query.size(-1))
 
     def forward(  # type: ignore[override]
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = True
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """Also accepts a head dimension: query (B, h, Tq, d), keys/values (B, h, S, d),
-        mask broadcastable to (B, h, Tq, S)."""
+        mask broadcastable to (B, h, Tq, S), or None: every key may be attended to."""
         p = self.dropout if self.training else 0.0
-        mask = _broadcastable(mask, query)
-        if not need_weights:
+        mask = None if mask is None else _broadcastable(mask, query)
+        # One query per row (a decoding step): two matrix products beat the fused kernel's
+        # per-row setup (~2.5x at 320 rows x 4 heads on a CPU); longer queries use the kernel.
+        if not need_weights and query.size(-2) > 1:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p), None
-        scores = self.score(query, keys).masked_fill(~mask, float("-inf"))
+        scores = self.score(query, keys)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-        return torch.matmul(F.dropout(weights, p) if p else weights, values), weights
+        context = torch.matmul(F.dropout(weights, p) if p else weights, values)
+        return context, weights if need_weights else None
 
 
 class MultiHeadAttention(nn.Module):
@@ -142,11 +147,12 @@ class MultiHeadAttention(nn.Module):
         return self.split(keys), self.split(values)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, need_weights: bool = False
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S)
-        -> output (B, T, d_model), weights (B, h, T, S) if asked for."""
-        if mask.dim() == 3:
+        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S), or
+        None (every key may be attended to) -> output (B, T, d_model), weights (B, h, T, S)
+        if asked for."""
+        if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
         context, weights = self.attention(
             self.split(self.query_proj(query)), keys, values, mask, need_weights

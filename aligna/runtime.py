@@ -48,16 +48,23 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
-def quantize_int8(model: Seq2Seq) -> Seq2Seq:
+def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
     """A copy of `model` for CPU decoding with int8 weights: every nn.Linear, nn.LSTM and
-    nn.GRU is replaced by PyTorch's dynamically quantized version (weights int8 per tensor,
-    activations quantized on the fly per batch), as CTranslate2 does for CPU inference.
+    nn.GRU is replaced by PyTorch's dynamically quantized version (activations quantized on
+    the fly per batch), as CTranslate2 does for CPU inference. A Linear's weights get one
+    scale per output row (`per_channel`, as CTranslate2 and fbgemm's kernels do: a row of
+    small weights keeps its precision next to a row of large ones; False: one per tensor);
+    the recurrent cells' weights one per tensor, the only kind torch quantizes them with.
     Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
     the fp32 weight bytes, which is what bounds small-batch decoding on a CPU. Activations get
     one scale per batch, so unlike fp32 a sentence's output can differ slightly with the
     sentences it is batched with."""
     try:
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import (
+            default_dynamic_qconfig,
+            per_channel_dynamic_qconfig,
+            quantize_dynamic,
+        )
     except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch
         raise RuntimeError(
             f"precision int8 needs torch.ao.quantization, which torch {torch.__version__} lacks"
@@ -65,7 +72,9 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8).eval()
+        linear = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+        spec = {nn.Linear: linear, nn.LSTM: default_dynamic_qconfig, nn.GRU: default_dynamic_qconfig}
+        return quantize_dynamic(model, spec, dtype=torch.qint8).eval()
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -217,19 +217,21 @@ def beam_search(
     trail = _Trail([], [], [])  # what each step adds: attention, back-pointers, tokens
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t), n-gram blocking only
     finished: list[list[_Finished]] = [[] for _ in range(batch)]
+    ended = torch.zeros(batch, dtype=torch.long, device=device)  # finished hypotheses of each live sentence
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         vocab = log_probs.size(-1)
-        eos = log_probs[:, EOS_ID].clone()
         if t < min_len:
+            eos = log_probs[:, EOS_ID].clone()
             log_probs[:, EOS_ID] = float("-inf")
         if no_repeat_ngram and t >= no_repeat_ngram - 1:
             log_probs = _block_ngrams(history, log_probs, no_repeat_ngram)
-        stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
-        if bool(stuck.any()):
-            log_probs[stuck, EOS_ID] = eos[stuck]
+        if no_repeat_ngram and t < min_len:
+            stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
+            if bool(stuck.any()):
+                log_probs[stuck, EOS_ID] = eos[stuck]
         live = sentence.size(0)
         candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
         top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first
@@ -242,6 +244,7 @@ def beam_search(
         rank = torch.arange(2 * k, device=device).unsqueeze(0)
         finish = ((token == EOS_ID) | at_limit.unsqueeze(1)) & (rank < k) & (top_scores > float("-inf"))
         i, j = finish.nonzero(as_tuple=True)
+        ended += finish.sum(1)
         for s, row, last, log_prob in zip(
             sentence[i].tolist(), parent[i, j].tolist(), token[i, j].tolist(), top_scores[i, j].tolist()
         ):
@@ -252,10 +255,11 @@ def beam_search(
         scores = top_scores.gather(1, pick)
         rows = parent.gather(1, pick).view(-1)  # (b * k,)
         prev = token.gather(1, pick).view(-1)
-        done = at_limit | torch.tensor([len(finished[s]) >= k for s in sentence.tolist()], device=device)
-        if bool(done.all()):
+        done = at_limit | (ended >= k)
+        stopping = int(done.sum())  # one sync for both questions
+        if stopping == live:
             break
-        if bool(done.any()):
+        if stopping:
             keep = (~done).nonzero().squeeze(1)  # live sentences that go on
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
             rows, prev, scores, sentence = (
@@ -264,6 +268,7 @@ def beam_search(
                 scores[keep],
                 sentence[keep],
             )
+            ended = ended[keep]
             enc = enc.reorder(keep_rows)
         trail.parent.append(rows)
         trail.token.append(prev)

@@ -57,6 +57,8 @@ class PositionalEncoding(nn.Module):
         if kind == "learned":
             self.table = nn.Embedding(max_positions, d_model)
             nn.init.normal_(self.table.weight, std=d_model**-0.5)
+        else:  # computed once, not once per decoding step; longer sequences compute theirs
+            self.register_buffer("sinusoids", sinusoids(torch.arange(max_positions), d_model), persistent=False)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """x (B, T, d_model) for positions offset..offset+T-1."""
@@ -67,6 +69,8 @@ class PositionalEncoding(nn.Module):
                     f"sequence of {offset + x.size(1)} tokens is longer than max_positions={self.max_positions}"
                 )
             return x + self.table(positions)
+        if offset + x.size(1) <= self.sinusoids.size(0):
+            return x + self.sinusoids[offset : offset + x.size(1)].to(x.dtype)
         return x + sinusoids(positions, self.d_model).to(x.dtype)
 
 
@@ -87,7 +91,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.dropout(self.activation(self.w1(x))))
+        h = self.activation(self.w1(x))
+        return self.w2(self.dropout(h) if self.training else h)  # eval: not even a call
 
 
 class Sublayer(nn.Module):
@@ -99,7 +104,7 @@ class Sublayer(nn.Module):
 
     def forward(self, x: Tensor, f) -> tuple[Tensor, Tensor | None]:  # f: (B, T, d) -> ((B, T, d), weights)
         out, weights = f(self.norm(x) if self.pre_norm else x)
-        x = x + self.dropout(out)
+        x = x + (self.dropout(out) if self.training else out)
         return (x if self.pre_norm else self.norm(x)), weights
 
 
@@ -133,11 +138,11 @@ class DecoderLayer(nn.Module):
         self.ff_block = Sublayer(d_model, dropout, pre_norm)
 
     def forward(
-        self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor, cross: tuple[Tensor, Tensor],
+        self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor | None, cross: tuple[Tensor, Tensor],
         src_mask: Tensor, need_weights: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor | None]:  # fmt: skip
         """x (B, T, d): the new positions; cache: keys/values (B, h, t, d_k) of the earlier ones;
-        causal (T, t + T): which positions each new one may see.
+        causal (T, t + T): which positions each new one may see (None: all, as for one new position).
         -> x (B, T, d), the extended cache, self- and cross-attention weights."""
         extended = cache
 
@@ -145,7 +150,7 @@ class DecoderLayer(nn.Module):
             nonlocal extended
             keys, values = self.self_attention.project(h)  # (B, h, T, d_k): only the new tokens
             extended = (torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2))
-            return self.self_attention(h, *extended, causal.unsqueeze(0), need_weights)
+            return self.self_attention(h, *extended, None if causal is None else causal.unsqueeze(0), need_weights)
 
         x, self_weights = self.self_block(x, self_attend)
         x, cross_weights = self.cross_block(
@@ -240,11 +245,13 @@ class Transformer(Seq2Seq):
         the last layer's encoder-decoder attention averaged over heads (B, T, S), and with
         need_weights="all" every layer's self- and cross-attention weights (B, h, T, *)."""
         past, steps = state.length, tokens.size(1)
-        x = self.dropout(
-            self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)
-        )  # (B, T, d)
-        # The new position past + i may see positions 0 .. past + i.
-        causal = torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+        x = self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)  # (B, T, d)
+        x = self.dropout(x) if self.training else x
+        # The new position past + i may see positions 0 .. past + i; a single one sees them all.
+        causal = (
+            None if steps == 1
+            else torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+        )  # fmt: skip
         keys, values, maps = [], [], {"decoder_self": [], "cross": []}
         summary = None
         for i, layer in enumerate(self.decoder_layers):

@@ -9,8 +9,9 @@ bash scripts/install.sh
 DATA=../shared/data/multi30k
 aligna train configs/quickstart.yaml --overwrite
 echo "--- translating (German -> English):"
-printf '%s\n' "ein mann fährt fahrrad auf einer straße ." "zwei hunde spielen im schnee ." \
-  "eine frau liest ein buch ." | tee /dev/stderr | aligna translate runs/quickstart
+SENTENCES=("ein mann fährt fahrrad auf einer straße ." "zwei hunde spielen im schnee ." "eine frau liest ein buch .")
+printf '  %s\n' "${SENTENCES[@]}"   # not `tee /dev/stderr`: that reopens a redirected log and truncates it
+printf '%s\n' "${SENTENCES[@]}" | aligna translate runs/quickstart
 echo "--- test_2016_flickr:"
 aligna evaluate runs/quickstart --src $DATA/test_2016_flickr.lc.norm.tok.de.gz \
   --ref $DATA/test_2016_flickr.lc.norm.tok.en.gz

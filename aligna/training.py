@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -251,7 +252,10 @@ class Trainer:
     ) -> None:
         self.config, self.cfg = config, config.train
         self.world = distributed.from_environment()
-        self.progress = progress and self.world.main
+        # A progress bar on a terminal; where stderr is a file or a pipe (`> log 2>&1`, torchrun),
+        # a log line per train.log_every updates instead of a bar redrawn at every step.
+        self.progress = progress and self.world.main and sys.stderr.isatty()
+        self.log_lines = self.world.main and not self.progress
         self.md = ModelDir(config.model_dir)
         self.dir = self.md.path
         self.lock = None
@@ -404,6 +408,7 @@ class Trainer:
         if len(batches) % per_update:
             log.info("the last %d batch(es) of each epoch fill no update and are left out", len(batches) % per_update)
         bar = tqdm(total=total, initial=st.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        self._started, self._first_step, self._total = time.monotonic(), st.step, total
         window = _Window(self.device)
         validated_at = st.step if st.step else -1
         stop = st.step >= total
@@ -492,7 +497,13 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{window.lr:.2e}", refresh=False)
         scalars = {"loss": loss, "tokens_per_s": speed, "lr": window.lr, "teacher_forcing": window.ratio}
         self._log_scalars("train", scalars)
-        log.debug("step %d loss %.4f tok/s %.0f lr %.3g", self.state.step, loss, speed, window.lr)
+        if self.log_lines:
+            done = self.state.step - self._first_step
+            eta = (self._total - self.state.step) * (time.monotonic() - self._started) / max(done, 1)
+            log.info("step %d/%d loss %.4f tok/s %.0f lr %.3g eta %s", self.state.step, self._total, loss, speed,
+                     window.lr, _duration(eta))  # fmt: skip
+        else:
+            log.debug("step %d loss %.4f tok/s %.0f lr %.3g", self.state.step, loss, speed, window.lr)
         window.reset()
 
     # ------------------------------------------------------------------ validation
@@ -591,6 +602,12 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, progres
         trainer.close()
         distributed.leave()
     return trainer.dir
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -129,6 +129,21 @@ def engine_rows(record: dict) -> list[str]:
     return rows
 
 
+def distributed_rows(record: dict) -> list[str]:
+    rows = [
+        f"`{record['command']}` on {_machine(record['machine'])}:",
+        "",
+        "| processes | threads each | updates | target tokens | seconds | target tok/s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["runs"]:
+        rows.append(
+            f"| {r['processes']} | {r['threads_per_process']} | {r['updates']} | {r['target_tokens']:,} | "
+            f"{r['seconds']:.1f} | {r['target_tokens_per_s']:,.0f} | {r['speedup']:.2f}x |"
+        )
+    return rows
+
+
 def peer_speed_rows(records: list[dict]) -> list[str]:
     rows = [
         "| config | parameters aligna / JoeyNMT | threads | aligna tok/s | JoeyNMT tok/s | ratio | machine | reproduce |",
@@ -238,6 +253,9 @@ def render() -> str:
         parts += ["", *speed_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
+    for r in [r for r in records if r.get("benchmark") == "distributed_speed"]:
+        parts += ["", f"Training on several processes, DDP under torchrun, each process with the config's batch "
+                  f"tokens (`bench/results/{r['name']}.json`):", "", *distributed_rows(r)]  # fmt: skip
     peers = [r for r in records if r.get("benchmark") == "peer_joeynmt_train_speed"]
     if peers:
         parts += ["", "Training speed against JoeyNMT 2.3.0, same data, same batches, fp32, target tokens/s of "

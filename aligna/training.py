@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from .build import build_on, count_parameters
 from .config import Config, TrainConfig, config_to_dict, load_config, save_config
+from .corpus import prepared
 from .data import (
     Batch,
     Pipeline,
     collate,
-    encode_pairs,
     epoch_batches,
     read_parallel,
     reference_sets,
@@ -36,7 +36,7 @@ from .data import (
 from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
-from .modeldir import CONFIG, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
+from .modeldir import CONFIG, CORPUS, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
 from .runtime import autocast, resolve_device
 from .tensorfiles import atomic_write_text, load_weights
 from .translate import Translator
@@ -246,9 +246,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.device = resolve_device(self.cfg.device)
 
-        train_text = read_parallel(data.train, "train")
-        self.pipeline = Pipeline.load(self.dir) if resume else Pipeline.build(data, train_text)
-        self.train_data = encode_pairs(self.pipeline, train_text, data.max_len, data.too_long, "train")
+        pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
+        corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
+        self.pipeline, self.train_data = pipeline or corpus.pipeline, corpus.examples
         log.info("%s", self.train_data.report)
         write_report([self.train_data.report], self.md / DATA_REPORT)
         self.dev: tuple[list[str], list[list[str]]] | None = None

@@ -303,11 +303,13 @@ def _buckets(text: str) -> list[int]:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import from_environment
     from .training import train
 
     config = load_config(args.config, args.overrides)
     model_dir = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"model written to {model_dir}", file=sys.stderr)
+    if from_environment().main:
+        print(f"model written to {model_dir}", file=sys.stderr)
     return 0
 
 

@@ -238,6 +238,8 @@ class TrainConfig(_Section):
     seed: Seed = 42
     # per batch: sentences x longest sentence, on each side
     batch_tokens: Annotated[int, Range(1, 100_000_000)] = 4096
+    # batches per update and process: an update takes accumulate x processes batches
+    accumulate: Annotated[int, Range(1, 4096)] = 1
     epochs: Annotated[int, Range(1, 1_000_000)] = 10
     max_steps: Annotated[int, Range(0, MAX_STEPS)] = 0  # stop after this many updates (0: run all epochs)
     optimizer: Literal["adam", "adamw"] = "adam"

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .tensorfiles import (
     DamagedFileError,
@@ -277,11 +277,12 @@ class ModelDir:
 
     def save_checkpoint(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-        trainer_state: dict[str, Any], keep: int,
+        trainer_state: dict[str, Any], keep: int, streams: dict[str, Tensor] | None = None,
     ) -> Path:  # fmt: skip
         """Write checkpoints/step-N with its manifest, point latest.json at it, keep the
-        `keep` newest. A failed write (a full disk) removes its partial files and raises an
-        error that says the previous checkpoint is intact."""
+        `keep` newest. The random streams saved are this process's and `streams` (the other
+        processes' of a distributed run, `rng.rankR.*`). A failed write (a full disk) removes
+        its partial files and raises an error that says the previous checkpoint is intact."""
         root = self / CHECKPOINTS
         name = f"step-{step:06d}"
         tmp = root / f"{TMP}{name}"
@@ -290,7 +291,7 @@ class ModelDir:
             tmp.mkdir()  # a stale one was removed by `claim`, a failed one below
             save_weights(model, tmp / MODEL)
             tensors, meta = optimizer_to_flat(optimizer.state_dict())
-            save_tensors(tensors | rng_state(), tmp / OPTIMIZER)
+            save_tensors(tensors | rng_state() | (streams or {}), tmp / OPTIMIZER)
             atomic_write_text(tmp / TRAINER, json.dumps({**trainer_state, "step": step, "optimizer": meta}, indent=1))
             files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
             atomic_write_text(tmp / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
@@ -346,16 +347,7 @@ class ModelDir:
         damaged: list[str] = []
         for path in reversed(self.checkpoints()):
             try:
-                self.verify(path)
-                load_weights(model, path / MODEL)
-                tensors = load_tensors(path / OPTIMIZER)
-                state = read_json(path / TRAINER)
-                try:
-                    optimizer.load_state_dict(optimizer_from_flat(tensors, state.pop("optimizer")))
-                    set_rng_state(tensors)
-                    made = make_state(state)
-                except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-                    raise DamagedFileError(f"{path}: not a checkpoint of this run ({e!s:.200})") from None
+                made = self.load_checkpoint(path, model, optimizer, make_state)
             except DamagedFileError as e:
                 damaged.append(str(e))
                 aside = path.with_name(DAMAGED + path.name)
@@ -372,6 +364,23 @@ class ModelDir:
             + (f" ({'; '.join(damaged)})" if damaged else "")
             + "; start over with --overwrite"
         )
+
+    def load_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+        make_state: Callable[[dict[str, Any]], T], rank: int = 0,
+    ) -> T:  # fmt: skip
+        """Load one checkpoint, verified, into `model` and `optimizer`, with the random stream
+        of process `rank` of the run that saved it; a damaged one is a DamagedFileError."""
+        self.verify(path)
+        load_weights(model, path / MODEL)
+        tensors = load_tensors(path / OPTIMIZER)
+        state = read_json(path / TRAINER)
+        try:
+            optimizer.load_state_dict(optimizer_from_flat(tensors, state.pop("optimizer")))
+            set_rng_state(tensors, f"rng.rank{rank}." if rank else "rng.")
+            return make_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise DamagedFileError(f"{path}: not a checkpoint of this run ({e!s:.200})") from None
 
     # ------------------------------------------------------------------ weights
 

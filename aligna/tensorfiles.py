@@ -200,18 +200,19 @@ def optimizer_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state() -> dict[str, Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
+def rng_state(prefix: str = "rng.") -> dict[str, Tensor]:
+    """This process's random streams as tensors named PREFIXcpu, PREFIXcuda.N."""
+    out = {f"{prefix}cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+            out[f"{prefix}cuda.{i}"] = s
     return out
 
 
-def set_rng_state(tensors: dict[str, Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
+def set_rng_state(tensors: dict[str, Tensor], prefix: str = "rng.") -> None:
+    torch.set_rng_state(tensors[f"{prefix}cpu"])
     cuda_keys = sorted(
-        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+        (k for k in tensors if k.startswith(f"{prefix}cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
     )
     cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

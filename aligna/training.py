@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .build import build_on, count_parameters
 from .config import Config, TrainConfig, config_to_dict, load_config, save_config
-from .corpus import prepared
+from .corpus import open_corpus, prepared
 from .data import (
     Batch,
     Pipeline,
@@ -38,7 +40,7 @@ from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
 from .modeldir import CONFIG, CORPUS, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
 from .runtime import autocast, resolve_device
-from .tensorfiles import atomic_write_text, load_weights
+from .tensorfiles import atomic_write_text, load_weights, rng_state
 from .translate import Translator
 from .vocab import PAD_ID
 
@@ -131,40 +133,57 @@ def scheduled_sampling_logits(model: Seq2Seq, batch: Batch, ratio: float) -> Ten
 
 
 def train_step(
-    model: Seq2Seq, batch: Batch, n_tokens: int, optimizer: torch.optim.Optimizer,
+    model: Seq2Seq, batches: list[Batch], n_tokens: int, optimizer: torch.optim.Optimizer,
     cfg: TrainConfig, lr: float, tf_ratio: float, scaler: torch.amp.GradScaler | None = None,
+    world_size: int = 1,
 ) -> tuple[Tensor, bool]:  # fmt: skip
-    """One update on `batch`; returns the mean per-token loss (a 0-d tensor) and whether
-    the update was made. An update whose loss or gradient norm is not finite is skipped, so
-    one bad batch cannot turn the weights into NaN. `scaler` scales the loss for fp16
-    training (and skips overflowing steps itself)."""
+    """One update on `batches` (this process's micro-batches, `train.accumulate` of them);
+    returns this process's loss summed over its tokens and divided by `n_tokens` (the target
+    tokens of the whole update, over every process), and whether the update was made.
+
+    Gradients accumulate over the micro-batches; under DDP they are all-reduced (averaged)
+    only after the last one (`no_sync` before), and each loss is scaled by the world size so
+    that the average is sum(loss) / n_tokens over the whole update, as in one process. An
+    update whose loss or gradient norm is not finite is skipped, so one bad batch cannot turn
+    the weights into NaN (the norm is of the all-reduced gradients: every process agrees).
+    `scaler` scales the loss for fp16 training (and skips overflowing steps itself)."""
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(batch.src.device, cfg.precision):
-        if tf_ratio >= 1.0:
-            logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
-        else:
-            logits = scheduled_sampling_logits(model, batch, tf_ratio)
-        loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens
     optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=batches[0].src.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext():
+            with autocast(batch.src.device, cfg.precision):
+                if tf_ratio >= 1.0:
+                    logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+                else:
+                    logits = scheduled_sampling_logits(model, batch, tf_ratio)
+                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) * (world_size / n_tokens)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        total += loss.detach()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # so clipping sees the true gradients
-    else:
-        loss.backward()
     # max_norm inf only measures the norm (the gradients are multiplied by exactly 1)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
+    loss = total / world_size
     if scaler is not None:  # an fp16 overflow is the scaler's to handle: it skips the step
         scaler.step(optimizer)
         scaler.update()
-        return loss.detach(), bool(torch.isfinite(loss))
-    finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # the one device sync of a step
+        return loss, bool(torch.isfinite(norm))
+    # The one device sync of a step. Under DDP only the norm, of the all-reduced gradients, is
+    # the same in every process (a non-finite loss anywhere makes it non-finite everywhere).
+    ok = torch.isfinite(norm) if world_size > 1 else torch.isfinite(loss) & torch.isfinite(norm)
+    finite = bool(ok)
     if finite:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), finite
+    return loss, finite
 
 
 def make_optimizer(model: Seq2Seq, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -192,6 +211,7 @@ class TrainState:
     history: list[dict[str, Any]] | None = None
     skipped_updates: int = 0  # updates skipped for a non-finite loss or gradient, in all
     nonfinite_in_row: int = 0  # ... and in a row, up to the last update
+    world_size: int = 1  # processes that trained it (each with its random stream in the checkpoint)
 
 
 class _Window:
@@ -218,70 +238,122 @@ class _Window:
 class Trainer:
     """Trains `config` into `config.model_dir`; `resume` continues the latest checkpoint.
 
-    The trainer holds the model directory's lock from construction until `close()` (which
-    `train()` calls when it ends, however it ends)."""
+    Setting up (this class's constructor: the model directory, the data, the model and
+    optimizer, the checkpoint to resume) is apart from the loop (`train`), which reads
+    top-down: updates, log lines, and validation with a checkpoint, the last two on rank 0
+    only under torchrun (`distributed`).
+
+    Rank 0 holds the model directory's lock from construction until `close()` (which
+    `train()` calls when it ends, however it ends); the other ranks never write into it."""
 
     def __init__(
         self, config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
     ) -> None:
-        self.config, self.progress = config, progress
-        self.cfg = config.train
+        self.config, self.cfg = config, config.train
+        self.world = distributed.from_environment()
+        self.progress = progress and self.world.main
         self.md = ModelDir(config.model_dir)
         self.dir = self.md.path
-        setup_logging()
-        self.lock, resuming = self.md.claim(resume, overwrite)
+        self.lock = None
+        self._writer: Any = None
+        setup_logging(level=logging.INFO if self.world.main else logging.WARNING)
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        self.device = distributed.device_for(self.world, resolve_device(self.cfg.device))
+        distributed.join(self.world, self.device)
         try:
-            self._setup(resuming)
+            resuming = False
+            if self.world.main:
+                self.lock, resuming = self.md.claim(resume, overwrite)
+            resuming = distributed.broadcast(resuming)
+            if resuming:
+                self._check_resumable()
+            if self.world.main:
+                setup_logging(self.md / TRAIN_LOG)
+            torch.manual_seed(self.cfg.seed)
+            self._setup_data(resuming)
+            self._setup_model()
+            if resuming:
+                self._resume()
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, resume: bool) -> None:
+    def _setup_data(self, resume: bool) -> None:
+        """The pipeline (built by rank 0, or the saved one), training pairs as ids, dev text."""
         config, data = self.config, self.config.data
-        if resume:
-            self._check_resumable()
-        setup_logging(self.md / TRAIN_LOG)
-        if self.cfg.num_threads:
-            torch.set_num_threads(self.cfg.num_threads)
-        torch.manual_seed(self.cfg.seed)
-        self.device = resolve_device(self.cfg.device)
-
-        pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
-        corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
-        self.pipeline, self.train_data = pipeline or corpus.pipeline, corpus.examples
-        log.info("%s", self.train_data.report)
-        write_report([self.train_data.report], self.md / DATA_REPORT)
+        if self.world.distributed and self.cfg.teacher_forcing < 1.0:
+            raise ValueError("train.teacher_forcing < 1 (scheduled sampling) trains in one process only")
+        if self.world.main:
+            pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
+            corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
+            self.pipeline = pipeline or corpus.pipeline
+            if not resume:
+                self.pipeline.save(self.dir)
+                save_config(config, self.md / CONFIG)
+        distributed.barrier()  # the other ranks map the corpus and read the pipeline rank 0 wrote
+        if not self.world.main:
+            self.pipeline = Pipeline.load(self.dir)
+            corpus = open_corpus(self.md / CORPUS, data, verify=False)  # rank 0 has verified it
+        self.train_data = corpus.examples
+        if self.world.main:
+            log.info("%s", self.train_data.report)
+            write_report([self.train_data.report], self.md / DATA_REPORT)
         self.dev: tuple[list[str], list[list[str]]] | None = None
-        if data.dev is not None:
+        if data.dev is not None and self.world.main:
             self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
-        if not resume:
-            self.pipeline.save(self.dir)
-            save_config(config, self.md / CONFIG)
         log.info(
             "vocabulary: source %d, target %d%s",
             len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab),
             " (shared)" if data.shared_vocab else "",
         )  # fmt: skip
 
+    def _setup_model(self) -> None:
+        """The model (every rank starts from the same seed; DDP also broadcasts rank 0's
+        weights), its optimizer, the fp16 scaler, and the module training runs through."""
+        config = self.config
         self.model = build_on(self.device, config.model, len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab))
         log.info(
-            "model: %s, %d parameters, on %s", config.model.arch, count_parameters(self.model), self.device
-        )
+            "model: %s, %d parameters, on %s%s", config.model.arch, count_parameters(self.model), self.device,
+            f" x {self.world.size} processes" if self.world.distributed else "",
+        )  # fmt: skip
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
-        # Training runs through the compiled module; search and checkpoints use the plain one.
-        self.train_model = torch.compile(self.model) if self.cfg.compile else self.model
-        self.state = TrainState(history=[])
+        # Training runs through DDP and the compiled module; search and checkpoints use the plain one.
+        self.train_model: Any = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.state = TrainState(history=[], world_size=self.world.size)
         self.plateau = Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience)
-        if resume:
-            path, self.state = self.md.restore(self.model, self.optimizer, lambda s: TrainState(**s))
-            if self.state.plateau:
-                self.plateau = Plateau(**self.state.plateau)
-            if self.scaler is not None and self.state.scaler:
-                self.scaler.load_state_dict(self.state.scaler)
-            log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
         self.translator = Translator(self.model, self.pipeline, config, self.device)
-        self._writer: Any = None
+
+    def _resume(self) -> None:
+        """Continue the newest intact checkpoint (rank 0 chooses it; every rank loads it and
+        its own random stream)."""
+        if self.world.main:
+            path, self.state = self.md.restore(self.model, self.optimizer, lambda s: TrainState(**s))
+        path = distributed.broadcast(str(path) if self.world.main else None)
+        if not self.world.main:
+            self.state = self.md.load_checkpoint(
+                Path(path), self.model, self.optimizer, lambda s: TrainState(**s), rank=self.world.rank
+            )
+        if self.state.world_size != self.world.size:
+            raise ValueError(
+                f"--resume: {path} was trained by {self.state.world_size} process(es), this job has "
+                f"{self.world.size}; resume with the same number (torchrun --nproc_per_node / --nnodes), since "
+                "each process's share of the batches and its random stream are saved per process"
+            )
+        if self.state.plateau:
+            self.plateau = Plateau(**self.state.plateau)
+        if self.scaler is not None and self.state.scaler:
+            self.scaler.load_state_dict(self.state.scaler)
+        log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
 
     def _check_resumable(self) -> None:
         """--resume needs the data and model of the saved run; other changes are logged."""
@@ -293,7 +365,7 @@ class Trainer:
                     "resume with the same data and model (or start a new model_dir)"
                 )
         changed = _diff(config_to_dict(saved), config_to_dict(self.config))
-        if changed:
+        if changed and self.world.main:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
             save_config(self.config, self.md / CONFIG)
 
@@ -302,7 +374,8 @@ class Trainer:
         if getattr(self, "_writer", None):
             self._writer.close()
             self._writer = None
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ loop
 
@@ -316,24 +389,38 @@ class Trainer:
 
     def _loop(self) -> TrainState:
         cfg, st = self.cfg, self.state
-        per_epoch = len(epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, 0))
+        per_update = self.world.size * cfg.accumulate  # batches an update takes from the epoch's order
+        batches = epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, 0)
+        per_epoch = len(batches) // per_update
+        if per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(batches)} batches of train.batch_tokens {cfg.batch_tokens}, fewer than one update "
+                f"takes ({self.world.size} process(es) x train.accumulate {cfg.accumulate}); lower batch_tokens"
+            )
         total = min(cfg.max_steps or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
-        log.info("training: %d batches per epoch, %d updates in all", per_epoch, total)
+        log.info(
+            "training: %d updates per epoch%s, %d updates in all", per_epoch,
+            f" of {per_update} batches ({self.world.size} process(es) x {cfg.accumulate})" if per_update > 1 else "",
+            total,
+        )  # fmt: skip
+        if len(batches) % per_update:
+            log.info("the last %d batch(es) of each epoch fill no update and are left out", len(batches) % per_update)
         bar = tqdm(total=total, initial=st.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         window = _Window(self.device)
         validated_at = st.step if st.step else -1
         stop = st.step >= total
         while not stop and st.epoch < cfg.epochs:
             batches = epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, st.epoch)
-            while st.batch < len(batches) and not stop:
-                self._step(batches[st.batch], window)
+            end = len(batches) - len(batches) % per_update
+            while st.batch < end and not stop:
+                self._update(batches[st.batch : st.batch + per_update], window)
                 if st.step % cfg.log_every == 0 or st.step == total:
                     self._report(window, bar)
                 bar.update(1)
                 if cfg.validate_every and st.step % cfg.validate_every == 0:
                     stop, validated_at = self._validate_and_save(), st.step
                 stop = stop or st.step >= total
-            if st.batch >= len(batches):
+            if st.batch >= end:
                 st.epoch, st.batch = st.epoch + 1, 0
                 if not cfg.validate_every and validated_at != st.step:
                     stop, validated_at = self._validate_and_save() or stop, st.step
@@ -353,23 +440,25 @@ class Trainer:
             self._writer.close()
         return st
 
-    def _step(self, index: list[int], window: _Window) -> None:
-        """One update on the batch of examples `index`; advances the data position. An
-        update whose loss or gradient is not finite is skipped and counted; too many in a
-        row stop the run (`train.max_nonfinite_updates`)."""
-        st = self.state
+    def _update(self, group: list[list[int]], window: _Window) -> None:
+        """One update on a group of batches of the epoch (this process's share of them);
+        advances the data position. An update whose loss or gradient is not finite is skipped
+        and counted; too many in a row stop the run (`train.max_nonfinite_updates`)."""
+        st, a = self.state, self.cfg.accumulate
         started = time.perf_counter()
-        batch = collate(self.train_data, index)
-        n_tokens = batch.n_tokens  # counted on the CPU, so the device is not synced for it
+        lengths = self.train_data.tgt
+        n_tokens = sum(len(lengths[i]) - 1 for index in group for i in index)  # every process's, on the CPU
+        mine = group[self.world.rank * a : (self.world.rank + 1) * a]
+        batches = [collate(self.train_data, index).to(self.device) for index in mine]
         st.step += 1
         window.lr = learning_rate(st.step, self.cfg, self.plateau.scale)
         window.ratio = teacher_forcing_ratio(st.step, self.cfg)
         loss, finite = train_step(
-            self.train_model, batch.to(self.device), n_tokens, self.optimizer, self.cfg, window.lr, window.ratio,
-            self.scaler,
+            self.train_model, batches, n_tokens, self.optimizer, self.cfg, window.lr, window.ratio, self.scaler,
+            self.world.size,
         )  # fmt: skip
         elapsed = time.perf_counter() - started
-        st.batch += 1
+        st.batch += len(group)
         st.train_seconds += elapsed
         if finite:
             st.nonfinite_in_row = 0
@@ -395,7 +484,13 @@ class Trainer:
         return f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
 
     def _report(self, window: _Window, bar: tqdm) -> None:
-        loss, speed = window.mean_loss(), window.tokens / max(window.seconds, 1e-9)
+        """A log line (rank 0) on the updates since the last one; every rank takes part in
+        summing the loss over processes."""
+        loss = distributed.all_sum([float(window.loss_sum)], self.device)[0] / max(window.tokens, 1)
+        speed = window.tokens / max(window.seconds, 1e-9)
+        if not self.world.main:
+            window.reset()
+            return
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{window.lr:.2e}", refresh=False)
         scalars = {"loss": loss, "tokens_per_s": speed, "lr": window.lr, "teacher_forcing": window.ratio}
         self._log_scalars("train", scalars)
@@ -413,7 +508,18 @@ class Trainer:
         return self.translator.evaluate(self.dev[0], self.dev[1], metrics, **GREEDY)
 
     def _validate_and_save(self) -> bool:
-        """Validate (if there is a dev set), save a checkpoint; True when training should stop."""
+        """Validate (if there is a dev set) and save a checkpoint, on rank 0; True when training
+        should stop. The other ranks hand rank 0 their random streams and wait for its decision
+        (to stop, and the plateau schedule's state)."""
+        streams = distributed.gather(rng_state(f"rng.rank{self.world.rank}.") if self.world.rank else {})
+        stop = False
+        if self.world.main:
+            stop = self._validate_and_save_main({k: v for stream in streams for k, v in stream.items()})
+        stop, plateau = distributed.broadcast((stop, asdict(self.plateau)) if self.world.main else None)
+        self.plateau = Plateau(**plateau)
+        return stop
+
+    def _validate_and_save_main(self, streams: dict[str, Tensor]) -> bool:
         st, cfg = self.state, self.cfg
         self._require_finite_weights()  # before best.safetensors or a checkpoint is written
         stop = False
@@ -443,7 +549,7 @@ class Trainer:
                 stop = True
         st.plateau = asdict(self.plateau)
         st.scaler = self.scaler.state_dict() if self.scaler is not None else None
-        self.md.save_checkpoint(st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints)
+        self.md.save_checkpoint(st.step, self.model, self.optimizer, asdict(st), self.cfg.keep_checkpoints, streams)
         return stop
 
     def _require_finite_weights(self) -> None:
@@ -473,7 +579,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, progres
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
     try:
         trainer.train()
-        if config.data.test is not None:
+        if config.data.test is not None and trainer.world.main:
             load_weights(trainer.model, trainer.md.weights("best"))
             trainer.model.eval()
             test = read_parallel(config.data.test, "test")
@@ -485,6 +591,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, progres
             atomic_write_text(trainer.md / TEST_SCORES, json.dumps(asdict(scores), indent=1) + "\n")
     finally:
         trainer.close()
+        distributed.leave()
     return trainer.dir
 
 

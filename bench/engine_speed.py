@@ -29,6 +29,7 @@ from aligna.ct2 import COMPUTE_TYPES
 from aligna.data import read_parallel, reference_sets
 from aligna.export import ctranslate2_module, export_ctranslate2
 from aligna.metrics import score
+from bench import decode_speed
 from bench.common import config_hash, write_record
 
 ENGINES = [("aligna", "fp32"), ("aligna", "bf16"), ("aligna", "int8"),
@@ -56,28 +57,23 @@ class Alone:
 
 def measure(translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
             alpha: float) -> tuple[dict, list[str]]:  # fmt: skip
-    search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0}
-    if isinstance(translator, Alone):
-        tokens = [translator.pipeline.src_tokens(s) for s in sources]
-        translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, search["alpha"])  # warm-up
-        started = time.perf_counter()
-        outputs = translator.translate_tokens(tokens, beam, batch_size, search["alpha"])
-        seconds = time.perf_counter() - started
-        vocab = translator.pipeline.tgt_vocab
-        hypotheses = [translator.pipeline.detokenize(vocab.encode(t)) for t in outputs]
-        n_tokens = sum(len(t) for t in outputs)
-    else:
-        translator.translate(sources[: 2 * batch_size], batch_size=batch_size, **search)  # warm-up
-        started = time.perf_counter()
-        found = translator.translate_detailed(sources, batch_size=batch_size, **search)
-        seconds = time.perf_counter() - started
-        hypotheses = [t.text for t in found]
-        n_tokens = sum(len(t.tokens) for t in found)
+    """As `decode_speed.measure`, for CTranslate2 alone too."""
+    if not isinstance(translator, Alone):
+        return decode_speed.measure(translator, sources, references, beam, batch_size, alpha)
+    alpha = alpha if beam > 1 else 0.0
+    tokens = [translator.pipeline.src_tokens(s) for s in sources]
+    translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, alpha)  # warm-up
+    started = time.perf_counter()
+    outputs = translator.translate_tokens(tokens, beam, batch_size, alpha)
+    seconds = time.perf_counter() - started
+    vocab = translator.pipeline.tgt_vocab
+    hypotheses = [translator.pipeline.detokenize(vocab.encode(t)) for t in outputs]
+    n_tokens = sum(len(t) for t in outputs)
     metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
     return {
-        "beam": beam, "alpha": search["alpha"], "batch_size": batch_size, "seconds": seconds,
-        "sentences": len(sources), "sentences_per_s": len(sources) / seconds,
-        "target_tokens_per_s": n_tokens / seconds, metric: score(hypotheses, references, [metric]).values[metric],
+        "beam": beam, "alpha": alpha, "batch_size": batch_size, "seconds": seconds,
+        "sentences_per_s": len(sources) / seconds, "target_tokens": n_tokens, "target_tokens_per_s": n_tokens / seconds,
+        metric: score(hypotheses, references, [metric]).values[metric],
     }, hypotheses  # fmt: skip
 
 

@@ -38,7 +38,7 @@ def measure(path: str, steps: int, warmup: int, device: str) -> dict:
         n = batch.n_tokens
         started = time.perf_counter()
         loss, _ = train_step(
-            model, batch.to(device), n, optimizer, config.train, config.train.lr, config.train.teacher_forcing
+            model, [batch.to(device)], n, optimizer, config.train, config.train.lr, config.train.teacher_forcing
         )
         float(loss)  # wait for the device (train_step has synced already, to check the loss is finite)
         if i >= warmup:

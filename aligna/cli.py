@@ -1,5 +1,6 @@
 """The command line: a thin layer over the Python API.
 
+aligna prepare CONFIG.yaml
 aligna train CONFIG.yaml [--resume]
 aligna translate MODEL_DIR [--input F] [--output F]
 aligna evaluate MODEL_DIR --src F --ref F [--ref F ...]
@@ -65,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.max_steps=500 (repeatable)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("prepare", help="encode the training corpus once, for train to memory-map",
+                       description="Tokenize and encode data.train into MODEL_DIR/corpus/ (token ids and offsets in "
+                                   "binary files, with the vocabularies and the filter report); train reads it "
+                                   "memory-mapped and reuses it while the data settings are unchanged.")  # fmt: skip
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.max_len=80 (repeatable)")  # fmt: skip
+    p.add_argument("--workers", type=_checked(Annotated[int, Range(1, 1024)]), default=None,
+                   help="encoding processes (default: one per usable core)")  # fmt: skip
+    p.set_defaults(run=_prepare)
 
     p = sub.add_parser("translate", help="translate text with a trained model",
                        description="Translate one sentence per line, stdin to stdout by default.")  # fmt: skip
@@ -298,6 +310,17 @@ def _train(args: argparse.Namespace) -> int:
     model_dir = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if from_environment().main:
         print(f"model written to {model_dir}", file=sys.stderr)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .corpus import prepare_model_dir
+    from .training import setup_logging
+
+    setup_logging()
+    corpus = prepare_model_dir(load_config(args.config, args.overrides), workers=args.workers)
+    print(f"corpus in {corpus.directory}: {corpus.examples.report}", file=sys.stderr)
     return 0
 
 

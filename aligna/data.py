@@ -13,10 +13,12 @@ import json
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -229,22 +231,39 @@ class Examples:
     def __len__(self) -> int:
         return len(self.src)
 
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source lengths and target lengths + 1 (the tokens of tgt_in and tgt_out), (N,) int64."""
+        src = np.fromiter((len(s) for s in self.src), np.int64, len(self.src))
+        return src, np.fromiter((len(t) - 1 for t in self.tgt), np.int64, len(self.tgt))
+
+
+def pair_ids(
+    pipeline: Pipeline, src: str, tgt: str, max_len: int, too_long: str, report: FilterReport
+) -> tuple[list[int], list[int]] | None:
+    """The ids of one pair (targets without specials), or None when it is dropped; what
+    happened to it is counted in `report`."""
+    s_ids, t_ids = pipeline.src_ids(src), pipeline.tgt_ids(tgt)
+    if not s_ids or not t_ids:
+        report.empty += 1
+        return None
+    if len(s_ids) > max_len or len(t_ids) > max_len:
+        if too_long == "filter":
+            report.too_long += 1
+            return None
+        report.truncated += 1
+        s_ids, t_ids = s_ids[:max_len], t_ids[:max_len]
+    return s_ids, t_ids
+
 
 def encode_pairs(pipeline: Pipeline, text: ParallelText, max_len: int, too_long: str, split: str) -> Examples:
     """Ids of every usable pair; dropped and truncated pairs are counted in `report`."""
     report = FilterReport(split, len(text.src), max_len=max_len)
     src_out, tgt_out, lines = [], [], []
     for i, (s, t) in enumerate(zip(text.src, text.tgt)):
-        s_ids, t_ids = pipeline.src_ids(s), pipeline.tgt_ids(t)
-        if not s_ids or not t_ids:
-            report.empty += 1
+        ids = pair_ids(pipeline, s, t, max_len, too_long, report)
+        if ids is None:
             continue
-        if len(s_ids) > max_len or len(t_ids) > max_len:
-            if too_long == "filter":
-                report.too_long += 1
-                continue
-            report.truncated += 1
-            s_ids, t_ids = s_ids[:max_len], t_ids[:max_len]
+        s_ids, t_ids = ids
         src_out.append(torch.tensor(s_ids, dtype=torch.long))
         tgt_out.append(torch.tensor([SOS_ID, *t_ids, EOS_ID], dtype=torch.long))
         lines.append(i)
@@ -274,7 +293,18 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in self.__dict__.values()))
 
 
-def collate(examples: Examples, index: Sequence[int]) -> Batch:
+class ExamplesLike(Protocol):
+    """`Examples` or a prepared corpus's `MappedExamples` (corpus.py)."""
+
+    @property
+    def src(self) -> Sequence[Tensor]: ...  # each (S,)
+    @property
+    def tgt(self) -> Sequence[Tensor]: ...  # each (T + 2,), <sos> y1..yn <eos>
+    def __len__(self) -> int: ...
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def collate(examples: ExamplesLike, index: Sequence[int]) -> Batch:
     src = [examples.src[i] for i in index]
     tgt = torch.nn.utils.rnn.pad_sequence(
         [examples.tgt[i] for i in index], batch_first=True, padding_value=PAD_ID
@@ -293,46 +323,78 @@ def pad_batch(sequences: Sequence[Tensor]) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True, padding_value=PAD_ID)
 
 
+class Batches(Sequence[list[int]]):
+    """Batches of example indices, held as two flat arrays (no Python object per example):
+    batch k is ``order[bounds[j]:bounds[j + 1]]`` with j = ``shuffle[k]``; `batches[k]` is
+    that batch as a list of ints."""
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray, shuffle: np.ndarray | None = None) -> None:
+        self.order, self.bounds = order, bounds  # (N,), (n_batches + 1,) int64
+        self.shuffle = np.arange(len(bounds) - 1) if shuffle is None else shuffle  # (n_batches,)
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        j = self.shuffle[k]
+        return self.order[self.bounds[j] : self.bounds[j + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Batches):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self)} batches of {len(self.order)} examples)"
+
+
 def token_batches(
-    src_lengths: Sequence[int],
-    tgt_lengths: Sequence[int],
+    src_lengths: Sequence[int] | np.ndarray,
+    tgt_lengths: Sequence[int] | np.ndarray,
     batch_tokens: int,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
+) -> Batches:
     """Group example indices into batches of similar length.
 
     A batch holds as many examples as fit `batch_tokens` >= size x longest sequence (on
     each side, so padding counts against the budget); an example longer than the budget
     gets a batch of its own. With a `generator`, ties in length are broken at random and
     the batch order is shuffled; without one, the order is deterministic (for decoding).
+    Vectorized over numpy arrays: the cost is a sort plus a few array operations per batch.
     """
-    n = len(src_lengths)
-    order = torch.randperm(n, generator=generator).tolist() if generator else list(range(n))
-    order.sort(key=lambda i: (src_lengths[i], tgt_lengths[i]))  # stable: ties stay random
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        length = max(src_lengths[i], tgt_lengths[i])
-        if current and (len(current) + 1) * max(longest, length) > batch_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, length)
-    if current:
-        batches.append(current)
-    if generator is not None:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-    return batches
+    src = np.asarray(src_lengths, dtype=np.int64).reshape(-1)  # (N,)
+    tgt = np.asarray(tgt_lengths, dtype=np.int64).reshape(-1)  # (N,)
+    n = len(src)
+    order = torch.randperm(n, generator=generator).numpy() if generator else np.arange(n, dtype=np.int64)
+    if n:  # a stable sort by (source, target) length: ties keep the random order
+        key = src[order] * (int(tgt.max()) + 1) + tgt[order]
+        order = order[np.argsort(key, kind="stable")]
+    longest = np.maximum(src, tgt)[order]  # (N,) in batch order
+    bounds = [0]
+    start = 0
+    while start < n:
+        # The batch's longest is at least its first example's, so at most budget // that
+        # many fit: look at one more than that to find where to cut.
+        first = int(longest[start])
+        window = longest[start : start + (batch_tokens // first + 1 if first else n)]
+        cost = np.arange(1, len(window) + 1) * np.maximum.accumulate(window)  # size x longest so far
+        over = np.flatnonzero(cost[1:] > batch_tokens)  # the first example always fits
+        start += int(over[0]) + 1 if len(over) else len(window)
+        bounds.append(start)
+    shuffle = torch.randperm(len(bounds) - 1, generator=generator).numpy() if generator is not None else None
+    return Batches(order, np.array(bounds, dtype=np.int64), shuffle)
 
 
-def epoch_batches(examples: Examples, batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(examples: ExamplesLike, batch_tokens: int, seed: int, epoch: int) -> Batches:
     """The batches of one training epoch; a function of (seed, epoch) only, so a resumed
     run sees exactly the batches it would have seen."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return token_batches(
-        [len(s) for s in examples.src], [len(t) - 1 for t in examples.tgt], batch_tokens, generator
-    )
+    return token_batches(*examples.lengths(), batch_tokens, generator)
 
 
 def write_report(reports: Sequence[FilterReport], path: Path) -> None:

@@ -7,6 +7,11 @@ Layout (each name is spelled here and nowhere else; the pipeline names its own f
     config.yaml                 the validated config of the run
     src_vocab.txt ...           tokenizers and vocabularies (data.Pipeline.save)
     train.log  data_report.json  tensorboard/  test_scores.json
+    corpus/                     the prepared training corpus (corpus.py): manifest.json,
+        src.ids  tgt.ids        token ids end to end, src.offsets  tgt.offsets, lines,
+        src_vocab.txt ...       and its pipeline and data_report.json; starting over keeps
+                                it (it is checked against the data config whenever used)
+    .corpus.lock                locked while the corpus is checked or prepared
     best.safetensors  best.json weights and scores of the best validation so far
     averaged.safetensors        `aligna average`
     latest.json                 {"checkpoint": "checkpoints/step-000123"}, for people and tools
@@ -80,7 +85,13 @@ BEST_SCORES = "best.json"
 AVERAGED = "averaged.safetensors"
 LATEST = "latest.json"
 CHECKPOINTS = "checkpoints"
-# inside a checkpoint
+CORPUS = "corpus"
+CORPUS_LOCK = ".corpus.lock"  # held while the corpus is checked or prepared
+# inside the corpus
+CORPUS_IDS = "{side}.ids"
+CORPUS_OFFSETS = "{side}.offsets"
+CORPUS_LINES = "lines"
+# inside a checkpoint (and MANIFEST inside the corpus)
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
@@ -146,6 +157,24 @@ class ModelDir:
             raise
         return lock, resuming
 
+    def claim_data(self) -> TrainingLock:
+        """Own the directory to prepare its corpus: create it or check it is aligna's, and
+        lock it (no training run may use it meanwhile); nothing in it is cleared."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ModelDirError(f"model_dir {self.path} is a file, not a directory")
+        foreign = [] if (self / MARKER).is_file() or self._legacy_run() else self._entries()
+        if foreign:
+            raise ModelDirError(
+                f"model_dir {self.path} holds files that aligna did not write ({_listing(foreign)}); "
+                "prepare into a new or empty directory"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = TrainingLock(self)
+        lock.acquire()
+        self._remove_temporaries()
+        self._write_marker()
+        return lock
+
     def _start(self, resume: bool, overwrite: bool, legacy: bool) -> bool:
         """Under the lock: clear what a new run replaces; True when resuming."""
         self._remove_temporaries()
@@ -161,7 +190,7 @@ class ModelDir:
                 f"{self.path} already holds a run: use --resume to continue it, "
                 "--overwrite to start over, or another model_dir"
             )
-        elif self._entries(ignore=(MARKER, LOCK)):
+        elif self._entries(ignore=(MARKER, LOCK, CORPUS, CORPUS_LOCK)):
             why = "--resume: no checkpoint to resume from" if resume else "no checkpoint yet"
             log.info("%s in %s (the run stopped before its first one): starting from the beginning", why, self.path)
             self._clear()
@@ -193,9 +222,9 @@ class ModelDir:
             )
 
     def _clear(self) -> None:
-        """Delete everything but the marker and the lock (held by this process)."""
+        """Delete everything but the marker, the lock (held by this process) and the corpus."""
         for entry in self.path.iterdir():
-            if entry.name in (MARKER, LOCK):
+            if entry.name in (MARKER, LOCK, CORPUS, CORPUS_LOCK):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

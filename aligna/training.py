@@ -26,11 +26,11 @@ from tqdm import tqdm
 from . import distributed
 from .build import build_on, count_parameters
 from .config import Config, TrainConfig, config_to_dict, load_config, save_config
+from .corpus import open_corpus, prepared
 from .data import (
     Batch,
     Pipeline,
     collate,
-    encode_pairs,
     epoch_batches,
     read_parallel,
     reference_sets,
@@ -39,7 +39,7 @@ from .data import (
 from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
-from .modeldir import CONFIG, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
+from .modeldir import CONFIG, CORPUS, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
 from .runtime import autocast, resolve_device
 from .tensorfiles import atomic_write_text, load_weights, rng_state
 from .translate import Translator
@@ -288,16 +288,18 @@ class Trainer:
         config, data = self.config, self.config.data
         if self.world.distributed and self.cfg.teacher_forcing < 1.0:
             raise ValueError("train.teacher_forcing < 1 (scheduled sampling) trains in one process only")
-        train_text = read_parallel(data.train, "train")
         if self.world.main:
-            self.pipeline = Pipeline.load(self.dir) if resume else Pipeline.build(data, train_text)
+            pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
+            corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
+            self.pipeline = pipeline or corpus.pipeline
             if not resume:
                 self.pipeline.save(self.dir)
                 save_config(config, self.md / CONFIG)
-        distributed.barrier()  # the other ranks read the pipeline rank 0 wrote
+        distributed.barrier()  # the other ranks map the corpus and read the pipeline rank 0 wrote
         if not self.world.main:
             self.pipeline = Pipeline.load(self.dir)
-        self.train_data = encode_pairs(self.pipeline, train_text, data.max_len, data.too_long, "train")
+            corpus = open_corpus(self.md / CORPUS, data, verify=False)  # rank 0 has verified it
+        self.train_data = corpus.examples
         if self.world.main:
             log.info("%s", self.train_data.report)
             write_report([self.train_data.report], self.md / DATA_REPORT)

@@ -409,6 +409,7 @@ class Trainer:
         )  # fmt: skip
         if len(batches) % per_update:
             log.info("the last %d batch(es) of each epoch fill no update and are left out", len(batches) % per_update)
+        self._tgt_tokens = self.train_data.lengths()[1]  # (N,) target tokens of each pair, tgt_out's
         bar = tqdm(total=total, initial=st.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         self._started, self._first_step, self._total = time.monotonic(), st.step, total
         window = _Window(self.device)
@@ -451,8 +452,7 @@ class Trainer:
         and counted; too many in a row stop the run (`train.max_nonfinite_updates`)."""
         st, a = self.state, self.cfg.accumulate
         started = time.perf_counter()
-        lengths = self.train_data.tgt
-        n_tokens = sum(len(lengths[i]) - 1 for index in group for i in index)  # every process's, on the CPU
+        n_tokens = sum(int(self._tgt_tokens[index].sum()) for index in group)  # every process's, on the CPU
         mine = group[self.world.rank * a : (self.world.rank + 1) * a]
         batches = [collate(self.train_data, index).to(self.device) for index in mine]
         st.step += 1

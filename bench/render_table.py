@@ -129,6 +129,25 @@ def engine_rows(record: dict) -> list[str]:
     return rows
 
 
+def corpus_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| corpus | pairs | training data | prepare | prepare peak RSS | train peak RSS | start to first update | "
+        "code | machine | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["pairs"], r["mode"] != "baseline")):
+        prep = r.get("prepare")
+        train = r["train"]
+        kind = "in memory (before `aligna prepare`)" if r["mode"] == "baseline" else "memory-mapped corpus"
+        rows.append(
+            f"| Multi30k x{r['repeat']} | {r['pairs']:,} | {kind} | "
+            + (f"{prep['seconds']:.0f} s | {prep['peak_rss_mib']:,.0f} MiB | " if prep else "- | - | ")
+            + f"{train['peak_rss_mib']:,.0f} MiB | {train['first_update_seconds']:.1f} s | {r['tree_commit'][:7]} | "
+            f"{_machine(r['machine'])} | `{r['command']}` |"
+        )
+    return rows
+
+
 def distributed_rows(record: dict) -> list[str]:
     rows = [
         f"`{record['command']}` on {_machine(record['machine'])}:",
@@ -253,6 +272,11 @@ def render() -> str:
         parts += ["", *speed_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
+    scaling = [r for r in records if r["name"].startswith("corpus_scale")]
+    if scaling:
+        parts += ["", "Data that scales: `configs/quickstart.yaml` (an RNN) on Multi30k repeated N times, "
+                  "`train.max_steps: 1`, no dev set, 1 thread; peak RSS of the largest process "
+                  "(`bench/results/corpus_scale_*.json`):", "", *corpus_rows(scaling)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "distributed_speed"]:
         parts += ["", f"Training on several processes, DDP under torchrun, each process with the config's batch "
                   f"tokens (`bench/results/{r['name']}.json`):", "", *distributed_rows(r)]  # fmt: skip

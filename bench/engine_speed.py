@@ -90,6 +90,9 @@ def main() -> None:
                         help="ENGINE:PRECISION pairs (default: all of them)")  # fmt: skip
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--sentences", type=int, help="only the first N test sentences")
+    parser.add_argument("--quality", action="store_true",
+                        help="also translate the whole test set at beam 5, alpha 0.6 (the published rows' search) "
+                        "with aligna fp32 and CTranslate2 float32 / int8: BLEU and identical outputs")  # fmt: skip
     parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
     engines = [tuple(e.split(":", 1)) for e in args.engines]
@@ -105,7 +108,21 @@ def main() -> None:
     if any(engine != "aligna" for engine, _ in engines):
         scratch = Path("runs") / "bench-engine-speed" / Path(args.model_dir).name
         exported = export_ctranslate2(args.model_dir, scratch, args.checkpoint, overwrite=True)
-    runs = []
+    runs, quality = [], []
+    if args.quality and exported is not None:
+        all_sources, all_references = reference_sets(test, config.data.group_references)
+        torch.set_num_threads(max(args.threads))
+        ours = None
+        for engine, precision in [("aligna", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8")]:
+            translator = aligna.load(exported if engine == "ctranslate2" else args.model_dir,
+                                     "best" if engine == "ctranslate2" else args.checkpoint, "cpu", precision, engine)  # fmt: skip
+            run, hypotheses = decode_speed.measure(translator, all_sources, all_references, 5, 64, 0.6)
+            ours = hypotheses if ours is None else ours
+            run |= {"engine": engine, "precision": precision, "same_as_aligna_fp32": sum(
+                a == b for a, b in zip(hypotheses, ours))}  # fmt: skip
+            quality.append(run)
+            print(f"quality {engine} {precision}: BLEU {run.get('tok_bleu', run.get('bleu')):.2f}, "
+                  f"{run['same_as_aligna_fp32']}/{len(all_sources)} outputs equal aligna fp32's", flush=True)
     print(f"{'engine':<18} {'prec':>5} {'thr':>3} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} "
           f"{'BLEU':>6} {'=fp32':>6}")  # fmt: skip
     for threads in args.threads:
@@ -135,7 +152,7 @@ def main() -> None:
     write_record(args.name or f"engine_speed_{Path(args.model_dir).name}_cpu", {
         "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint,
         "config_sha256": config_hash(config), "test_set": test.origin, "ctranslate2_version": ct2.__version__ if ct2 else None,
-        "runs": runs,
+        "runs": runs, "quality": quality,
     })  # fmt: skip
 
 

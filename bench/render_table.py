@@ -126,6 +126,11 @@ def engine_rows(record: dict) -> list[str]:
         ours, theirs = found.get(("aligna", "int8")), found.get(("ctranslate2", "int8"))
         ratio = f"{ours['sentences_per_s'] / theirs['sentences_per_s']:.2f}x" if ours and theirs else "-"
         rows.append(f"| {threads} | {_search(beam)} | {batch} | " + " | ".join(parts) + f" | {ratio} |")
+    if record.get("quality"):
+        q = record["quality"]
+        rows += ["", f"The whole test set ({q[0]['sentences']} sentences), beam 5, alpha 0.6, batch 64: "
+                 + "; ".join(f"{r['engine']} {r['precision']} tok BLEU {r.get('tok_bleu', r.get('bleu')):.2f}"
+                             f" ({r['same_as_aligna_fp32']} outputs equal aligna fp32's)" for r in q) + "."]  # fmt: skip
     return rows
 
 

@@ -109,8 +109,7 @@ class CT2Translator(TextTranslator):
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,
-            no_repeat_ngram_size=decode.no_repeat_ngram, max_input_length=0, return_end_token=True,
-            return_scores=True, return_attention=True,
+            max_input_length=0, return_end_token=True, return_scores=True, return_attention=True,
         )  # fmt: skip
         if decode.sample:
             options.update(sampling_topk=decode.top_k, sampling_topp=decode.top_p,

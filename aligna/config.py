@@ -319,6 +319,11 @@ class DecodeConfig(_Section):
             "sample",
             "sampling and beam_size > 1 exclude each other",
         )
+        _check(
+            not (self.sample and self.no_repeat_ngram),
+            "no_repeat_ngram",
+            "n-gram blocking applies to greedy and beam search, not to sampling",
+        )
 
 
 @dataclass(frozen=True)

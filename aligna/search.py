@@ -82,7 +82,7 @@ def search(
     if cfg.sample:
         return sample_search(model, src, src_lengths, *limits, cfg.temperature, cfg.top_k, cfg.top_p,
                              generator, cfg.min_len)  # fmt: skip
-    if cfg.beam_size > 1:
+    if cfg.beam_size > 1 or cfg.no_repeat_ngram:  # greedy with n-gram blocking: a beam of one
         return beam_search(model, src, src_lengths, cfg.beam_size, *limits, cfg.alpha, cfg.nbest, cfg.min_len,
                            cfg.no_repeat_ngram, cfg.coverage)  # fmt: skip
     return greedy_search(model, src, src_lengths, *limits, cfg.min_len)

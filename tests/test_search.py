@@ -7,8 +7,9 @@ import torch
 from test_rnn import VARIANTS, make, random_batch
 from torch import Tensor
 
+from aligna.config import ConfigError, DecodeConfig
 from aligna.model import Reorderable, Seq2Seq
-from aligna.search import greedy_search, max_lengths
+from aligna.search import greedy_search, max_lengths, search
 from aligna.vocab import EOS_ID, SOS_ID
 
 
@@ -168,6 +169,20 @@ def test_min_length_and_ngram_blocking():
     blocked = run(model, beam_search, beam_size=2, min_len=3, no_repeat_ngram=2).tokens[0]
     bigrams = list(zip(blocked, blocked[1:]))
     assert len(bigrams) == len(set(bigrams))  # A B A B would repeat "A B"
+
+
+def test_greedy_search_blocks_ngrams_too():
+    """decode.no_repeat_ngram with beam_size 1 is greedy search with blocking (a beam of one),
+    not greedy search that ignores it."""
+    model = MarkovModel({SOS_ID: {A: 1.0}, A: {Bt: 0.7, EOS_ID: 0.3}, Bt: {A: 0.8, EOS_ID: 0.2}})
+    plain = search(model, torch.ones(1, 3, dtype=torch.long), torch.tensor([3]),
+                   DecodeConfig(max_len_a=0.0, max_len_b=6)).tokens[0]  # fmt: skip
+    assert plain == [A, Bt, A, Bt, A, Bt]  # A B repeats until the length limit
+    blocked = search(model, torch.ones(1, 3, dtype=torch.long), torch.tensor([3]),
+                     DecodeConfig(max_len_a=0.0, max_len_b=6, no_repeat_ngram=2)).tokens[0]  # fmt: skip
+    assert blocked == [A, Bt, A]  # after A B A, "A B" may not come again: <eos>
+    with pytest.raises(ConfigError, match="no_repeat_ngram"):
+        DecodeConfig(sample=True, no_repeat_ngram=2)
 
 
 def test_coverage_penalty():

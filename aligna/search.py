@@ -192,8 +192,11 @@ def beam_search(
     Each step extends every live hypothesis by every token, keeps the 2k best candidates
     per sentence (enough to refill k beams when some end in `<eos>`), moves those ending
     in `<eos>` among the k best to the sentence's finished list, and continues with the k
-    best others. A sentence is done when it has k finished hypotheses or reaches its
-    length limit (then its live beams are finished as they are), and leaves the batch.
+    best others. A sentence is done when it has k finished hypotheses and the best
+    candidate of some step has ended in `<eos>` (so a live hypothesis better than every
+    finished one is not given up early; OpenNMT's and CTranslate2's rule), or when it
+    reaches its length limit (then its live beams are finished as they are), and leaves
+    the batch.
     Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
     log P(Y|X).
 
@@ -218,6 +221,7 @@ def beam_search(
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t), n-gram blocking only
     finished: list[list[_Finished]] = [[] for _ in range(batch)]
     ended = torch.zeros(batch, dtype=torch.long, device=device)  # finished hypotheses of each live sentence
+    top_ended = torch.zeros(batch, dtype=torch.bool, device=device)  # has a step's best candidate ended?
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
@@ -255,7 +259,8 @@ def beam_search(
         scores = top_scores.gather(1, pick)
         rows = parent.gather(1, pick).view(-1)  # (b * k,)
         prev = token.gather(1, pick).view(-1)
-        done = at_limit | (ended >= k)
+        top_ended |= (token[:, 0] == EOS_ID) & (top_scores[:, 0] > float("-inf"))
+        done = at_limit | ((ended >= k) & top_ended)
         stopping = int(done.sum())  # one sync for both questions
         if stopping == live:
             break
@@ -268,7 +273,7 @@ def beam_search(
                 scores[keep],
                 sentence[keep],
             )
-            ended = ended[keep]
+            ended, top_ended = ended[keep], top_ended[keep]
             enc = enc.reorder(keep_rows)
         trail.parent.append(rows)
         trail.token.append(prev)

@@ -29,6 +29,7 @@ from aligna.ct2 import COMPUTE_TYPES
 from aligna.data import read_parallel, reference_sets
 from aligna.export import ctranslate2_module, export_ctranslate2
 from aligna.metrics import score
+from aligna.modeldir import ModelDir
 from bench import decode_speed
 from bench.common import config_hash, write_record
 
@@ -96,7 +97,9 @@ def main() -> None:
     parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
     engines = [tuple(e.split(":", 1)) for e in args.engines]
-    reference = aligna.load(args.model_dir, checkpoint=args.checkpoint, device="cpu", engine="aligna")
+    # One weights file for every engine, even if a training run writes a newer checkpoint meanwhile.
+    weights = str(ModelDir(args.model_dir).weights(args.checkpoint))
+    reference = aligna.load(args.model_dir, checkpoint=weights, device="cpu", engine="aligna")
     config = reference.config
     if config.data.test is None:
         parser.error(f"{args.model_dir}: its config has no data.test")
@@ -107,7 +110,7 @@ def main() -> None:
     exported = None  # CTranslate2 has no RNN: an RNN model is measured with aligna's engines alone
     if any(engine != "aligna" for engine, _ in engines):
         scratch = Path("runs") / "bench-engine-speed" / Path(args.model_dir).name
-        exported = export_ctranslate2(args.model_dir, scratch, args.checkpoint, overwrite=True)
+        exported = export_ctranslate2(args.model_dir, scratch, weights, overwrite=True)
     runs, quality = [], []
     if args.quality and exported is not None:
         all_sources, all_references = reference_sets(test, config.data.group_references)
@@ -115,10 +118,10 @@ def main() -> None:
         ours = None
         for engine, precision in [("aligna", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8")]:
             translator = aligna.load(exported if engine == "ctranslate2" else args.model_dir,
-                                     "best" if engine == "ctranslate2" else args.checkpoint, "cpu", precision, engine)  # fmt: skip
+                                     "best" if engine == "ctranslate2" else weights, "cpu", precision, engine)  # fmt: skip
             run, hypotheses = decode_speed.measure(translator, all_sources, all_references, 5, 64, 0.6)
             ours = hypotheses if ours is None else ours
-            run |= {"engine": engine, "precision": precision, "same_as_aligna_fp32": sum(
+            run |= {"engine": engine, "precision": precision, "sentences": len(all_sources), "same_as_aligna_fp32": sum(
                 a == b for a, b in zip(hypotheses, ours))}  # fmt: skip
             quality.append(run)
             print(f"quality {engine} {precision}: BLEU {run.get('tok_bleu', run.get('bleu')):.2f}, "
@@ -130,7 +133,7 @@ def main() -> None:
         translators = {}
         for engine, precision in engines:
             if engine == "aligna":
-                translators[engine, precision] = aligna.load(args.model_dir, args.checkpoint, "cpu", precision, "aligna")
+                translators[engine, precision] = aligna.load(args.model_dir, weights, "cpu", precision, "aligna")
             elif engine == "ctranslate2":
                 translators[engine, precision] = aligna.load(exported, "best", "cpu", precision, "ctranslate2")
             else:
@@ -142,7 +145,8 @@ def main() -> None:
                 if (engine, precision) == ("aligna", "fp32"):
                     baseline = hypotheses
                 same = sum(a == b for a, b in zip(hypotheses, baseline)) if baseline else None
-                run |= {"engine": engine, "precision": precision, "threads": threads, "same_as_aligna_fp32": same}
+                run |= {"engine": engine, "precision": precision, "threads": threads, "sentences": len(sources),
+                        "same_as_aligna_fp32": same}  # fmt: skip
                 runs.append(run)
                 bleu = run.get("tok_bleu", run.get("bleu"))
                 print(f"{engine:<18} {precision:>5} {threads:>3} {beam:>4} {batch_size:>5} "
@@ -150,7 +154,7 @@ def main() -> None:
                       f"{'' if same is None else same:>6}", flush=True)  # fmt: skip
     ct2 = ctranslate2_module() if exported else None
     write_record(args.name or f"engine_speed_{Path(args.model_dir).name}_cpu", {
-        "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint,
+        "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint, "weights": weights,
         "config_sha256": config_hash(config), "test_set": test.origin, "ctranslate2_version": ct2.__version__ if ct2 else None,
         "runs": runs, "quality": quality,
     })  # fmt: skip

@@ -258,15 +258,18 @@ def _reference_beam_search(
     max_len_b: int = 10, alpha: float = 0.0, nbest: int = 1, min_len: int = 0, no_repeat_ngram: int = 0,
     coverage: float = 0.0,
 ) -> SearchResult:  # fmt: skip
-    """`beam_search` as it was before it kept back-pointers (aligna c61294d): every step
-    copied the whole token and attention history of every row (O(t * S) a step). The
-    reference the new one must match exactly.
+    """`beam_search` as it was before it kept back-pointers (aligna c61294d, with the stopping
+    rule of today): every step copied the whole token and attention history of every row
+    (O(t * S) a step). The reference the new one must match exactly.
 
     Each step extends every live hypothesis by every token, keeps the 2k best candidates
     per sentence (enough to refill k beams when some end in `<eos>`), moves those ending
     in `<eos>` among the k best to the sentence's finished list, and continues with the k
-    best others. A sentence is done when it has k finished hypotheses or reaches its
-    length limit (then its live beams are finished as they are), and leaves the batch.
+    best others. A sentence is done when it has k finished hypotheses and the best
+    candidate of some step has ended in `<eos>` (so a live hypothesis better than every
+    finished one is not given up early; OpenNMT's and CTranslate2's rule), or when it
+    reaches its length limit (then its live beams are finished as they are), and leaves
+    the batch.
     Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
     log P(Y|X).
     """
@@ -283,6 +286,7 @@ def _reference_beam_search(
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t)
     attention: Tensor | None = None  # (rows, t, S) weights of every emitted token
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    top_ended = torch.zeros(batch, dtype=torch.bool, device=device)
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
@@ -325,16 +329,18 @@ def _reference_beam_search(
         scores = top_scores.gather(1, pick)
         rows = parent.gather(1, pick).view(-1)  # (b * k,)
         prev = token.gather(1, pick).view(-1)
-        done = at_limit | torch.tensor([len(finished[int(s)]) >= k for s in sentence], device=device)
+        top_ended |= (token[:, 0] == EOS_ID) & (top_scores[:, 0] > float("-inf"))
+        done = at_limit | (torch.tensor([len(finished[int(s)]) >= k for s in sentence], device=device) & top_ended)
         if bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)  # live sentences that go on
         keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-        rows, prev, scores, sentence = (
+        rows, prev, scores, sentence, top_ended = (
             rows.view(live, k)[keep].view(-1),
             prev.view(live, k)[keep].view(-1),
             scores[keep],
             sentence[keep],
+            top_ended[keep],
         )
         history = torch.cat([history[rows], prev.unsqueeze(1)], dim=1)
         attention = None if attention is None else attention[rows]

@@ -18,6 +18,7 @@ outputs equal aligna fp32's. Writes bench/results/engine_speed_<model>_cpu.json 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from itertools import product
 from pathlib import Path
@@ -29,7 +30,7 @@ from aligna.ct2 import COMPUTE_TYPES
 from aligna.data import read_parallel, reference_sets
 from aligna.export import ctranslate2_module, export_ctranslate2
 from aligna.metrics import score
-from aligna.modeldir import ModelDir
+from aligna.modeldir import BEST_SCORES, ModelDir
 from bench import decode_speed
 from bench.common import config_hash, write_record
 
@@ -100,6 +101,8 @@ def main() -> None:
     # One weights file for every engine, even if a training run writes a newer checkpoint meanwhile.
     weights = str(ModelDir(args.model_dir).weights(args.checkpoint))
     reference = aligna.load(args.model_dir, checkpoint=weights, device="cpu", engine="aligna")
+    scores_file = ModelDir(args.model_dir) / BEST_SCORES
+    best_scores = json.loads(scores_file.read_text()) if args.checkpoint == "best" and scores_file.is_file() else None
     config = reference.config
     if config.data.test is None:
         parser.error(f"{args.model_dir}: its config has no data.test")
@@ -155,6 +158,7 @@ def main() -> None:
     ct2 = ctranslate2_module() if exported else None
     write_record(args.name or f"engine_speed_{Path(args.model_dir).name}_cpu", {
         "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint, "weights": weights,
+        "weights_scores": best_scores,
         "config_sha256": config_hash(config), "test_set": test.origin, "ctranslate2_version": ct2.__version__ if ct2 else None,
         "runs": runs, "quality": quality,
     })  # fmt: skip

@@ -96,6 +96,12 @@ def decode_rows(record: dict) -> list[str]:
     return rows
 
 
+def _weights(record: dict) -> str:
+    best = record.get("weights_scores")
+    where = Path(record.get("weights", record["checkpoint"])).name
+    return f"{where}: step {best['step']}, dev tok BLEU {best['tok_bleu']:.2f}" if best else where
+
+
 def engine_rows(record: dict) -> list[str]:
     """One row per search, batch and threads; a column per engine and precision (sentences/s,
     and in brackets how many outputs equal aligna fp32's where that is not all)."""
@@ -107,7 +113,7 @@ def engine_rows(record: dict) -> list[str]:
     rows = [
         f"`{record['command']}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
         f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
-        f"({record.get('weights', record['checkpoint'])}). Sentences/s, BLEU in brackets; where not all {n} outputs "
+        f"({_weights(record)}). Sentences/s, BLEU in brackets; where not all {n} outputs "
         "equal aligna fp32's, how many do:",
         "",
         "| threads | search | batch | " + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |",

@@ -132,9 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument(
-        "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
-    )
+    _checkpoint_arg(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="as for translate (default: fp32, or an export's stored type)")  # fmt: skip
@@ -169,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a directory written by `aligna train`")
     p.add_argument("--to", required=True, choices=["ctranslate2"], help="the inference engine")
     p.add_argument("out", help="the directory to write (must not exist, or hold an earlier export)")
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path")
+    _checkpoint_arg(p)
     p.add_argument("--quantization", choices=QUANTIZATIONS,
                    help="weight type of the exported model (default: float32); int8 is the fast one on a CPU")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
@@ -204,6 +202,10 @@ def _test_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tsv", help="instead of --src/--ref: one file of source<TAB>reference lines")
 
 
+def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path")
+
+
 def _engine_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="aligna (PyTorch) or ctranslate2 (an `aligna export` directory, or a model directory "
@@ -218,9 +220,7 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
         )
     else:
         p.add_argument("model_dir", help="a directory written by `aligna train` or `aligna export`")
-    p.add_argument(
-        "--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path"
-    )
+    _checkpoint_arg(p)
     _engine_arg(p)
     p.add_argument("--device", type=_checked(field_type(TrainConfig, "device")), default="auto",
                    help="auto, cpu, cuda or cuda:N")  # fmt: skip

@@ -161,7 +161,7 @@ def train_step(
                     logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
                 else:
                     logits = scheduled_sampling_logits(model, batch, tf_ratio)
-                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) * (world_size / n_tokens)
+                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens * world_size
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:

@@ -15,7 +15,8 @@ exact) and the sum over the process tree (/proc polled every 50 ms; prepare's en
 workers count here, and pages they share with the parent are counted once per process).
 
     python -m bench.corpus_scale --repeat 20                         # this tree
-    python -m bench.corpus_scale --repeat 20 --baseline --tree /work/main --name corpus_scale_x20_baseline
+    git worktree add ../aligna-490138e 490138e                       # the code before `aligna prepare`
+    python -m bench.corpus_scale --repeat 20 --baseline --tree ../aligna-490138e --name corpus_scale_x20_baseline
     nice -n 10 python -m bench.corpus_scale --repeat 170
 """
 

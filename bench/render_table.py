@@ -42,6 +42,12 @@ def _scores(metrics: dict[str, float]) -> str:
     return " · ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in metrics.items() if k != "loss")
 
 
+def _command(record: dict) -> str:
+    """What reproduces a record: its `reproduce` where the command alone does not (a model to
+    train first, another checkout), else the command that wrote it."""
+    return record.get("reproduce", record["command"])
+
+
 def _config(record: dict) -> str:
     return record["config"] + "".join(f" `{o}`" for o in record["overrides"])
 
@@ -58,14 +64,14 @@ def quality_rows(records: list[dict]) -> list[str]:
         rows.append(
             f"| {r['name']} | {Path(r['test_set'].split(' / ')[0]).name} | {scores} | "
             f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps{note} | "
-            f"{r['train_target_tokens_per_s']:,.0f}{threads} | {_machine(r['machine'])} | `{r.get('reproduce', r['command'])}` |"
+            f"{r['train_target_tokens_per_s']:,.0f}{threads} | {_machine(r['machine'])} | `{_command(r)}` |"
         )
     return rows
 
 
 def speed_rows(record: dict) -> list[str]:
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}:",
+        f"`{_command(record)}` on {_machine(record['machine'])}:",
         "",
         "| config | parameters | batch tokens | train target tok/s |",
         "|---|---|---|---|",
@@ -80,7 +86,7 @@ def speed_rows(record: dict) -> list[str]:
 
 def decode_rows(record: dict) -> list[str]:
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
+        f"`{_command(record)}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
         "",
         "| model | precision | KV cache | search | batch | sentences/s | target tok/s | BLEU |",
         "|---|---|---|---|---|---|---|---|",
@@ -111,7 +117,7 @@ def engine_rows(record: dict) -> list[str]:
         cells.setdefault((r["threads"], r["beam"], r["batch_size"]), {})[r["engine"], r["precision"]] = r
     n = record["runs"][0]["sentences"]
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
+        f"`{_command(record)}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
         f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
         f"({_weights(record)}). Sentences/s, BLEU in brackets; where not all {n} outputs "
         "equal aligna fp32's, how many do:",
@@ -154,14 +160,14 @@ def corpus_rows(records: list[dict]) -> list[str]:
             f"| Multi30k x{r['repeat']} | {r['pairs']:,} | {kind} | "
             + (f"{prep['seconds']:.0f} s | {prep['peak_rss_mib']:,.0f} MiB | " if prep else "- | - | ")
             + f"{train['peak_rss_mib']:,.0f} MiB | {train['first_update_seconds']:.1f} s | {r['tree_commit'][:7]} | "
-            f"{_machine(r['machine'])} | `{r['command']}` |"
+            f"{_machine(r['machine'])} | `{_command(r)}` |"
         )
     return rows
 
 
 def distributed_rows(record: dict) -> list[str]:
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}:",
+        f"`{_command(record)}` on {_machine(record['machine'])}:",
         "",
         "| processes | threads each | updates | target tokens | seconds | target tok/s | speed-up |",
         "|---|---|---|---|---|---|---|",
@@ -184,7 +190,7 @@ def peer_speed_rows(records: list[dict]) -> list[str]:
         rows.append(
             f"| {_config(r)} | {a['parameters'] / 1e6:.1f} M / {j['parameters'] / 1e6:.1f} M | {r['threads']['aligna']} | "
             f"{a['target_tokens_per_s']:,.0f} | {j['target_tokens_per_s']:,.0f} | "
-            f"{r['ratio_aligna_over_joeynmt']:.2f}x | {_machine(r['machine'])} | `{r['command']}` |"
+            f"{r['ratio_aligna_over_joeynmt']:.2f}x | {_machine(r['machine'])} | `{_command(r)}` |"
         )
     return rows
 
@@ -194,7 +200,7 @@ def peer_translate_rows(record: dict) -> list[str]:
         f"{_config(record)}: aligna {record['aligna_parameters'] / 1e6:.1f} M parameters ({record['aligna_model_dir']}), "
         f"JoeyNMT {record['joeynmt_parameters'] / 1e6:.1f} M ({record['joeynmt_model_dir']}); "
         f"{record['sentences']} test sentences, {_threads(record['threads']['aligna'])} each, "
-        f"{_machine(record['machine'])}; `{record['command']}`",
+        f"{_machine(record['machine'])}; `{_command(record)}`",
         "",
         "| aligna precision | search | batch | aligna sent/s | JoeyNMT sent/s (fp32) | ratio | aligna tok/s | "
         "JoeyNMT tok/s | aligna BLEU | JoeyNMT BLEU |",
@@ -213,7 +219,7 @@ def peer_translate_rows(record: dict) -> list[str]:
 def peer_curve_rows(record: dict) -> list[str]:
     a, j = record["aligna"], record["joeynmt"]
     rows = [
-        f"`{record['command']}` on {_machine(record['machine'])}; aligna {record.get('aligna_precision', 'fp32')} "
+        f"`{_command(record)}` on {_machine(record['machine'])}; aligna {record.get('aligna_precision', 'fp32')} "
         f"({a['model_dir']}), JoeyNMT fp32 ({record['joeynmt_model_dir']}):",
         "",
         "| updates | aligna train min | aligna dev tok BLEU | JoeyNMT train min | JoeyNMT dev tok BLEU |",
@@ -262,7 +268,7 @@ def serve_load_rows(records: list[dict]) -> list[str]:
                 f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} | {run['errors']} | "
                 f"{run['rss_ready'] / 2**20:.0f} -> {run['rss_after'] / 2**20:.0f} MiB | "
                 f"{'yes' if r['same_translations'] else 'NO'} ({r['compared']}) | {_machine(r['machine'])} | "
-                f"`{r.get('reproduce', r['command'])}` |"
+                f"`{_command(r)}` |"
             )
     return rows
 
@@ -322,7 +328,7 @@ def render() -> str:
         parts += [
             "",
             f"Score by source length, {Path(r['test_set'].split(' / ')[0]).name} "
-            f"({r['metric']}, {r['search']}; `{r['command']}`, `bench/results/{r['name']}.json`):",
+            f"({r['metric']}, {r['search']}; `{_command(r)}`, `bench/results/{r['name']}.json`):",
             "",
         ]
         parts += [r["table"], "", f"![{r['name']}]({r['plot']})"]

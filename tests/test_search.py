@@ -260,19 +260,8 @@ def _reference_beam_search(
 ) -> SearchResult:  # fmt: skip
     """`beam_search` as it was before it kept back-pointers (aligna c61294d, with the stopping
     rule of today): every step copied the whole token and attention history of every row
-    (O(t * S) a step). The reference the new one must match exactly.
-
-    Each step extends every live hypothesis by every token, keeps the 2k best candidates
-    per sentence (enough to refill k beams when some end in `<eos>`), moves those ending
-    in `<eos>` among the k best to the sentence's finished list, and continues with the k
-    best others. A sentence is done when it has k finished hypotheses and the best
-    candidate of some step has ended in `<eos>` (so a live hypothesis better than every
-    finished one is not given up early; OpenNMT's and CTranslate2's rule), or when it
-    reaches its length limit (then its live beams are finished as they are), and leaves
-    the batch.
-    Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
-    log P(Y|X).
-    """
+    (O(t * S) a step). The reference the new one must match exactly; the algorithm is the
+    one `beam_search`'s docstring describes."""
     k = beam_size
     batch = src.size(0)
     device = src.device

@@ -221,7 +221,14 @@ def test_heatmap_shows_every_kind_layer_and_head(driver, server, models):
 
 
 def test_screenshot(driver, server, tmp_path):
-    """The page as the README shows it; ALIGNA_SCREENSHOT=PATH keeps it (default: a temporary file)."""
+    """The page as the README shows it, a translation and the map search used, whatever ran
+    before; ALIGNA_SCREENSHOT=PATH keeps it (default: a temporary file)."""
+    page.translate(driver, SENTENCE)
+    page.select(driver, "kind", value="cross")
+    page.select(driver, "layer", value="1")
+    page.select(driver, "head", value="mean")
+    shown = grid(driver)["rows"]  # the heatmap is drawn: a row per output token, a cell per source token
+    assert shown and all(len(row["cells"]) == len(SENTENCE.split()) for row in shown)
     out = Path(os.environ.get("ALIGNA_SCREENSHOT") or tmp_path / "serve.png")
     assert driver.save_screenshot(str(out))
     png = out.read_bytes()

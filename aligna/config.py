@@ -30,7 +30,7 @@ import yaml
 
 from .yamlsafe import YAMLProblem, load_yaml
 
-Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "exact", "wer", "per"]
+Metric = Literal["loss", "ppl", "bleu", "chrf", "tok_bleu", "exact", "wer", "per", "wer_nostress", "per_nostress"]
 
 MAX_FILE_BYTES = 1 << 20  # a config file is a few kB
 MAX_WIDTH = 65_536  # emb_dim, hidden_size, ff_size, attention_size

@@ -1,5 +1,7 @@
 """Evaluation metrics: sacreBLEU BLEU and chrF, tokenized BLEU, perplexity, and the word and
-phoneme error rates of grapheme-to-phoneme conversion.
+phoneme error rates of grapheme-to-phoneme conversion, with ARPAbet stress digits (AH0, AH1)
+or without them (`wer_nostress`, `per_nostress`: AH0 and AH1 both count as AH, the variant
+that cmusphinx g2p-seq2seq reports).
 
 References are given per sentence as a list, so a sentence may have several (CMUdict
 words with more than one pronunciation); a sentence may also have fewer than others.
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import sacrebleu
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "tok_bleu": True, "exact": True, "wer": False, "per": False,
-                    "loss": False, "ppl": False}  # fmt: skip
+                    "wer_nostress": False, "per_nostress": False, "loss": False, "ppl": False}  # fmt: skip
 
 
 @dataclass
@@ -29,8 +31,8 @@ class Scores:
 def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str]) -> Scores:
     """Score detokenized `hypotheses` against per-sentence reference lists.
 
-    `metrics` may hold bleu, chrf, tok_bleu, exact, wer and per (loss and ppl need the
-    model and are skipped here).
+    `metrics` may hold bleu, chrf, tok_bleu, exact, wer, per, wer_nostress and per_nostress
+    (loss and ppl need the model and are skipped here).
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
@@ -57,6 +59,10 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
             out.values[name] = 100.0 - word_error_rate(hypotheses, references)
         elif name == "per":
             out.values[name] = phoneme_error_rate(hypotheses, references)
+        elif name in ("wer_nostress", "per_nostress"):
+            rate = word_error_rate if name == "wer_nostress" else phoneme_error_rate
+            out.values[name] = rate([strip_stress(h) for h in hypotheses],
+                                    [[strip_stress(r) for r in refs] for refs in references])  # fmt: skip
         elif name not in ("loss", "ppl"):
             raise ValueError(f"unknown metric {name!r}")
     return out
@@ -95,6 +101,11 @@ def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
         previous = current
     return previous[-1]
+
+
+def strip_stress(phonemes: str) -> str:
+    """ARPAbet without stress: "K AH0 M P Y UW1 T ER0" -> "K AH M P Y UW T ER"."""
+    return " ".join(p.rstrip("012") if p[:1].isalpha() else p for p in phonemes.split())
 
 
 def perplexity(loss_per_token: float) -> float:

@@ -1,6 +1,6 @@
 import pytest
 
-from aligna.metrics import edit_distance, perplexity, phoneme_error_rate, score, word_error_rate
+from aligna.metrics import edit_distance, perplexity, phoneme_error_rate, score, strip_stress, word_error_rate
 
 
 def test_edit_distance():
@@ -19,6 +19,17 @@ def test_phoneme_error_rate_uses_the_closest_reference():
     refs = [["R IY1 D", "R EH1 D"], ["L IY1 D"]]
     hyps = ["R EH1 D", "L EH1"]  # 0 errors against the 2nd reference; 2 errors against 3 phonemes
     assert phoneme_error_rate(hyps, refs) == pytest.approx(100 * 2 / 6)
+
+
+def test_error_rates_without_stress_ignore_only_the_stress_digits():
+    refs = [["K AH0 M P Y UW1 T ER0"], ["R IY1 D", "R EH1 D"], ["AH0 B AW1 T"]]
+    hyps = ["K AH1 M P Y UW1 T ER0", "R IY0 D", "AH0 B AW1"]  # stress wrong, stress wrong, phoneme missing
+    scores = score(hyps, refs, ["wer", "wer_nostress", "per", "per_nostress"])
+    assert scores.values["wer"] == pytest.approx(100.0)
+    assert scores.values["wer_nostress"] == pytest.approx(100 / 3)  # only the missing T is still wrong
+    assert scores.values["per"] == pytest.approx(100 * 3 / 15)
+    assert scores.values["per_nostress"] == pytest.approx(100 * 1 / 15)
+    assert strip_stress("HH AH0 L OW1") == "HH AH L OW"
 
 
 def test_bleu_and_chrf_carry_signatures_and_agree_with_sacrebleu():

@@ -246,8 +246,9 @@ class TrainConfig(_Section):
     lr: Annotated[float, Range(0, 1, low_open=True)] = 1e-3
     betas: tuple[Rate, Rate] = (0.9, 0.999)
     weight_decay: Probability = 0.0
-    # constant | inverse_sqrt (linear warmup, then lr * sqrt(warmup / step)) | plateau
-    schedule: Literal["constant", "inverse_sqrt", "plateau"] = "constant"
+    # constant | inverse_sqrt (linear warmup, then lr * sqrt(warmup / step)) | plateau |
+    # linear (warmup, then straight down to 0 at the run's last update: for a fixed budget)
+    schedule: Literal["constant", "inverse_sqrt", "plateau", "linear"] = "constant"
     warmup_steps: Annotated[int, Range(0, MAX_STEPS)] = 0
     # plateau: lr *= factor after `plateau_patience` validations without improvement, down to min_lr
     plateau_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5

@@ -58,17 +58,25 @@ GREEDY = {"beam_size": 1, "nbest": 1, "sample": False}  # validation search, wha
 # --------------------------------------------------------------------------- schedules
 
 
-def learning_rate(step: int, cfg: TrainConfig, plateau_scale: float = 1.0) -> float:
-    """The learning rate for update `step` (counted from 1).
+def learning_rate(step: int, cfg: TrainConfig, plateau_scale: float = 1.0, total: int = 0) -> float:
+    """The learning rate for update `step` (counted from 1) of a run of `total` updates.
 
     inverse_sqrt: linear warmup to `lr`, then lr * sqrt(warmup / step) -- the schedule of
     Vaswani et al. (2017) eq. (3), parameterized by its peak `lr` instead of d_model.
+    linear: warmup to `lr`, then down in a straight line to lr / (total - warmup + 1) at the
+    last update, `total` (a short run gains most from ending at a small rate).
     constant and plateau: `lr` (after an optional linear warmup); plateau multiplies it
     by `plateau_scale`, which validation lowers, down to `min_lr`.
     """
     if cfg.schedule == "inverse_sqrt":
         warmup = max(cfg.warmup_steps, 1)
         return cfg.lr * min(step / warmup, math.sqrt(warmup / step))
+    if cfg.schedule == "linear":
+        if not total:
+            raise ValueError("the linear schedule needs the run's total number of updates")
+        if step < cfg.warmup_steps:
+            return cfg.lr * step / cfg.warmup_steps
+        return cfg.lr * max(total - step + 1, 1) / max(total - cfg.warmup_steps + 1, 1)
     lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
     return max(lr * plateau_scale, cfg.min_lr) if cfg.schedule == "plateau" else lr
 
@@ -456,7 +464,7 @@ class Trainer:
         mine = group[self.world.rank * a : (self.world.rank + 1) * a]
         batches = [collate(self.train_data, index).to(self.device) for index in mine]
         st.step += 1
-        window.lr = learning_rate(st.step, self.cfg, self.plateau.scale)
+        window.lr = learning_rate(st.step, self.cfg, self.plateau.scale, self._total)
         window.ratio = teacher_forcing_ratio(st.step, self.cfg)
         loss, finite = train_step(
             self.train_model, batches, n_tokens, self.optimizer, self.cfg, window.lr, window.ratio, self.scaler,

@@ -164,6 +164,13 @@ def test_learning_rate_schedules():
     plateau = TrainConfig(schedule="plateau", lr=1e-3, min_lr=1e-4)
     assert learning_rate(10, plateau, 0.5) == pytest.approx(5e-4)
     assert learning_rate(10, plateau, 0.01) == pytest.approx(1e-4)
+    linear = TrainConfig(schedule="linear", lr=1e-3, warmup_steps=100)
+    assert learning_rate(50, linear, total=1000) == pytest.approx(5e-4)
+    assert learning_rate(100, linear, total=1000) == pytest.approx(1e-3)
+    assert learning_rate(550, linear, total=1000) == pytest.approx(1e-3 * 451 / 901)
+    assert learning_rate(1000, linear, total=1000) == pytest.approx(1e-3 / 901)  # the last update still moves
+    with pytest.raises(ValueError, match="total number of updates"):
+        learning_rate(5, linear)
 
 
 def test_plateau_reduces_after_patience():

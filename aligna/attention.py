@@ -101,8 +101,10 @@ class ScaledDotProductAttention(DotAttention):
     def forward(  # type: ignore[override]
         self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Also accepts a head dimension: query (B, h, Tq, d), keys/values (B, h, S, d),
-        mask broadcastable to (B, h, Tq, S), or None: every key may be attended to."""
+        """Also accepts a head dimension: query (B, h, Tq, d), keys/values (B, h, S, d), mask
+        broadcastable to (B, h, Tq, S): boolean, or additive (`additive_mask`: 0 where a key may
+        be attended to, -inf where not, the form the fused kernel takes), or None: every key
+        may be attended to."""
         p = self.dropout if self.training else 0.0
         mask = None if mask is None else _broadcastable(mask, query)
         # One query per row (a decoding step) in many rows: two matrix products beat the fused
@@ -112,8 +114,9 @@ class ScaledDotProductAttention(DotAttention):
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p), None
         scores = self.score(query, keys)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights = weights if weights.dtype == values.dtype else weights.to(values.dtype)
         context = torch.matmul(F.dropout(weights, p) if p else weights, values)
         return context, weights if need_weights else None
 
@@ -125,7 +128,8 @@ class MultiHeadAttention(nn.Module):
 
     Keys and values are projected by `project` (once per sentence for encoder-decoder
     attention, once per new token for a decoder's self-attention cache), so `forward`
-    takes them already split into heads: (B, h, S, d_k).
+    takes them already split into heads: (B, h, S, d_k). Self-attention projects all three
+    from one input with `project_self` and attends with `attend`.
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
@@ -137,6 +141,7 @@ class MultiHeadAttention(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * d_model)  # W^K and W^V of all heads
         self.out_proj = nn.Linear(d_model, d_model)  # W^O
         self.attention = ScaledDotProductAttention(dropout)
+        self.qkv_proj: nn.Module | None = None  # [W^Q; W^K; W^V], made by `fuse_projections`
 
     def split(self, x: Tensor) -> Tensor:
         """(B, T, h * d_k) -> (B, h, T, d_k)."""
@@ -144,22 +149,56 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, d_model) -> keys, values, each (B, h, S, d_k)."""
-        keys, values = self.kv_proj(x).chunk(2, dim=-1)
-        return self.split(keys), self.split(values)
+        batch, length, _ = x.shape
+        keys, values = self.kv_proj(x).view(batch, length, 2, self.heads, self.d_k).permute(2, 0, 3, 1, 4)
+        return keys, values
+
+    def project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention: x (B, T, d_model) -> queries, keys, values of x, each (B, h, T, d_k)."""
+        if self.qkv_proj is None:
+            return self.split(self.query_proj(x)), *self.project(x)
+        batch, length, _ = x.shape
+        queries, keys, values = self.qkv_proj(x).view(batch, length, 3, self.heads, self.d_k).permute(2, 0, 3, 1, 4)
+        return queries, keys, values
+
+    def fuse_projections(self) -> None:
+        """Replace W^Q and [W^K; W^V] by one [W^Q; W^K; W^V] (self-attention, where the three
+        read the same input): one matrix product instead of two, per layer and decoding step.
+        For a frozen copy that only decodes (`runtime.quantize_int8`): the fused weights are a
+        copy, which training would not update, so `query_proj` and `kv_proj` are removed."""
+        fused = nn.Linear(self.query_proj.in_features, 3 * self.query_proj.in_features)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([self.query_proj.weight, self.kv_proj.weight]))
+            fused.bias.copy_(torch.cat([self.query_proj.bias, self.kv_proj.bias]))
+        del self.query_proj, self.kv_proj
+        self.qkv_proj = fused
 
     def forward(
         self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """query (B, T, d_model), keys/values (B, h, S, d_k), mask (B, S) or (B, 1|T, S), or
-        None (every key may be attended to) -> output (B, T, d_model), weights (B, h, T, S)
-        if asked for."""
+        """query (B, T, d_model) attends to keys/values (B, h, S, d_k) -> output (B, T, d_model),
+        weights (B, h, T, S) if asked for; the mask as `attend` takes it."""
+        return self.attend(self.split(self.query_proj(query)), keys, values, mask, need_weights)
+
+    def attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """queries (B, h, T, d_k), keys/values (B, h, S, d_k), mask (B, S), (B, 1|T, S) or
+        (B, 1, 1|T, S), boolean or additive, or None (every key may be attended to)
+        -> output (B, T, d_model), weights (B, h, T, S) if asked for."""
         if mask is not None and mask.dim() == 3:
             mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
-        context, weights = self.attention(
-            self.split(self.query_proj(query)), keys, values, mask, need_weights
-        )
-        context = context.transpose(1, 2).reshape(query.size(0), query.size(1), -1)  # (B, T, h * d_k)
+        context, weights = self.attention(queries, keys, values, mask, need_weights)  # (B, h, T, d_k)
+        batch, _, length, _ = queries.shape
+        context = context.transpose(1, 2).reshape(batch, length, -1)  # (B, T, h * d_k)
         return self.out_proj(context), weights
+
+
+def additive_mask(mask: Tensor) -> Tensor:
+    """A boolean mask (True where a key may be attended to) -> the same shape in float32,
+    0 there and -inf elsewhere: what the fused kernel turns a boolean mask into on every
+    call, so a mask used at every decoding step is converted once."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _broadcastable(mask: Tensor, query: Tensor) -> Tensor:

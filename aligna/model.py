@@ -70,6 +70,11 @@ class Seq2Seq(nn.Module):
         """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None."""
         raise NotImplementedError
 
+    def fuse_projections(self) -> None:
+        """Merge, in place, linear layers that read the same input into one wider layer, for a
+        frozen copy that only decodes (fewer, larger products per step; nothing here to merge
+        by default). Training such a copy would not update the original weights."""
+
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: tgt_in (B, T) = `<sos> y1..` -> logits (B, T, V)."""
         raise NotImplementedError

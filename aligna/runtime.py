@@ -5,10 +5,11 @@ take these from here, so each choice is checked, and explained when refused, in 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .model import Seq2Seq
 
@@ -49,32 +50,69 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
-    """A copy of `model` for CPU decoding with int8 weights: every nn.Linear, nn.LSTM and
-    nn.GRU is replaced by PyTorch's dynamically quantized version (activations quantized on
-    the fly per batch), as CTranslate2 does for CPU inference. A Linear's weights get one
-    scale per output row (`per_channel`, as CTranslate2 and fbgemm's kernels do: a row of
-    small weights keeps its precision next to a row of large ones; False: one per tensor);
-    the recurrent cells' weights one per tensor, the only kind torch quantizes them with.
-    Embeddings, layer norms and the search itself stay fp32. A decode step reads a quarter of
-    the fp32 weight bytes, which is what bounds small-batch decoding on a CPU. Activations get
-    one scale per batch, so unlike fp32 a sentence's output can differ slightly with the
-    sentences it is batched with."""
+    """A copy of `model` for CPU decoding with int8 weights: linear layers that read the same
+    input are fused (`Seq2Seq.fuse_projections`), then every nn.Linear, nn.LSTM and nn.GRU is
+    replaced by PyTorch's dynamically quantized version (activations quantized on the fly per
+    batch), as CTranslate2 does for CPU inference. A Linear's weights get one scale per output
+    row (`per_channel`, as CTranslate2 and fbgemm's kernels do: a row of small weights keeps its
+    precision next to a row of large ones, and a fused layer computes exactly what its parts
+    did; False: one per tensor); the recurrent cells' weights one per tensor, the only kind
+    torch quantizes them with. Embeddings, layer norms and the search itself stay fp32. A
+    decode step reads a quarter of the fp32 weight bytes, which is what bounds small-batch
+    decoding on a CPU. Activations get one scale per batch, so unlike fp32 a sentence's output
+    can differ slightly with the sentences it is batched with."""
     try:
         from torch.ao.quantization import (
             default_dynamic_qconfig,
             per_channel_dynamic_qconfig,
             quantize_dynamic,
         )
+        from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
     except ImportError as e:  # torch.ao.quantization is deprecated and may leave a future torch
         raise RuntimeError(
             f"precision int8 needs torch.ao.quantization, which torch {torch.__version__} lacks"
         ) from e
+    model = copy.deepcopy(model).eval()
+    model.fuse_projections()
     with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         linear = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         spec = {nn.Linear: linear, nn.LSTM: default_dynamic_qconfig, nn.GRU: default_dynamic_qconfig}
-        return quantize_dynamic(model, spec, dtype=torch.qint8).eval()
+        mapping = {**get_default_dynamic_quant_module_mappings(), nn.Linear: Int8Linear}
+        return quantize_dynamic(model, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with int8 W (fbgemm's dynamically quantized kernel, as torch's quantized
+    dynamic Linear): the kernel called directly on its packed weights, for the one-row calls of
+    a decoding step, where torch's module spends a third of the time around the kernel (its
+    dtype and version checks, a no-op dtype conversion, the operator's Python dispatch)."""
+
+    def __init__(self, in_features: int, out_features: int, packed: torch.ScriptObject) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.packed = packed  # int8 weights with their scales, and the fp32 bias, as the kernel takes them
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, use_precomputed_fake_quant: bool = False) -> Int8Linear:
+        """Quantize `linear` (an nn.Linear with a qconfig, as `quantize_dynamic` passes it)."""
+        from torch.ao.nn.quantized.dynamic import Linear
+
+        quantized = Linear.from_float(linear, use_precomputed_fake_quant)
+        return cls(linear.in_features, linear.out_features, quantized._packed_params._packed_params)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(*, in_features) fp32 -> (*, out_features) fp32."""
+        return _LINEAR_INT8(x, self.packed, True)  # True: 7-bit activations, as torch's module (fbgemm overflow)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# The C++ operator itself: calling it through torch.ops' Python wrapper costs a check of every
+# argument for a fake script object, 15% of a one-row call.
+_LINEAR_INT8 = torch.ops.quantized.linear_dynamic._op
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -147,28 +147,42 @@ def _one_path(
     scores = torch.zeros(batch, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens emitted, <eos> too
     attention: Tensor | None = None
+    # The live rows, b of them: each step writes a column of these; a sentence's row is copied
+    # into the outputs above once, when it finishes.
     active = torch.arange(batch, device=device)  # input row of each live row
+    row_tokens, row_scores, row_limit = tokens.clone(), scores.clone(), limit
+    row_attention: Tensor | None = None  # (b, steps, S)
     prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=device)
     for t in range(steps):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b, V), (b, S) or None
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         if t < min_len:
             log_probs[:, EOS_ID] = float("-inf")
         prev = pick(log_probs)  # (b,)
-        tokens[active, t] = prev
-        scores[active] += log_probs.gather(1, prev.unsqueeze(1)).squeeze(1)
-        lengths[active] += 1
+        row_tokens[:, t] = prev
+        row_scores += log_probs.gather(1, prev.unsqueeze(1)).squeeze(1)
         if attn is not None:
+            if row_attention is None:
+                row_attention = torch.zeros(batch, steps, src_len, device=device)
+            row_attention[:, t] = attn
+        done = (prev == EOS_ID) | (row_limit <= t + 1)  # (b,)
+        finished = int(done.sum())  # the step's one sync
+        if not finished:
+            continue
+        rows = active[done]
+        tokens[rows], scores[rows], lengths[rows] = row_tokens[done], row_scores[done], t + 1
+        if row_attention is not None:
             if attention is None:
                 attention = torch.zeros(batch, steps, src_len, device=device)
-            attention[active, t] = attn.float()
-        done = (prev == EOS_ID) | (t + 1 >= limit[active])
-        if bool(done.all()):
+            attention[rows] = row_attention[done]
+        if finished == active.size(0):
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            active, prev = active[keep], prev[keep]
-            state, enc = state.reorder(keep), enc.reorder(keep)
+        keep = (~done).nonzero().squeeze(1)
+        active, prev, row_tokens, row_scores, row_limit = (
+            active[keep], prev[keep], row_tokens[keep], row_scores[keep], row_limit[keep]
+        )
+        row_attention = None if row_attention is None else row_attention[keep]
+        state, enc = state.reorder(keep), enc.reorder(keep)
     nbest = []
     for i, (row, n) in enumerate(zip(tokens.tolist(), lengths.tolist())):
         out = row[: n - 1] if row[n - 1] == EOS_ID else row[:n]
@@ -222,10 +236,14 @@ def beam_search(
     finished: list[list[_Finished]] = [[] for _ in range(batch)]
     ended = torch.zeros(batch, dtype=torch.long, device=device)  # finished hypotheses of each live sentence
     top_ended = torch.zeros(batch, dtype=torch.bool, device=device)  # has a step's best candidate ended?
+    row_limit = limit  # (b,) of each live sentence
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
+    rank = torch.arange(2 * k, device=device).unsqueeze(0)  # (1, 2k) a candidate's rank in its sentence
+    in_top_k, eos_last = rank < k, 2 * k + rank
+    first_row = torch.arange(0, batch * k, k, device=device).unsqueeze(1)  # (B, 1) a sentence's first row
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         vocab = log_probs.size(-1)
         if t < min_len:
             eos = log_probs[:, EOS_ID].clone()
@@ -239,39 +257,40 @@ def beam_search(
         live = sentence.size(0)
         candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
         top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first
-        parent = top // vocab + torch.arange(live, device=device).unsqueeze(1) * k  # row of each candidate
+        parent = top // vocab + first_row[:live]  # row of each candidate
         token = top % vocab
         if attn is not None:
             trail.attention.append(attn.float())  # (b * k, S)
-        at_limit = t + 1 >= limit[sentence]  # (b,)
+        at_limit = row_limit <= t + 1  # (b,)
+        is_eos, possible = token == EOS_ID, top_scores > float("-inf")
         # Finish the k best candidates that end in <eos>, and everything at the length limit.
-        rank = torch.arange(2 * k, device=device).unsqueeze(0)
-        finish = ((token == EOS_ID) | at_limit.unsqueeze(1)) & (rank < k) & (top_scores > float("-inf"))
-        i, j = finish.nonzero(as_tuple=True)
+        finish = (is_eos | at_limit.unsqueeze(1)) & in_top_k & possible
         ended += finish.sum(1)
-        for s, row, last, log_prob in zip(
-            sentence[i].tolist(), parent[i, j].tolist(), token[i, j].tolist(), top_scores[i, j].tolist()
-        ):
-            finished[s].append(_Finished(t, row, last, log_prob))
+        top_ended |= is_eos[:, 0] & possible[:, 0]
+        done = at_limit | ((ended >= k) & top_ended)
+        finishing, stopping = torch.stack([finish.sum(), done.sum()]).tolist()  # the step's one sync
+        if finishing:
+            i, j = finish.nonzero(as_tuple=True)
+            ends = torch.stack([sentence[i], parent[i, j], token[i, j]]).tolist()
+            for s, row, last, log_prob in zip(*ends, top_scores[i, j].tolist()):
+                finished[s].append(_Finished(t, row, last, log_prob))
+        if stopping == live:
+            break
         # Continue with the k best candidates that do not end in <eos>.
-        order = torch.where(token == EOS_ID, 2 * k + rank, rank)  # <eos> candidates last
+        order = torch.where(is_eos, eos_last, rank)  # <eos> candidates last
         pick = order.argsort(dim=1)[:, :k]  # (b, k)
         scores = top_scores.gather(1, pick)
         rows = parent.gather(1, pick).view(-1)  # (b * k,)
         prev = token.gather(1, pick).view(-1)
-        top_ended |= (token[:, 0] == EOS_ID) & (top_scores[:, 0] > float("-inf"))
-        done = at_limit | ((ended >= k) & top_ended)
-        stopping = int(done.sum())  # one sync for both questions
-        if stopping == live:
-            break
         if stopping:
             keep = (~done).nonzero().squeeze(1)  # live sentences that go on
             keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            rows, prev, scores, sentence = (
+            rows, prev, scores, sentence, row_limit = (
                 rows.view(live, k)[keep].view(-1),
                 prev.view(live, k)[keep].view(-1),
                 scores[keep],
                 sentence[keep],
+                row_limit[keep],
             )
             ended, top_ended = ended[keep], top_ended[keep]
             enc = enc.reorder(keep_rows)

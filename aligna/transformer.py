@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import MultiHeadAttention
+from .attention import MultiHeadAttention, additive_mask
 from .model import Reorderable, Seq2Seq
 from .vocab import PAD_ID
 
@@ -30,7 +31,7 @@ from .vocab import PAD_ID
 @dataclass
 class TransformerEncoderOutput(Reorderable):
     states: Tensor  # (B, S, d_model) the encoder's output ("memory")
-    mask: Tensor  # (B, S) True at real tokens
+    mask: Tensor  # (B, 1, 1, S) additive: 0 at real tokens, -inf at padding; made once per sentence
     cross_keys: list[Tensor]  # per decoder layer (B, h, S, d_k), projected once per sentence
     cross_values: list[Tensor]  # per decoder layer (B, h, S, d_k)
     self_weights: list[Tensor] | None = None  # per encoder layer (B, h, S, S), when asked for
@@ -62,16 +63,15 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """x (B, T, d_model) for positions offset..offset+T-1."""
-        positions = torch.arange(offset, offset + x.size(1), device=x.device)
+        end = offset + x.size(1)
         if self.kind == "learned":
-            if offset + x.size(1) > self.max_positions:
-                raise ValueError(
-                    f"sequence of {offset + x.size(1)} tokens is longer than max_positions={self.max_positions}"
-                )
-            return x + self.table(positions)
-        if offset + x.size(1) <= self.sinusoids.size(0):
-            return x + self.sinusoids[offset : offset + x.size(1)].to(x.dtype)
-        return x + sinusoids(positions, self.d_model).to(x.dtype)
+            if end > self.max_positions:
+                raise ValueError(f"sequence of {end} tokens is longer than max_positions={self.max_positions}")
+            return x + self.table.weight[offset:end]
+        table = self.sinusoids[offset:end] if end <= self.sinusoids.size(0) else sinusoids(
+            torch.arange(offset, end, device=x.device), self.d_model
+        )  # fmt: skip
+        return x + (table if table.dtype == x.dtype else table.to(x.dtype))
 
 
 def sinusoids(positions: Tensor, d_model: int) -> Tensor:
@@ -87,7 +87,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, ff_size: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.w1, self.w2 = nn.Linear(d_model, ff_size), nn.Linear(ff_size, d_model)
-        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.activation = F.gelu if activation == "gelu" else F.relu
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,16 +96,21 @@ class FeedForward(nn.Module):
 
 
 class Sublayer(nn.Module):
-    """x + Dropout(f(LayerNorm(x))) (pre-norm) or LayerNorm(x + Dropout(f(x))) (post-norm)."""
+    """x + Dropout(f(LayerNorm(x))) (pre-norm) or LayerNorm(x + Dropout(f(x))) (post-norm),
+    as `sublayer.output(x, f(sublayer.input(x)))`."""
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
 
-    def forward(self, x: Tensor, f) -> tuple[Tensor, Tensor | None]:  # f: (B, T, d) -> ((B, T, d), weights)
-        out, weights = f(self.norm(x) if self.pre_norm else x)
+    def input(self, x: Tensor) -> Tensor:
+        """x (B, T, d) -> what f reads: LayerNorm(x) (pre-norm) or x (post-norm)."""
+        return self.norm(x) if self.pre_norm else x
+
+    def output(self, x: Tensor, out: Tensor) -> Tensor:
+        """x, f's output (B, T, d) -> the residual sum, normalized after it in post-norm."""
         x = x + (self.dropout(out) if self.training else out)
-        return (x if self.pre_norm else self.norm(x)), weights
+        return x if self.pre_norm else self.norm(x)
 
 
 class EncoderLayer(nn.Module):
@@ -118,11 +123,11 @@ class EncoderLayer(nn.Module):
         self.ff_block = Sublayer(d_model, dropout, pre_norm)
 
     def forward(self, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, S, d), mask (B, S) -> x (B, S, d), self-attention weights (B, h, S, S)."""
-        x, weights = self.attention_block(
-            x, lambda h: self.self_attention(h, *self.self_attention.project(h), mask, need_weights)
-        )
-        x, _ = self.ff_block(x, lambda h: (self.feed_forward(h), None))
+        """x (B, S, d), mask (B, 1, 1, S) additive -> x (B, S, d), self-attention weights (B, h, S, S)."""
+        h = self.attention_block.input(x)
+        out, weights = self.self_attention.attend(*self.self_attention.project_self(h), mask, need_weights)
+        x = self.attention_block.output(x, out)
+        x = self.ff_block.output(x, self.feed_forward(self.ff_block.input(x)))
         return x, weights
 
 
@@ -139,25 +144,23 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor | None, cross: tuple[Tensor, Tensor],
-        src_mask: Tensor, need_weights: bool = False,
+        src_mask: Tensor, need_weights: str = "none",
     ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor | None]:  # fmt: skip
         """x (B, T, d): the new positions; cache: keys/values (B, h, t, d_k) of the earlier ones;
-        causal (T, t + T): which positions each new one may see (None: all, as for one new position).
-        -> x (B, T, d), the extended cache, self- and cross-attention weights."""
-        extended = cache
-
-        def self_attend(h: Tensor) -> tuple[Tensor, Tensor | None]:
-            nonlocal extended
-            keys, values = self.self_attention.project(h)  # (B, h, T, d_k): only the new tokens
-            extended = (torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2))
-            return self.self_attention(h, *extended, None if causal is None else causal.unsqueeze(0), need_weights)
-
-        x, self_weights = self.self_block(x, self_attend)
-        x, cross_weights = self.cross_block(
-            x, lambda h: self.cross_attention(h, cross[0], cross[1], src_mask, need_weights)
-        )
-        x, _ = self.ff_block(x, lambda h: (self.feed_forward(h), None))
-        return x, extended, self_weights, cross_weights
+        causal (1, T, t + T): which positions each new one may see (None: all, as for one new
+        position); src_mask (B, 1, 1, S) additive. -> x (B, T, d), the extended cache, and the
+        self- and cross-attention weights (B, h, T, *) where need_weights asks for them:
+        "all", "cross" or "none"."""
+        h = self.self_block.input(x)
+        queries, keys, values = self.self_attention.project_self(h)  # (B, h, T, d_k): only the new tokens
+        keys, values = torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2)  # (B, h, t + T, d_k)
+        out, self_weights = self.self_attention.attend(queries, keys, values, causal, need_weights == "all")
+        x = self.self_block.output(x, out)
+        h = self.cross_block.input(x)
+        out, cross_weights = self.cross_attention(h, cross[0], cross[1], src_mask, need_weights != "none")
+        x = self.cross_block.output(x, out)
+        x = self.ff_block.output(x, self.feed_forward(self.ff_block.input(x)))
+        return x, (keys, values), self_weights, cross_weights
 
 
 class Transformer(Seq2Seq):
@@ -213,7 +216,7 @@ class Transformer(Seq2Seq):
     def encode(
         self, src: Tensor, src_lengths: Tensor, need_weights: bool = False
     ) -> TransformerEncoderOutput:
-        mask = src != PAD_ID  # (B, S)
+        mask = additive_mask(src != PAD_ID)[:, None, None, :]  # (B, 1, 1, S)
         x = self.dropout(self.src_positions(self.src_embedding(src) * self.scale))  # (B, S, d)
         maps = []
         for layer in self.encoder_layers:
@@ -224,6 +227,11 @@ class Transformer(Seq2Seq):
         return TransformerEncoderOutput(
             x, mask, [k for k, _ in cross], [v for _, v in cross], maps if need_weights else None
         )
+
+    def fuse_projections(self) -> None:
+        """Every self-attention's W^Q, W^K, W^V as one product (`MultiHeadAttention.fuse_projections`)."""
+        for layer in [*self.encoder_layers, *self.decoder_layers]:
+            layer.self_attention.fuse_projections()
 
     def init_state(self, encoder_output: TransformerEncoderOutput) -> TransformerState:  # type: ignore[override]
         batch, device = encoder_output.states.size(0), encoder_output.states.device
@@ -247,15 +255,17 @@ class Transformer(Seq2Seq):
         past, steps = state.length, tokens.size(1)
         x = self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)  # (B, T, d)
         x = self.dropout(x) if self.training else x
-        # The new position past + i may see positions 0 .. past + i; a single one sees them all.
+        # The new position past + i may see positions 0 .. past + i, (1, T, past + T); a single
+        # one sees them all.
         causal = (
             None if steps == 1
-            else torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+            else torch.ones(steps, past + steps, dtype=torch.bool, device=tokens.device).tril(diagonal=past)[None]
         )  # fmt: skip
         keys, values, maps = [], [], {"decoder_self": [], "cross": []}
         summary = None
+        last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            wanted = need_weights == "all" or (need_weights == "last" and i == len(self.decoder_layers) - 1)
+            wanted = need_weights if need_weights != "last" else "cross" if i == last else "none"
             x, (k, v), self_w, cross_w = layer(
                 x, (state.keys[i], state.values[i]), causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted
             )  # fmt: skip
@@ -264,7 +274,7 @@ class Transformer(Seq2Seq):
             if need_weights == "all":
                 maps["decoder_self"].append(self_w)
                 maps["cross"].append(cross_w)
-            if wanted and i == len(self.decoder_layers) - 1:
+            if need_weights != "none" and i == last:
                 summary = cross_w.mean(dim=1)  # (B, T, S)
         logits = self.output(self.decoder_norm(x))  # (B, T, V)
         return logits, TransformerState(keys, values), summary, maps

@@ -55,12 +55,10 @@ def batches(translator: Any, sources: list[str], batch_size: int) -> list[tuple[
 
 def piece_of(name: str) -> str:
     """A decoder module's name -> the piece it is counted under (layers merged)."""
-    name = re.sub(r"decoder_layers\.\d+\.", "", name)
+    name = re.sub(r"decoder_layers\.\d+\.", "", re.sub(r"^decoder_layers\.\d+$", "layer", name))
     return {
         "": "decode_step: embed, positions, masks, cache plumbing",
-        "self_block": "self-attn sublayer: residual, new keys into the cache",
-        "cross_block": "cross-attn sublayer: residual",
-        "ff_block": "ffn sublayer: residual",
+        "layer": "decoder layer: residuals, new keys into the cache",
     }.get(name, name)
 
 

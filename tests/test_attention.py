@@ -10,6 +10,7 @@ from aligna.attention import (
     DotAttention,
     GeneralAttention,
     ScaledDotProductAttention,
+    additive_mask,
     build_attention,
 )
 from aligna.training import train
@@ -107,6 +108,10 @@ def test_scaled_dot_product_fast_path_equals_reference():
     reference, weights = attention(q, k, v, mask, need_weights=True)
     assert none is None and weights.shape == (2, 4, 3, 3)
     torch.testing.assert_close(fast, reference)
+    for need_weights in (False, True):  # the additive form of the mask, made once for every step, is the same mask
+        boolean = attention(q, k, v, mask, need_weights)
+        additive = attention(q, k, v, additive_mask(mask), need_weights)
+        assert torch.equal(additive[0], boolean[0])
 
 
 def test_modules_keep_no_state_between_calls():

@@ -86,6 +86,26 @@ def test_a_step_projects_only_the_new_token():
     assert seen == [torch.Size([2, 1, 16])]  # one new position; the encoder side is not re-projected
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_projections_compute_what_the_separate_ones_did(variant):
+    import copy
+
+    from aligna.runtime import quantize_int8
+
+    model = make(**VARIANTS[variant])
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    assert fused.decoder_layers[0].self_attention.qkv_proj is not None
+    src, lengths, tgt = random_batch([6, 3], tgt_len=5)
+    torch.testing.assert_close(fused(src, lengths, tgt), model(src, lengths, tgt))
+    # int8 with one scale per row: a fused row is quantized as it was alone, so fusing is exact
+    unfused = copy.deepcopy(model)
+    unfused.fuse_projections = lambda: None  # as quantize_int8 was before it fused
+    int8_unfused, int8_fused = quantize_int8(unfused), quantize_int8(model)
+    assert int8_unfused.decoder_layers[0].self_attention.qkv_proj is None
+    assert torch.equal(int8_fused(src, lengths, tgt), int8_unfused(src, lengths, tgt))
+
+
 def test_fast_attention_path_equals_the_reference_path():
     model = make()
     src, lengths, tgt = random_batch([6, 3], tgt_len=6)

@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", metavar="DIR",
                    help="also write each sentence's attention map to DIR/NNNN.png and its weights to DIR/NNNN.json "
                    "(NNNN: the input line number)")  # fmt: skip
+    p.add_argument("--attention-maps", choices=("all", "summary"), default="all",
+                   help="all: also every layer and head of a Transformer, in DIR/NNNN/ (default); summary: only "
+                   "NNNN.png/.json, the map search used")  # fmt: skip
     p.set_defaults(run=_translate)
 
     p = sub.add_parser("evaluate", help="score a trained model on a test set",
@@ -367,7 +370,7 @@ def _translate(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.flush()
     if args.attention:
-        _write_attention(translator, results, Path(args.attention))
+        _write_attention(translator, results, Path(args.attention), every_map=args.attention_maps == "all")
     return 0
 
 
@@ -376,11 +379,11 @@ def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-def _write_attention(translator, results: list, out_dir: Path) -> None:
+def _write_attention(translator, results: list, out_dir: Path, every_map: bool = True) -> None:
     """NNNN.png / NNNN.json: the map search used (last layer's encoder-decoder attention,
-    mean over heads). Models with several layers or heads also get NNNN/KIND_layerL.png
-    for every layer (a panel per head and their mean) and every map in NNNN/maps.json
-    (`Translator.attention_record` says what the JSON holds)."""
+    mean over heads). With `every_map`, models with several layers or heads also get
+    NNNN/KIND_layerL.png for every layer (a panel per head and their mean) and every map in
+    NNNN/maps.json (`Translator.attention_record` says what the JSON holds)."""
     from .plotting import plot_attention, plot_record
 
     if not any(r.attention is not None for r in results) and any(r.tokens for r in results):
@@ -391,11 +394,11 @@ def _write_attention(translator, results: list, out_dir: Path) -> None:
         if r.attention is None:
             continue
         stem = out_dir / f"{number:0{width}d}"
-        record = translator.attention_record(r, every_map=True)
-        maps = record.pop("maps")
+        record = translator.attention_record(r, every_map=every_map)
+        maps = record.pop("maps", None)
         stem.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
         plot_record(record, stem.with_suffix(".png"), title=f"{number}: {r.text}")
-        if all(len(m["weights"]) == 1 and len(m["weights"][0]) == 1 for m in maps.values()):
+        if maps is None or all(len(m["weights"]) == 1 and len(m["weights"][0]) == 1 for m in maps.values()):
             continue  # one layer, one head: the map above is all there is
         stem.mkdir(exist_ok=True)
         for kind, m in maps.items():

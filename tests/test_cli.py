@@ -171,6 +171,10 @@ def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):
     assert len(cross) == 2 and len(cross[0]) == 2 and len(cross[0][0][0]) == 4
     assert record["encoder"]["rows"] == record["encoder"]["cols"] == ["a", "b", "c", "d"]
     assert len(record["decoder"]["rows"]) == len(record["decoder"]["weights"][0][0]) == len(record["cross"]["rows"])
+    summary = tmp_path / "summary"  # only the map search used: no per-layer plots to wait for
+    assert cli("translate", config.model_dir, "-i", src, "-o", tmp_path / "o2.txt", "--attention", summary,
+               "--attention-maps", "summary") == 0  # fmt: skip
+    assert sorted(p.name for p in summary.iterdir()) == ["0001.json", "0001.png"]
 
 
 def test_search_options_and_nbest_output(trained, tmp_path, capsys):

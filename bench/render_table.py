@@ -245,9 +245,25 @@ def published_rows(records: list[dict]) -> list[str]:
             rows.append(
                 f"| {r['row']} | {Path(r['test_set'].split(' / ')[0]).name} | {LABELS.get(metric, metric)} "
                 f"{v['aligna']:.2f} | {v['published']} | {v['target']} | {verdict} | {scores} | "
-                f"{r['weights']}; {r['search']} | {r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
+                f"{r['weights']}; {r['search']}{' (both chosen on dev)' if r.get('dev_grid') else ''} | "
+                f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
                 f"{r['train_precision']}, {_machine(r['machine'])} | `{r['reproduce']}` |"
             )
+    return rows
+
+
+def quickstart_rows(records: list[dict]) -> list[str]:
+    rows = [
+        "| `./quickstart.sh` in all | install | training | test tok BLEU / BLEU / chrF | machine | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        t = r["test"]
+        rows.append(
+            f"| {r['seconds'] / 60:.1f} min | {r['install_seconds']} s | {r['train_seconds']:.0f} s, "
+            f"{r['train_steps']} updates, {r['train_target_tokens_per_s']:,.0f} target tokens/s | "
+            f"{t['tok_bleu']:.2f} / {t['bleu']:.2f} / {t['chrf']:.2f} | {_machine(r['machine'])} | `{_command(r)}` |"
+        )
     return rows
 
 
@@ -278,7 +294,12 @@ def render() -> str:
     quality = [r for r in records if "metrics" in r and r.get("benchmark") != "published"]
     speed = [r for r in records if r.get("benchmark") == "train_speed"]
     lengths = [r for r in records if r.get("benchmark") == "length_buckets"]
-    parts = [START, "", "Quality (each row is `bench/results/<model>.json`):", ""]
+    parts = [START, ""]
+    quickstart = [r for r in records if r.get("benchmark") == "quickstart"]
+    if quickstart:
+        parts += ["The quickstart from a fresh clone, timed from the outside (`bench/results/quickstart_*.json`; "
+                  "test_2016_flickr, greedy):", "", *quickstart_rows(quickstart), ""]  # fmt: skip
+    parts += ["Quality (each row is `bench/results/<model>.json`):", ""]
     parts += quality_rows(quality) if quality else ["(no records yet)"]
     published = [r for r in records if r.get("benchmark") == "published"]
     if published:

@@ -101,7 +101,8 @@ def test_quickstart_config_runs_on_real_data(tmp_path, monkeypatch):
     import aligna
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs name data relative to the repo
-    overrides = [f"model_dir={tmp_path / 'qs'}", "train.max_steps=5", "model.hidden_size=32", "model.emb_dim=16",
+    overrides = [f"model_dir={tmp_path / 'qs'}", "train.max_steps=5", "train.validate_every=5", "model.emb_dim=16",
+                 "model.transformer.ff_size=32", "model.encoder_layers=1", "model.decoder_layers=1",
                  "data.test=null", "eval.metrics=[tok_bleu]"]  # fmt: skip
     assert cli("train", "configs/quickstart.yaml", "--no-progress", *[a for o in overrides for a in ("--set", o)]) == 0  # fmt: skip
     out = aligna.load(tmp_path / "qs").translate(["ein hund läuft im schnee ."])

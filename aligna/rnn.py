@@ -62,7 +62,7 @@ def init_forget_bias(module: nn.Module, value: float) -> None:
     "An Empirical Exploration of Recurrent Network Architectures", section 2.2: 1).
 
     torch draws every bias from U(-1/sqrt(H), 1/sqrt(H)), so the forget gate starts near
-    sigmoid(0) = 0.5 and the cell state halves at every step: gradients through c vanish
+    sigmoid(0) = 0.5 and what the cell holds halves at every step: gradients through c vanish
     over a sentence until the bias is learned. torch adds two biases, b_ih + b_hh, with
     the gates in the order i, f, g, o; the forget slice of b_ih gets `value` and that of
     b_hh 0, so their sum is `value`, not twice it."""

@@ -7,7 +7,16 @@ import torch
 from .attention import build_attention
 from .config import ConfigError, ModelConfig
 from .model import Seq2Seq
-from .rnn import BahdanauDecoder, Bridge, LuongDecoder, RNNDecoder, RNNEncoder, RNNSeq2Seq
+from .rnn import (
+    BahdanauDecoder,
+    Bridge,
+    LuongDecoder,
+    RNNDecoder,
+    RNNEncoder,
+    RNNSeq2Seq,
+    init_forget_bias,
+    init_uniform,
+)
 from .runtime import available_memory
 from .transformer import Transformer
 
@@ -68,7 +77,11 @@ def _rnn_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) ->
         decoder.embedding = encoder.embedding
         if config.tie_embeddings:
             decoder.output.weight = encoder.embedding.weight
-    return RNNSeq2Seq(encoder, bridge, decoder)
+    model = RNNSeq2Seq(encoder, bridge, decoder)
+    if rnn.init_range:
+        init_uniform(model, rnn.init_range)
+    init_forget_bias(model, rnn.forget_bias)  # after init_uniform; no-op for a GRU
+    return model
 
 
 def count_parameters(model: Seq2Seq) -> int:

@@ -181,6 +181,12 @@ class RNNConfig(_Section):
     attention: Literal["none", "bahdanau", "dot", "general", "concat"] = "none"
     attention_size: Annotated[int, Range(0, MAX_WIDTH)] = 0  # hidden size of additive scores (0: hidden_size)
     input_feeding: bool = True  # Luong: h~_{t-1} joins the next decoder input
+    # LSTM: the forget gate's initial bias (Jozefowicz et al. 2015: 1, so that the cell
+    # remembers from the first update); torch's own init leaves it near 0.
+    forget_bias: Annotated[float, Range(-10, 10)] = 1.0
+    # every weight but the embeddings drawn from U(-init_range, init_range) (Luong et al.
+    # 2015: 0.1); 0: torch's U(+-1/sqrt(fan_in)). Embeddings keep N(0, 1) either way.
+    init_range: Annotated[float, Range(0, 10)] = 0.0
 
     def _check_together(self) -> None:
         _check(

@@ -122,3 +122,42 @@ def test_gradients_reach_every_parameter(variant):
     model(src, lengths, tgt).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if VARIANTS[v]["cell"] == "lstm"])
+def test_lstm_forget_gate_starts_at_the_configured_bias(variant):
+    """Jozefowicz et al. 2015: forget bias 1. torch adds b_ih + b_hh (gates i, f, g, o), so
+    the sum is what counts: 1, not 2, and the other gates keep torch's random init."""
+    for value in (1.0, 0.5):
+        model = make(**VARIANTS[variant], forget_bias=value)
+        lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+        assert len(lstms) == 2  # encoder and decoder
+        for lstm in lstms:
+            h = lstm.hidden_size
+            for suffix in [n[len("bias_ih") :] for n, _ in lstm.named_parameters() if n.startswith("bias_ih")]:
+                total = getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix)  # (4H,)
+                torch.testing.assert_close(total[h : 2 * h], torch.full((h,), value))
+                assert total[:h].std() > 0 and total[2 * h :].std() > 0  # i, g, o untouched
+
+
+def test_lstm_forget_bias_is_one_by_default():
+    assert RNNConfig().forget_bias == 1.0
+    model = make(**VARIANTS["luong-general-feed-bilstm"])
+    lstm = model.decoder.rnn
+    h = lstm.hidden_size
+    assert torch.all(lstm.bias_ih_l0[h : 2 * h] + lstm.bias_hh_l0[h : 2 * h] == 1.0)
+
+
+def test_init_range_draws_every_weight_but_the_embeddings_uniformly():
+    model = make(**VARIANTS["luong-general-feed-bilstm"], init_range=0.1)
+    h = model.decoder.rnn.hidden_size
+    for name, p in model.named_parameters():
+        if "embedding" in name:
+            assert p.std() > 0.5, name  # torch's N(0, 1) kept
+            continue
+        if "bias_ih" in name:  # the forget gate's bias is set after the draw
+            assert torch.all(p[h : 2 * h] == 1.0)
+            p = torch.cat([p[:h], p[2 * h :]])
+        assert p.abs().max() <= 0.1 and p.std() > 0.04, name  # U(-0.1, 0.1): std 0.058
+    default = make(**VARIANTS["luong-general-feed-bilstm"])  # 0: torch's U(+-1/sqrt(fan_in)), +-0.29 here
+    assert 0.1 < default.decoder.rnn.weight_hh_l0.abs().max() <= 1 / h**0.5

@@ -107,10 +107,12 @@ class ScaledDotProductAttention(DotAttention):
         may be attended to."""
         p = self.dropout if self.training else 0.0
         mask = None if mask is None else _broadcastable(mask, query)
-        # One query per row (a decoding step) in many rows: two matrix products beat the fused
-        # kernel's per-row setup (3x at 320 rows x 4 heads on a CPU, even at 16 rows); below
-        # 16 rows, and for longer queries, the kernel is faster.
-        if not need_weights and (query.size(-2) > 1 or query.size(0) < 16):
+        # A few queries per row (a decoding step: one, or a beam's k reading their sentence) in
+        # many rows: two matrix products beat the fused kernel's per-row setup (3x at 320 rows x
+        # 4 heads and one query on a CPU, 1.2x at 64 rows and 5 queries, even at 16 rows); below
+        # 16 rows, for longer queries, and for training, the kernel is faster or leaner.
+        few_queries = query.size(-2) <= 8 and query.size(0) >= 16 and not torch.is_grad_enabled()
+        if not need_weights and not few_queries:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p), None
         scores = self.score(query, keys)
         if mask is not None:
@@ -174,11 +176,31 @@ class MultiHeadAttention(nn.Module):
         self.qkv_proj = fused
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False,
+        group: int = 1,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """query (B, T, d_model) attends to keys/values (B, h, S, d_k) -> output (B, T, d_model),
-        weights (B, h, T, S) if asked for; the mask as `attend` takes it."""
-        return self.attend(self.split(self.query_proj(query)), keys, values, mask, need_weights)
+        weights (B, h, T, S) if asked for; the mask as `attend` takes it.
+
+        group > 1: the query has B * group rows, each `group` consecutive ones reading the same
+        row of keys and values (the hypotheses of a beam, one sentence). They attend as group * T
+        queries of that row, so the keys and values are neither copied per hypothesis nor read
+        once per hypothesis at every step."""
+        if group == 1:
+            return self.attend(self.split(self.query_proj(query)), keys, values, mask, need_weights)
+        rows, length, _ = query.shape
+        batch = rows // group
+        queries = (
+            self.query_proj(query).view(batch, group, length, self.heads, self.d_k)
+            .permute(0, 3, 1, 2, 4).reshape(batch, self.heads, group * length, self.d_k)
+        )  # fmt: skip
+        if mask is not None and mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        context, weights = self.attention(queries, keys, values, mask, need_weights)  # (B, h, group * T, *)
+        context = context.view(batch, self.heads, group, length, self.d_k).permute(0, 2, 3, 1, 4)
+        if weights is not None:
+            weights = weights.view(batch, self.heads, group, length, -1).transpose(1, 2).flatten(0, 1)
+        return self.out_proj(context.reshape(rows, length, -1)), weights
 
     def attend(
         self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False

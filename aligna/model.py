@@ -9,8 +9,9 @@ A model is used in three ways, all through the methods of `Seq2Seq`:
       state = model.init_state(enc)
       logits, state, attention = model.decode_step(prev_tokens, state, enc)
 
-* beam search reorders ``enc`` and ``state`` along the batch with ``.reorder(index)``
-  (repeat, drop finished sentences, follow surviving hypotheses).
+* beam search gives each sentence k rows with ``enc.repeat(k)`` and reorders ``enc`` and
+  ``state`` along the batch with ``.reorder(index)`` (drop finished sentences, follow
+  surviving hypotheses).
 
 Nothing is cached on the module between calls: everything a step needs is in `enc` and
 `state`, so the search code never needs to know which architecture it drives.
@@ -19,8 +20,10 @@ Nothing is cached on the module between calls: everything a step needs is in `en
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 T = TypeVar("T", bound="Reorderable")
@@ -36,6 +39,26 @@ class Reorderable:
     def reorder(self: T, index: Tensor) -> T:
         changes = {f.name: _select(getattr(self, f.name), index) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def repeat(self: T, k: int) -> T:
+        """Every row k times in a row (the k hypotheses of a beam): row i becomes rows
+        i * k .. i * k + k - 1. A model whose rows need not be copied for that (the
+        Transformer's encoder output) overrides this; `reorder` then still takes indices
+        of the repeated rows."""
+        rows = next(t for t in _tensors(self))
+        return self.reorder(torch.arange(rows.size(0), device=rows.device).repeat_interleave(k))
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in `value`, in field order."""
+    if isinstance(value, Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def _select(value: Any, index: Tensor) -> Any:

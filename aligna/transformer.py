@@ -16,6 +16,7 @@ reorders along the batch like any other state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,17 +36,53 @@ class TransformerEncoderOutput(Reorderable):
     cross_keys: list[Tensor]  # per decoder layer (B, h, S, d_k), projected once per sentence
     cross_values: list[Tensor]  # per decoder layer (B, h, S, d_k)
     self_weights: list[Tensor] | None = None  # per encoder layer (B, h, S, S), when asked for
+    # Decoder rows per sentence (a beam's hypotheses: `repeat`): the tensors above keep one row
+    # per sentence, which the beams of that sentence attend to together, as `beams` queries.
+    beams: int = 1
+
+    def repeat(self, k: int) -> TransformerEncoderOutput:
+        """k decoder rows per sentence, without copying the sentence: its encoder-decoder
+        keys and values are read once per step for all its hypotheses."""
+        return dataclasses.replace(self, beams=self.beams * k)
+
+    def reorder(self, index: Tensor) -> TransformerEncoderOutput:
+        """index: decoder rows. After `repeat` they come in whole sentences (the beam keeps or
+        drops a sentence's hypotheses together), so every `beams`-th names the sentence."""
+        return super().reorder(index[:: self.beams] // self.beams if self.beams > 1 else index)
 
 
 @dataclass
 class TransformerState(Reorderable):
-    keys: list[Tensor]  # per decoder layer (B, h, t, d_k): self-attention keys of the t tokens so far
-    values: list[Tensor]  # per decoder layer (B, h, t, d_k)
+    keys: list[Tensor]  # per decoder layer (B', h, t, d_k): self-attention keys of the t tokens so far
+    values: list[Tensor]  # per decoder layer (B', h, t, d_k)
+    # (B,) the row of keys/values that each row of the state continues; None: row i continues
+    # row i (B = B'). A beam reorders its rows at every step, and the next step copies the cache
+    # anyway to append its token, so `reorder` leaves the reordering to that copy: one copy of
+    # the cache per step (`extend_cache`) instead of two.
+    order: Tensor | None = None
 
     @property
     def length(self) -> int:
         """Tokens decoded so far, the position of the next one."""
         return self.keys[0].size(2)
+
+    def reorder(self, index: Tensor) -> TransformerState:
+        return dataclasses.replace(self, order=index if self.order is None else self.order[index])
+
+
+def extend_cache(cache: Tensor, new: Tensor, order: Tensor | None) -> Tensor:
+    """cache (B', h, t, d_k), of which rows `order` (B,) go on (None: all, in order), and the new
+    positions' keys or values new (B, h, T, d_k) -> (B, h, t + T, d_k), contiguous, as attention
+    reads it fastest: the cache rows are gathered straight into their place, a single copy."""
+    if order is None:
+        return torch.cat([cache, new], dim=2)
+    if torch.is_grad_enabled():  # out= is not differentiable
+        return torch.cat([cache.index_select(0, order), new], dim=2)
+    past = cache.size(2)
+    out = new.new_empty(new.size(0), new.size(1), past + new.size(2), new.size(3))
+    torch.index_select(cache, 0, order, out=out[:, :, :past])
+    out[:, :, past:] = new
+    return out
 
 
 class PositionalEncoding(nn.Module):
@@ -144,20 +181,22 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cache: tuple[Tensor, Tensor], causal: Tensor | None, cross: tuple[Tensor, Tensor],
-        src_mask: Tensor, need_weights: str = "none",
+        src_mask: Tensor, need_weights: str = "none", beams: int = 1, order: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None, Tensor | None]:  # fmt: skip
-        """x (B, T, d): the new positions; cache: keys/values (B, h, t, d_k) of the earlier ones;
+        """x (B, T, d): the new positions; cache: keys/values (B', h, t, d_k) of the earlier ones,
+        of which rows `order` (B,) go on (None: all);
         causal (1, T, t + T): which positions each new one may see (None: all, as for one new
-        position); src_mask (B, 1, 1, S) additive. -> x (B, T, d), the extended cache, and the
-        self- and cross-attention weights (B, h, T, *) where need_weights asks for them:
-        "all", "cross" or "none"."""
+        position); cross: the encoder-decoder keys/values (B / beams, h, S, d_k), src_mask
+        (B / beams, 1, 1, S) additive, shared by each `beams` consecutive rows. -> x (B, T, d),
+        the extended cache, and the self- and cross-attention weights (B, h, T, *) where
+        need_weights asks for them: "all", "cross" or "none"."""
         h = self.self_block.input(x)
         queries, keys, values = self.self_attention.project_self(h)  # (B, h, T, d_k): only the new tokens
-        keys, values = torch.cat([cache[0], keys], dim=2), torch.cat([cache[1], values], dim=2)  # (B, h, t + T, d_k)
+        keys, values = extend_cache(cache[0], keys, order), extend_cache(cache[1], values, order)  # (B, h, t + T, d_k)
         out, self_weights = self.self_attention.attend(queries, keys, values, causal, need_weights == "all")
         x = self.self_block.output(x, out)
         h = self.cross_block.input(x)
-        out, cross_weights = self.cross_attention(h, cross[0], cross[1], src_mask, need_weights != "none")
+        out, cross_weights = self.cross_attention(h, cross[0], cross[1], src_mask, need_weights != "none", beams)
         x = self.cross_block.output(x, out)
         x = self.ff_block.output(x, self.feed_forward(self.ff_block.input(x)))
         return x, (keys, values), self_weights, cross_weights
@@ -234,7 +273,7 @@ class Transformer(Seq2Seq):
             layer.self_attention.fuse_projections()
 
     def init_state(self, encoder_output: TransformerEncoderOutput) -> TransformerState:  # type: ignore[override]
-        batch, device = encoder_output.states.size(0), encoder_output.states.device
+        batch, device = encoder_output.states.size(0) * encoder_output.beams, encoder_output.states.device
         empty = torch.zeros(
             batch, self.heads, 0, self.d_model // self.heads, device=device, dtype=encoder_output.states.dtype
         )
@@ -267,7 +306,8 @@ class Transformer(Seq2Seq):
         for i, layer in enumerate(self.decoder_layers):
             wanted = need_weights if need_weights != "last" else "cross" if i == last else "none"
             x, (k, v), self_w, cross_w = layer(
-                x, (state.keys[i], state.values[i]), causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted
+                x, (state.keys[i], state.values[i]), causal, (enc.cross_keys[i], enc.cross_values[i]), enc.mask, wanted,
+                enc.beams, state.order,
             )  # fmt: skip
             keys.append(k)
             values.append(v)

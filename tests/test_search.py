@@ -9,7 +9,7 @@ from torch import Tensor
 
 from aligna.config import ConfigError, DecodeConfig
 from aligna.model import Reorderable, Seq2Seq
-from aligna.search import greedy_search, max_lengths, search
+from aligna.search import greedy_search, max_lengths, search, top_k
 from aligna.vocab import EOS_ID, SOS_ID
 
 
@@ -267,7 +267,7 @@ def _reference_beam_search(
     device = src.device
     limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
     enc = model.encode(src, src_lengths)
-    enc = enc.reorder(torch.arange(batch, device=device).repeat_interleave(k))  # (B * k, ...)
+    enc = enc.repeat(k)  # (B * k, ...) as the model repeats it: the same arithmetic as the search's
     state = model.init_state(enc)
     sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
     scores = torch.full((batch, k), float("-inf"), device=device)
@@ -434,3 +434,18 @@ def test_a_beam_step_costs_the_same_at_any_length():
     assert total < 4.5 * short  # 4x the length: 4x the work
     old_per_step, old_total = written_per_step(_reference_beam_search, 400)
     assert old_per_step[390] > 10 * old_per_step[10] and old_total > 10 * total  # what this test catches
+
+
+@pytest.mark.parametrize("m, chunk", [(4000, 64), (4003, 64), (1000, 7)])
+def test_top_k_in_two_passes_equals_topk(m, chunk):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(6, m, generator=g)
+    x[1] = float("-inf")  # a row with no candidate: any n positions, all -inf
+    x[2, : m - 3] = float("-inf")  # fewer candidates than n
+    x[3, -1] = 100.0  # the best one in the short last chunk
+    x[4] = x[4].round(decimals=1)  # many ties
+    values, indices = top_k(x, 10, chunk)
+    expected, _ = x.topk(10, dim=1)
+    assert torch.equal(values, expected)
+    assert torch.equal(x.gather(1, indices), values) and bool((indices < m).all())
+    assert all(len(set(row)) == 10 for row in indices.tolist())  # no position twice

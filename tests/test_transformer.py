@@ -1,4 +1,6 @@
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import reverse_pairs, write_tsv
@@ -185,3 +187,46 @@ def test_inputs_longer_than_learned_positions_are_cut_not_fatal(toy_config, alig
     assert "1 input(s) longer than the 12 tokens this model takes" in aligna_log.text and "line(s) 2" in aligna_log.text
     scores = translator.evaluate(lines[:2], [["c b a"], [" ".join("jihgfedcba" * 4)]], ["ppl"])
     assert scores.values["ppl"] > 0
+
+
+def test_a_repeated_encoder_output_decodes_as_copied_rows():
+    """`enc.repeat(k)` keeps one row per sentence, which its k hypotheses attend to together;
+    it must compute what k copies of the row would, and `reorder` must keep whole sentences."""
+    model = make()
+    src, lengths, tgt = random_batch([6, 3, 4], tgt_len=4)
+    k = 3
+    enc = model.encode(src, lengths)
+    grouped, copied = enc.repeat(k), enc.reorder(torch.arange(3).repeat_interleave(k))
+    assert grouped.cross_keys[0].size(0) == 3 and copied.cross_keys[0].size(0) == 9
+    rows = tgt.repeat_interleave(k, dim=0)  # (9, T)
+    a_state, b_state = model.init_state(grouped), model.init_state(copied)
+    for t in range(2):
+        a, a_state, a_weights = model.decode_step(rows[:, t], a_state, grouped)
+        b, b_state, b_weights = model.decode_step(rows[:, t], b_state, copied)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a_weights, b_weights)
+    keep = torch.tensor([6, 7, 8, 0, 1, 2])  # the third sentence's hypotheses, then the first's
+    a, _, _ = model.decode_step(rows[keep, 2], a_state.reorder(keep), grouped.reorder(keep))
+    b, _, _ = model.decode_step(rows[keep, 2], b_state.reorder(keep), copied.reorder(keep))
+    torch.testing.assert_close(a, b)
+
+
+def test_a_reordered_cache_is_gathered_in_the_next_step():
+    """`TransformerState.reorder` defers the gather to the next step's copy of the cache; two
+    reorders in a row compose, and the state it came from is left as it was."""
+    model = make()
+    src, lengths, tgt = random_batch([6, 3, 4], tgt_len=4)
+    enc = model.encode(src, lengths)
+    state = model.init_state(enc)
+    for t in range(2):
+        _, state, _ = model.decode_step(tgt[:, t], state, enc)
+    first, second = torch.tensor([1, 1, 0]), torch.tensor([2, 0, 0])
+    moved = state.reorder(first).reorder(second)
+    assert moved.order is not None and moved.keys[0] is state.keys[0]  # nothing copied yet
+    index = first[second]
+    with torch.no_grad():
+        deferred, _, _ = model.decode_step(tgt[index, 2], moved, enc.reorder(index))
+    copied = dataclasses.replace(state, keys=[k[index] for k in state.keys], values=[v[index] for v in state.values])
+    direct, _, _ = model.decode_step(tgt[index, 2], copied, enc.reorder(index))
+    torch.testing.assert_close(deferred, direct)
+    assert state.order is None

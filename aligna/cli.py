@@ -4,6 +4,7 @@ aligna prepare CONFIG.yaml
 aligna train CONFIG.yaml [--resume]
 aligna translate MODEL_DIR [--input F] [--output F]
 aligna evaluate MODEL_DIR --src F --ref F [--ref F ...]
+aligna shortlist MODEL_DIR
 aligna prepare-cmudict OUT_DIR
 aligna serve MODEL_DIR [MODEL_DIR ...] [--port 8000]
 """
@@ -101,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hyp-output", help="also write the translations to this file")
     p.add_argument("--json", help="also write the scores as JSON to this file")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("shortlist", help="write a model's vocabulary shortlist, for --shortlist",
+                       description="Count which target tokens the training corpus pairs with each source token "
+                       "and write MODEL_DIR/shortlist.txt: the most frequent target tokens, and each source "
+                       "token's likeliest translations. `translate --shortlist` then computes the output "
+                       "layer over a batch's candidates only (faster; measure BLEU with and without), and "
+                       "`export` hands it to CTranslate2 as its vocabulary map.")  # fmt: skip
+    p.add_argument("model_dir")
+    p.add_argument("--frequent", type=_checked(Annotated[int, Range(0, 1_000_000)]), default=100,
+                   help="the most frequent target tokens, always candidates (default: 100)")  # fmt: skip
+    p.add_argument("--per-source", type=_checked(Annotated[int, Range(1, 100_000)]), default=50,
+                   help="candidates per source token (default: 50)")  # fmt: skip
+    p.set_defaults(run=_shortlist)
 
     p = sub.add_parser("average", help="average the weights of the last N checkpoints",
                        description="Average the newest N step checkpoints of a run into MODEL_DIR/averaged."
@@ -254,6 +268,9 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     )
     g.add_argument("--no-repeat-ngram", type=_decode("no_repeat_ngram"), dest="no_repeat_ngram",
                    help="never repeat an n-gram of this size")  # fmt: skip
+    g.add_argument("--shortlist", action="store_const", const=True,
+                   help="compute the output layer over the batch's candidate target tokens only "
+                   "(MODEL_DIR/shortlist.txt, made by `aligna shortlist`)")  # fmt: skip
     g.add_argument("--sample", action="store_const", const=True, help="sample instead of searching")
     g.add_argument("--temperature", type=_decode("temperature"), help="sampling temperature")
     g.add_argument(
@@ -328,7 +345,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 SEARCH_OPTIONS = ("batch_size", "beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram",
-                  "sample", "temperature", "top_k", "top_p", "seed")  # fmt: skip
+                  "shortlist", "sample", "temperature", "top_k", "top_p", "seed")  # fmt: skip
 
 
 def _search_options(args: argparse.Namespace) -> dict[str, object]:
@@ -371,6 +388,16 @@ def _translate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if args.attention:
         _write_attention(translator, results, Path(args.attention), every_map=args.attention_maps == "all")
+    return 0
+
+
+def _shortlist(args: argparse.Namespace) -> int:
+    from .shortlist import make
+
+    path, shortlist = make(args.model_dir, args.frequent, args.per_source)
+    rules = int((shortlist.table >= 0).any(1).sum())
+    print(f"wrote {path}: {len(shortlist.always)} target tokens always, candidates for {rules} source tokens",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 

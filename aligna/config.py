@@ -312,6 +312,9 @@ class DecodeConfig(_Section):
     min_len: Annotated[int, Range(0, 100_000)] = 0  # no <eos> before this many tokens
     no_repeat_ngram: Annotated[int, Range(0, 100)] = 0  # forbid repeating any n-gram of this size (0: off)
     sample: bool = False  # sample instead of searching
+    # greedy / beam search over a vocabulary shortlist (MODEL_DIR/shortlist.txt, `aligna shortlist`):
+    # the output layer computed over each batch's candidate target tokens only
+    shortlist: bool = False
     # sampling: softmax(logits / temperature)
     temperature: Annotated[float, Range(0.01, 100)] = 1.0  # lower: softmax overflows to NaN
     top_k: Annotated[int, Range(0, MAX_VOCAB)] = 0  # sampling: only the k most probable tokens (0: all)
@@ -325,6 +328,11 @@ class DecodeConfig(_Section):
             not (self.sample and self.beam_size > 1),
             "sample",
             "sampling and beam_size > 1 exclude each other",
+        )
+        _check(
+            not (self.sample and self.shortlist),
+            "shortlist",
+            "a vocabulary shortlist applies to greedy and beam search, not to sampling",
         )
         _check(
             not (self.sample and self.no_repeat_ngram),

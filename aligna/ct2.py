@@ -42,6 +42,7 @@ from .data import ParallelText, Pipeline, encode_pairs
 from .export import ctranslate2_module, export_ctranslate2, export_info
 from .modeldir import CONFIG
 from .search import length_penalty, max_lengths
+from .shortlist import VMAP
 from .translate import TextTranslator, Translation
 from .vocab import EOS, EOS_ID, PAD_ID, SOS_ID
 
@@ -69,6 +70,7 @@ class CT2Translator(TextTranslator):
                 f"{', '.join(sorted(supported))}, not {compute}"
             )
         self.info = info
+        self.has_vmap = (Path(path) / VMAP).is_file()  # for decode.shortlist (use_vmap)
         # CTranslate2 seeds each worker's sampler once, from the global seed at its first use:
         # a run of sampled calls from a fresh load is reproducible, one call alone is not.
         self.seed = config.decode.seed
@@ -106,11 +108,18 @@ class CT2Translator(TextTranslator):
                 f"decode.seed: CTranslate2 seeds its sampler once, when the model loads (with seed {self.seed}, "
                 "the config's decode.seed), so a seed per request cannot be kept"
             )
+        if decode.shortlist and not self.has_vmap:
+            raise ConfigError(
+                f"decode.shortlist: this CTranslate2 model has no {VMAP}: make the model directory's shortlist "
+                "(`aligna shortlist MODEL_DIR`) before exporting it"
+            )
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,
             max_input_length=0, return_end_token=True, return_scores=True, return_attention=True,
         )  # fmt: skip
+        if decode.shortlist:
+            options["use_vmap"] = True
         if decode.sample:
             options.update(sampling_topk=decode.top_k, sampling_topp=decode.top_p,
                            sampling_temperature=decode.temperature)  # fmt: skip

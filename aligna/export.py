@@ -39,6 +39,8 @@ from .build import build_model, count_parameters
 from .config import Config, load_config
 from .data import Pipeline
 from .modeldir import CONFIG, MARKER, ModelDir, ModelDirError
+from .shortlist import FILE as SHORTLIST
+from .shortlist import VMAP
 from .tensorfiles import atomic_write_text, file_sha256, load_weights, read_json
 from .transformer import Transformer, sinusoids
 from .vocab import EOS, SOS, UNK
@@ -112,6 +114,8 @@ def export_ctranslate2(
         spec.save(str(staging))
         pipeline.save(staging)
         shutil.copyfile(md / CONFIG, staging / CONFIG)
+        if (md / SHORTLIST).is_file():  # the same shortlist, as CTranslate2's vocabulary map
+            shutil.copyfile(md / SHORTLIST, staging / VMAP)
         import ctranslate2
 
         info = {

@@ -93,6 +93,12 @@ class Seq2Seq(nn.Module):
         """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None."""
         raise NotImplementedError
 
+    def restrict_output(self, encoder_output: Reorderable, ids: Tensor) -> Reorderable:
+        """The encoder output, carrying an output layer over the target ids `ids` (V',) only (a
+        vocabulary shortlist, `aligna.shortlist`): decode_step's logits are then (B, V'), column j
+        for target id ids[j]."""
+        raise ValueError(f"the {type(self).__name__} model has no vocabulary shortlist (a Transformer has)")
+
     def fuse_projections(self) -> None:
         """Merge, in place, linear layers that read the same input into one wider layer, for a
         frozen copy that only decodes (fewer, larger products per step; nothing here to merge

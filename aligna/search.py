@@ -76,16 +76,22 @@ def search(
     src_lengths: Tensor,
     cfg: DecodeConfig,
     generator: torch.Generator | None = None,
+    vocabulary: Tensor | None = None,
 ) -> SearchResult:
-    """The search `cfg` asks for: sampling, beam search (beam_size > 1) or greedy."""
+    """The search `cfg` asks for: sampling, beam search (beam_size > 1) or greedy.
+    vocabulary: the target ids (V',) ascending, special tokens included, that greedy and beam
+    search may emit (a shortlist, `aligna.shortlist`): the model's output layer is computed over
+    them only. None: the whole vocabulary."""
     limits = (cfg.max_len_a, cfg.max_len_b)
     if cfg.sample:
+        if vocabulary is not None:
+            raise ValueError("a vocabulary shortlist applies to greedy and beam search, not to sampling")
         return sample_search(model, src, src_lengths, *limits, cfg.temperature, cfg.top_k, cfg.top_p,
                              generator, cfg.min_len)  # fmt: skip
     if cfg.beam_size > 1 or cfg.no_repeat_ngram:  # greedy with n-gram blocking: a beam of one
         return beam_search(model, src, src_lengths, cfg.beam_size, *limits, cfg.alpha, cfg.nbest, cfg.min_len,
-                           cfg.no_repeat_ngram, cfg.coverage)  # fmt: skip
-    return greedy_search(model, src, src_lengths, *limits, cfg.min_len)
+                           cfg.no_repeat_ngram, cfg.coverage, vocabulary)  # fmt: skip
+    return greedy_search(model, src, src_lengths, *limits, cfg.min_len, vocabulary)
 
 
 # --------------------------------------------------------------------------- one path
@@ -97,10 +103,10 @@ Pick = Callable[[Tensor], Tensor]  # log-probabilities (b, V) -> chosen tokens (
 @torch.no_grad()
 def greedy_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
-    min_len: int = 0,
+    min_len: int = 0, vocabulary: Tensor | None = None,
 ) -> SearchResult:  # fmt: skip
     """From `<sos>`, feed back the most probable token until `<eos>` or the length limit."""
-    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1))
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1), vocabulary)
 
 
 @torch.no_grad()
@@ -136,12 +142,15 @@ def _one_path(
     max_len_b: int,
     min_len: int,
     pick: Pick,
+    vocabulary: Tensor | None = None,
 ) -> SearchResult:
     batch, src_len = src.shape
     device = src.device
     limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
     steps = int(limit.max())
     enc = model.encode(src, src_lengths)
+    if vocabulary is not None:
+        enc = model.restrict_output(enc, vocabulary)
     state = model.init_state(enc)
     tokens = torch.full((batch, steps), PAD_ID, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
@@ -158,9 +167,10 @@ def _one_path(
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         if t < min_len:
             log_probs[:, EOS_ID] = float("-inf")
-        prev = pick(log_probs)  # (b,)
+        chosen = pick(log_probs)  # (b,) columns of log_probs
+        row_scores += log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        prev = chosen if vocabulary is None else vocabulary[chosen]  # target ids
         row_tokens[:, t] = prev
-        row_scores += log_probs.gather(1, prev.unsqueeze(1)).squeeze(1)
         if attn is not None:
             if row_attention is None:
                 row_attention = torch.zeros(batch, steps, src_len, device=device)
@@ -198,7 +208,7 @@ def _one_path(
 def beam_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int, max_len_a: float = 1.5,
     max_len_b: int = 10, alpha: float = 0.0, nbest: int = 1, min_len: int = 0, no_repeat_ngram: int = 0,
-    coverage: float = 0.0,
+    coverage: float = 0.0, vocabulary: Tensor | None = None,
 ) -> SearchResult:  # fmt: skip
     """Beam search over the whole batch at once: B sentences x k hypotheses are one tensor
     batch of B * k rows.
@@ -226,6 +236,11 @@ def beam_search(
     device = src.device
     limit = max_lengths(src_lengths, max_len_a, max_len_b, model.max_len)  # (B,)
     enc = model.encode(src, src_lengths)
+    column = None  # with a shortlist: each target id's column in the output (-1: none), for n-gram blocking
+    if vocabulary is not None:
+        enc = model.restrict_output(enc, vocabulary)
+        column = torch.full((int(vocabulary.max()) + 1,), -1, dtype=torch.long, device=device)
+        column[vocabulary] = torch.arange(vocabulary.numel(), device=device)
     enc = enc.repeat(k)  # (B * k, ...)
     state = model.init_state(enc)
     sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
@@ -249,7 +264,7 @@ def beam_search(
             eos = log_probs[:, EOS_ID].clone()
             log_probs[:, EOS_ID] = float("-inf")
         if no_repeat_ngram and t >= no_repeat_ngram - 1:
-            log_probs = _block_ngrams(history, log_probs, no_repeat_ngram)
+            log_probs = _block_ngrams(history if column is None else column[history], log_probs, no_repeat_ngram)
         if no_repeat_ngram and t < min_len:
             stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
             if bool(stuck.any()):
@@ -258,7 +273,7 @@ def beam_search(
         candidates = log_probs.add_(scores.view(-1, 1)).view(live, k * vocab)  # in place: not read again
         top_scores, top = top_k(candidates, 2 * k)  # (b, 2k), best first
         parent = top // vocab + first_row[:live]  # row of each candidate
-        token = top % vocab
+        token = top % vocab if vocabulary is None else vocabulary[top % vocab]  # (b, 2k) target ids
         if attn is not None:
             trail.attention.append(attn.float())  # (b * k, S)
         at_limit = row_limit <= t + 1  # (b,)

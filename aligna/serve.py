@@ -40,7 +40,7 @@ log = logging.getLogger("aligna")
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = ("/healthz", "/readyz", "/", "/index.html")  # and /static/*: no API key needed
-SEARCH_FIELDS = ("beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram", "sample",
+SEARCH_FIELDS = ("beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram", "shortlist", "sample",
                  "temperature", "top_k", "top_p", "seed", "max_len_a", "max_len_b")  # fmt: skip
 
 
@@ -104,6 +104,7 @@ class TranslateRequest(BaseModel):
     coverage: Number | None = Field(None, description="GNMT coverage penalty weight")
     min_len: int | None = Field(None, description="no <eos> before this many tokens")
     no_repeat_ngram: int | None = Field(None, description="never repeat an n-gram of this size (beam search)")
+    shortlist: bool | None = Field(None, description="the output layer over the model's vocabulary shortlist only")
     sample: bool | None = Field(None, description="sample instead of searching")
     temperature: Number | None = None
     top_k: int | None = None

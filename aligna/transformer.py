@@ -39,6 +39,7 @@ class TransformerEncoderOutput(Reorderable):
     # Decoder rows per sentence (a beam's hypotheses: `repeat`): the tensors above keep one row
     # per sentence, which the beams of that sentence attend to together, as `beams` queries.
     beams: int = 1
+    output: nn.Module | None = None  # the output layer over a vocabulary shortlist (`restrict_output`)
 
     def repeat(self, k: int) -> TransformerEncoderOutput:
         """k decoder rows per sentence, without copying the sentence: its encoder-decoder
@@ -267,6 +268,11 @@ class Transformer(Seq2Seq):
             x, mask, [k for k, _ in cross], [v for _, v in cross], maps if need_weights else None
         )
 
+    def restrict_output(self, encoder_output: TransformerEncoderOutput, ids: Tensor) -> TransformerEncoderOutput:  # type: ignore[override]
+        from .shortlist import restrict
+
+        return dataclasses.replace(encoder_output, output=restrict(self.output, ids))
+
     def fuse_projections(self) -> None:
         """Every self-attention's W^Q, W^K, W^V as one product (`MultiHeadAttention.fuse_projections`)."""
         for layer in [*self.encoder_layers, *self.decoder_layers]:
@@ -316,7 +322,7 @@ class Transformer(Seq2Seq):
                 maps["cross"].append(cross_w)
             if need_weights != "none" and i == last:
                 summary = cross_w.mean(dim=1)  # (B, T, S)
-        logits = self.output(self.decoder_norm(x))  # (B, T, V)
+        logits = (self.output if enc.output is None else enc.output)(self.decoder_norm(x))  # (B, T, V), or V' over a shortlist
         return logits, TransformerState(keys, values), summary, maps
 
     def decode_step(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .build import build_model
-from .config import Config, DecodeConfig, load_config, replace_validated
+from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
 from .data import ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
@@ -26,6 +26,8 @@ from .model import Seq2Seq
 from .modeldir import CONFIG, ModelDir
 from .runtime import autocast, check_precision, quantize_int8, resolve_device
 from .search import search
+from .shortlist import FILE as SHORTLIST
+from .shortlist import Shortlist
 from .tensorfiles import load_weights
 from .vocab import SOS_ID
 
@@ -182,11 +184,14 @@ class Translator(TextTranslator):
         config: Config,
         device: torch.device,
         precision: str = "fp32",
+        shortlist: Path | None = None,
     ) -> None:
         super().__init__(pipeline, config, device, precision)  # precision: fp32, bf16 / fp16, int8
         self.model = model
+        self.shortlist_file = shortlist  # for decode.shortlist, read on first use
+        self._shortlist: Shortlist | None = None
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
-        self._int8_made = threading.Lock()
+        self._made = threading.Lock()  # guards the int8 copy and the shortlist, made on first use
         model.eval()
 
     @property
@@ -204,10 +209,22 @@ class Translator(TextTranslator):
         check_precision(self.device, self.precision)
         if self.precision != "int8":
             return self.model
-        with self._int8_made:  # several threads may ask at once; one copy is made
+        with self._made:  # several threads may ask at once; one copy is made
             if self._int8 is None:
                 self._int8 = quantize_int8(self.model)
         return self._int8
+
+    def shortlist(self) -> Shortlist:
+        """The model directory's vocabulary shortlist (decode.shortlist), read once."""
+        with self._made:
+            if self._shortlist is None:
+                if self.shortlist_file is None or not self.shortlist_file.is_file():
+                    raise ConfigError(
+                        f"decode.shortlist: {self.shortlist_file or 'the model'} is missing: make it with "
+                        "`aligna shortlist MODEL_DIR`"
+                    )
+                self._shortlist = Shortlist.read(self.shortlist_file, self.pipeline.src_vocab, self.pipeline.tgt_vocab)
+        return self._shortlist
 
     def _eval_model(self, search: bool = True) -> Seq2Seq:
         """The model to run (its int8 copy for `search` at precision int8), which must be in eval mode."""
@@ -221,13 +238,15 @@ class Translator(TextTranslator):
         results: list[Translation | None] = [None] * len(src_tokens)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
         generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
+        shortlist = self.shortlist() if decode.shortlist else None
         model = self._eval_model()
         for start in range(0, len(order), decode.batch_size):
             chunk = order[start : start + decode.batch_size]
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
+            vocabulary = None if shortlist is None else shortlist.candidates(src)
             with autocast(self.device, self.precision):
-                found = search(model, src, lengths, decode, generator)
+                found = search(model, src, lengths, decode, generator, vocabulary)
             for hyps, i in zip(found.nbest, chunk):
                 best = hyps[0]
                 results[i] = Translation(
@@ -310,7 +329,7 @@ def load(
     model = build_model(config.model, len(pipeline.src_vocab), len(pipeline.tgt_vocab))
     load_weights(model, md.weights(checkpoint))
     model.to(dev).eval()
-    return Translator(model, pipeline, config, dev, precision)
+    return Translator(model, pipeline, config, dev, precision, md / SHORTLIST)
 
 
 def average(model_dir: str | Path, last: int) -> Path:

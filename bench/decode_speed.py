@@ -60,9 +60,9 @@ class Uncached(Seq2Seq):
 
 def measure(
     translator: aligna.Translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
-    alpha: float,
+    alpha: float, shortlist: bool = False,
 ) -> tuple[dict, list[str]]:  # fmt: skip
-    search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0}
+    search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0, **({"shortlist": True} if shortlist else {})}
     translator.translate(sources[: 2 * batch_size], batch_size=batch_size, **search)  # warm-up
     started = time.perf_counter()
     found = translator.translate_detailed(sources, batch_size=batch_size, **search)
@@ -74,6 +74,7 @@ def measure(
         "beam": beam,
         "alpha": search["alpha"],
         "batch_size": batch_size,
+        "shortlist": shortlist,
         "seconds": seconds,
         "sentences_per_s": len(sources) / seconds,
         "target_tokens": tokens,

@@ -56,31 +56,32 @@ class Alone:
         self.pipeline, self.config, self.precision = translator.pipeline, translator.config, precision
         self.ct2 = ctranslate2.Translator(str(exported), compute_type=COMPUTE_TYPES[precision], intra_threads=threads)
 
-    def translate_tokens(self, tokens: list[list[str]], beam: int, batch_size: int, alpha: float) -> list[list[str]]:
+    def translate_tokens(self, tokens: list[list[str]], beam: int, batch_size: int, alpha: float,
+                         shortlist: bool = False) -> list[list[str]]:  # fmt: skip
         results = self.ct2.translate_batch(
             tokens, max_batch_size=batch_size, beam_size=beam, length_penalty=alpha, min_decoding_length=0,
-            max_decoding_length=256,
+            max_decoding_length=256, use_vmap=shortlist,
         )  # fmt: skip
         return [r.hypotheses[0] for r in results]
 
 
 def measure(translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
-            alpha: float) -> tuple[dict, list[str]]:  # fmt: skip
+            alpha: float, shortlist: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
     """As `decode_speed.measure`, for CTranslate2 alone too."""
     if not isinstance(translator, Alone):
-        return decode_speed.measure(translator, sources, references, beam, batch_size, alpha)
+        return decode_speed.measure(translator, sources, references, beam, batch_size, alpha, shortlist)
     alpha = alpha if beam > 1 else 0.0
     tokens = [translator.pipeline.src_tokens(s) for s in sources]
-    translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, alpha)  # warm-up
+    translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, alpha, shortlist)  # warm-up
     started = time.perf_counter()
-    outputs = translator.translate_tokens(tokens, beam, batch_size, alpha)
+    outputs = translator.translate_tokens(tokens, beam, batch_size, alpha, shortlist)
     seconds = time.perf_counter() - started
     vocab = translator.pipeline.tgt_vocab
     hypotheses = [translator.pipeline.detokenize(vocab.encode(t)) for t in outputs]
     n_tokens = sum(len(t) for t in outputs)
     metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
     return {
-        "beam": beam, "alpha": alpha, "batch_size": batch_size, "seconds": seconds,
+        "beam": beam, "alpha": alpha, "batch_size": batch_size, "shortlist": shortlist, "seconds": seconds,
         "sentences_per_s": len(sources) / seconds, "target_tokens": n_tokens, "target_tokens_per_s": n_tokens / seconds,
         metric: score(hypotheses, references, [metric]).values[metric],
     }, hypotheses  # fmt: skip
@@ -102,6 +103,10 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true",
                         help="also translate the whole test set at beam 5, alpha 0.6 (the published rows' search) "
                         "with aligna fp32 and CTranslate2 float32 / int8: BLEU and identical outputs")  # fmt: skip
+    parser.add_argument("--shortlist", choices=("off", "on", "both"), default="off",
+                        help="decode over the model directory's vocabulary shortlist (MODEL_DIR/shortlist.txt, "
+                        "`aligna shortlist`; CTranslate2 over the same list, its vocabulary map): off, on, or "
+                        "both, each search then measured without and with it (default: off)")  # fmt: skip
     parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
     engines = [tuple(e.split(":", 1)) for e in args.engines]
@@ -136,7 +141,8 @@ def main() -> None:
             quality.append(run)
             print(f"quality {engine} {precision}: BLEU {run.get('tok_bleu', run.get('bleu')):.2f}, "
                   f"{run['same_as_aligna_fp32']}/{len(all_sources)} outputs equal aligna fp32's", flush=True)
-    print(f"{'engine':<18} {'prec':>5} {'thr':>3} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} "
+    shortlists = {"off": [False], "on": [True], "both": [False, True]}[args.shortlist]
+    print(f"{'engine':<18} {'prec':>5} {'thr':>3} {'beam':>4} {'batch':>5} {'list':>4} {'sent/s':>8} {'tok/s':>8} "
           f"{'BLEU':>6} {'=fp32':>6}")  # fmt: skip
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -148,10 +154,10 @@ def main() -> None:
                 translators[engine, precision] = aligna.load(exported, "best", "cpu", precision, "ctranslate2")
             else:
                 translators[engine, precision] = Alone(exported, reference, precision, threads)
-        for beam, batch_size in product(args.beams, args.batch_sizes):
+        for beam, batch_size, shortlist in product(args.beams, args.batch_sizes, shortlists):
             baseline = None
             for (engine, precision), translator in translators.items():
-                run, hypotheses = measure(translator, sources, references, beam, batch_size, args.alpha)
+                run, hypotheses = measure(translator, sources, references, beam, batch_size, args.alpha, shortlist)
                 if (engine, precision) == ("aligna", "fp32"):
                     baseline = hypotheses
                 same = sum(a == b for a, b in zip(hypotheses, baseline)) if baseline else None
@@ -159,7 +165,7 @@ def main() -> None:
                         "same_as_aligna_fp32": same}  # fmt: skip
                 runs.append(run)
                 bleu = run.get("tok_bleu", run.get("bleu"))
-                print(f"{engine:<18} {precision:>5} {threads:>3} {beam:>4} {batch_size:>5} "
+                print(f"{engine:<18} {precision:>5} {threads:>3} {beam:>4} {batch_size:>5} {'yes' if shortlist else 'no':>4} "
                       f"{run['sentences_per_s']:8.1f} {run['target_tokens_per_s']:8.0f} {bleu:6.2f} "
                       f"{'' if same is None else same:>6}", flush=True)  # fmt: skip
     ct2 = ctranslate2_module() if exported else None

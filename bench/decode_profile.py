@@ -17,7 +17,10 @@ first `--sentences` test sentences are translated twice, under one thread:
    inside them: the wall time of a step minus the time inside operators is Python and
    dispatch overhead.
 
-Prints both tables and writes bench/results/decode_profile.json (or --name).
+3. (Transformers) the linear layers a step calls, alone, one after another on the step's rows:
+   the time the step's matrix products take by themselves, to which everything else adds.
+
+Prints the tables and writes bench/results/decode_profile.json (or --name).
 """
 
 from __future__ import annotations
@@ -159,6 +162,28 @@ def operators(model: Seq2Seq, data: list, beam: int, top: int) -> dict[str, Any]
     }
 
 
+def linear_floor(model: Seq2Seq, rows: int, repeats: int = 300) -> tuple[int, float] | None:
+    """The linear layers a Transformer's decode step calls (each decoder layer's projections,
+    not the encoder-decoder keys and values, which are projected once per sentence, and the
+    output layer), called alone one after another on `rows` rows: how many, and their time
+    per step in microseconds, the floor that the step's other operators and Python add to."""
+    if not hasattr(model, "decoder_layers"):
+        return None
+    layers = [m for name, m in model.named_modules()
+              if (name.startswith("decoder_layers.") and name.endswith(("_proj", ".w1", ".w2"))
+                  and not name.endswith("cross_attention.kv_proj")) or name == "output"]  # fmt: skip
+    inputs = [torch.randn(rows, 1, m.in_features) for m in layers]
+    with torch.inference_mode():
+        for _ in range(20):
+            for m, x in zip(layers, inputs):
+                m(x)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            for m, x in zip(layers, inputs):
+                m(x)
+    return len(layers), 1e6 * (time.perf_counter() - started) / repeats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.decode_profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,9 +221,14 @@ def main() -> None:
             print(f"  {'operator (profiled, own time)':<62} {'ms':>8} {'calls':>7}")
             for row in ops["top"]:
                 print(f"  {row['op']:<62} {1e3 * row['self_s']:8.1f} {row['calls']:7d}")
+            floor = linear_floor(model, batch * beam)
+            if floor:
+                print(f"  the step's {floor[0]} linear layers alone, one after another on {batch * beam} row(s): "
+                      f"{floor[1]:.0f} us per step; the whole step, unhooked: "
+                      f"{1e6 * ops['wall_s'] / max(steps, 1):.0f} us (profiled)")  # fmt: skip
             runs.append({"precision": precision, "case": case, "beam": beam, "batch_size": batch,
                          "sentences": len(sources), "wall_s": wall, "pieces_s": totals, "piece_calls": counts,
-                         "profiler": ops})  # fmt: skip
+                         "profiler": ops, "linear_layers_alone_us_per_step": floor and floor[1]})  # fmt: skip
     write_record(args.name, {"benchmark": "decode_profile", "model_dir": args.model_dir, "threads": 1, "runs": runs})
 
 

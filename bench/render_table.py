@@ -112,20 +112,26 @@ def engine_rows(record: dict) -> list[str]:
     """One row per search, batch and threads; a column per engine and precision (sentences/s,
     and in brackets how many outputs equal aligna fp32's where that is not all)."""
     engines = list(dict.fromkeys((r["engine"], r["precision"]) for r in record["runs"]))
+    listed = any(r.get("shortlist") for r in record["runs"])  # a column saying which rows used the shortlist
     cells: dict[tuple, dict] = {}
     for r in record["runs"]:
-        cells.setdefault((r["threads"], r["beam"], r["batch_size"]), {})[r["engine"], r["precision"]] = r
+        cells.setdefault((r["threads"], r["beam"], r["batch_size"], r.get("shortlist", False)), {})[
+            r["engine"], r["precision"]] = r  # fmt: skip
     n = record["runs"][0]["sentences"]
+    alone = ("ctranslate2-alone", "int8") in engines
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
         f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
         f"({_weights(record)}). Sentences/s, BLEU in brackets; where not all {n} outputs "
         "equal aligna fp32's, how many do:",
+        *(["", f"Shortlist: {record['shortlist']}."] if listed and record.get("shortlist") else []),
         "",
-        "| threads | search | batch | " + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |",
-        "|---|---|---|" + "---|" * (len(engines) + 1),
+        "| threads | search | batch | " + ("shortlist | " if listed else "")
+        + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |"
+        + (" aligna int8 / CT2 alone int8 |" if alone else ""),
+        "|---|---|---|" + ("---|" if listed else "") + "---|" * (len(engines) + 1 + alone),
     ]
-    for (threads, beam, batch), found in cells.items():
+    for (threads, beam, batch, shortlist), found in cells.items():
         parts = []
         for key in engines:
             r = found.get(key)
@@ -135,9 +141,13 @@ def engine_rows(record: dict) -> list[str]:
             bleu = r.get("tok_bleu", r.get("bleu"))
             same = r.get("same_as_aligna_fp32")
             parts.append(f"{r['sentences_per_s']:,.1f} ({bleu:.1f})" + (f", {same} same" if same not in (None, n) else ""))
-        ours, theirs = found.get(("aligna", "int8")), found.get(("ctranslate2", "int8"))
-        ratio = f"{ours['sentences_per_s'] / theirs['sentences_per_s']:.2f}x" if ours and theirs else "-"
-        rows.append(f"| {threads} | {_search(beam)} | {batch} | " + " | ".join(parts) + f" | {ratio} |")
+        ours = found.get(("aligna", "int8"))
+        ratios = []
+        for peer in [("ctranslate2", "int8")] + ([("ctranslate2-alone", "int8")] if alone else []):
+            theirs = found.get(peer)
+            ratios.append(f"{ours['sentences_per_s'] / theirs['sentences_per_s']:.2f}x" if ours and theirs else "-")
+        rows.append(f"| {threads} | {_search(beam)} | {batch} | " + (f"{'yes' if shortlist else 'no'} | " if listed else "")
+                    + " | ".join(parts) + " | " + " | ".join(ratios) + " |")  # fmt: skip
     if record.get("quality"):
         q = record["quality"]
         rows += ["", f"The whole test set ({q[0]['sentences']} sentences), beam 5, alpha 0.6, batch 64: "

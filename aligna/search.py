@@ -79,10 +79,12 @@ def search(
     vocabulary: Tensor | None = None,
 ) -> SearchResult:
     """The search `cfg` asks for: sampling, beam search (beam_size > 1) or greedy.
-    vocabulary: the target ids (V',) ascending, special tokens included, that greedy and beam
-    search may emit (a shortlist, `aligna.shortlist`): the model's output layer is computed over
-    them only. None: the whole vocabulary."""
+    vocabulary: the target ids (V',) ascending, the special tokens first (so that each one's
+    column is its id), that greedy and beam search may emit (a shortlist, `aligna.shortlist`): the
+    model's output layer is computed over them only. None: the whole vocabulary."""
     limits = (cfg.max_len_a, cfg.max_len_b)
+    if vocabulary is not None and vocabulary[: EOS_ID + 1].tolist() != list(range(EOS_ID + 1)):
+        raise ValueError("a vocabulary shortlist must start with the special tokens, so that <eos> keeps its column")
     if cfg.sample:
         if vocabulary is not None:
             raise ValueError("a vocabulary shortlist applies to greedy and beam search, not to sampling")

@@ -11,7 +11,9 @@ warmup tricks and is the default here.
 Decoding is incremental: the decoder state caches every layer's self-attention keys and
 values, so a step projects only the new token; the encoder-decoder keys and values are
 projected once per sentence in `encode`. The cache is part of the explicit state and
-reorders along the batch like any other state.
+reorders along the batch like any other state; a reorder is deferred into the next step's
+copy of the cache (one copy per step, not two), and in beam search a sentence's hypotheses
+share its encoder-decoder keys and values, attending to them together (`repeat`).
 """
 
 from __future__ import annotations

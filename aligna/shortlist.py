@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import DataError
@@ -140,13 +141,19 @@ def restrict(layer: nn.Module, ids: Tensor) -> nn.Module:
     if isinstance(layer, Int8Linear):
         return layer.rows(ids)
     if isinstance(layer, nn.Linear):
-        part = nn.Linear(layer.in_features, ids.numel(), bias=layer.bias is not None, device=ids.device)
-        with torch.no_grad():
-            part.weight.copy_(layer.weight[ids].to(part.weight.dtype))
-            if layer.bias is not None:
-                part.bias.copy_(layer.bias[ids])
-        return part.to(layer.weight.dtype)
+        return _Rows(layer.weight.detach()[ids], None if layer.bias is None else layer.bias.detach()[ids])
     raise TypeError(f"a shortlist cannot restrict a {type(layer).__name__} output layer")
+
+
+class _Rows(nn.Module):
+    """Some rows of a linear layer: y = x W[ids]^T + b[ids], for decoding (no gradients)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 def make(model_dir: str | Path, frequent: int = 100, per_source: int = 50) -> tuple[Path, Shortlist]:

@@ -91,6 +91,13 @@ class CT2Translator(TextTranslator):
     def parameters(self) -> int:
         return int(self.info["parameters"])
 
+    def check_shortlist(self) -> None:
+        if not self.has_vmap:
+            raise ConfigError(
+                f"decode.shortlist: this CTranslate2 model has no {VMAP}: make the model directory's shortlist "
+                "(`aligna shortlist MODEL_DIR`) before exporting it"
+            )
+
     def options(self, decode: DecodeConfig) -> dict[str, Any]:
         """CTranslate2's translate_batch options for aligna's decode settings."""
         if decode.coverage:
@@ -107,11 +114,6 @@ class CT2Translator(TextTranslator):
             raise ConfigError(
                 f"decode.seed: CTranslate2 seeds its sampler once, when the model loads (with seed {self.seed}, "
                 "the config's decode.seed), so a seed per request cannot be kept"
-            )
-        if decode.shortlist and not self.has_vmap:
-            raise ConfigError(
-                f"decode.shortlist: this CTranslate2 model has no {VMAP}: make the model directory's shortlist "
-                "(`aligna shortlist MODEL_DIR`) before exporting it"
             )
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .build import build_model
 from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
-from .data import ParallelText, Pipeline, encode_pairs, pad_batch
+from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
@@ -106,8 +106,16 @@ class TextTranslator:
         return [r if r is not None else empty for r in results]
 
     def decode_config(self, **options: object) -> DecodeConfig:
-        """The config's decode section with `options` applied and validated."""
-        return replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
+        """The config's decode section with `options` applied and validated, for this engine
+        (a ConfigError names the field it cannot do)."""
+        decode = replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
+        if decode.shortlist:
+            self.check_shortlist()
+        return decode
+
+    def check_shortlist(self) -> None:
+        """Raise a ConfigError if this engine cannot decode over a vocabulary shortlist."""
+        raise ConfigError(f"decode.shortlist: the {self.engine} engine has no vocabulary shortlist")
 
     def attention_maps(self, translation: Translation) -> dict[str, Tensor]:
         """Every attention map of the model for one translation, each (layers, heads, rows,
@@ -216,6 +224,9 @@ class Translator(TextTranslator):
 
     def shortlist(self) -> Shortlist:
         """The model directory's vocabulary shortlist (decode.shortlist), read once."""
+        if type(self.model).restrict_output is Seq2Seq.restrict_output:
+            raise ConfigError(f"decode.shortlist: the {type(self.model).__name__} model has no vocabulary shortlist "
+                              "(a Transformer has)")  # fmt: skip
         with self._made:
             if self._shortlist is None:
                 if self.shortlist_file is None or not self.shortlist_file.is_file():
@@ -223,8 +234,16 @@ class Translator(TextTranslator):
                         f"decode.shortlist: {self.shortlist_file or 'the model'} is missing: make it with "
                         "`aligna shortlist MODEL_DIR`"
                     )
-                self._shortlist = Shortlist.read(self.shortlist_file, self.pipeline.src_vocab, self.pipeline.tgt_vocab)
+                try:
+                    self._shortlist = Shortlist.read(
+                        self.shortlist_file, self.pipeline.src_vocab, self.pipeline.tgt_vocab
+                    )
+                except DataError as e:
+                    raise ConfigError(f"decode.shortlist: {e}") from None
         return self._shortlist
+
+    def check_shortlist(self) -> None:
+        self.shortlist()
 
     def _eval_model(self, search: bool = True) -> Seq2Seq:
         """The model to run (its int8 copy for `search` at precision int8), which must be in eval mode."""

@@ -218,6 +218,13 @@ def test_unknown_and_missing_model(client):
     assert body["field"] == "model" and body["models"] == ["plain", "rnn", "tf"]
 
 
+def test_a_shortlist_the_model_lacks_is_422(client):
+    body = error_of(post(client, {"model": "rnn", "texts": ["a"], "shortlist": True}), 422)
+    assert body["field"] == "shortlist" and "has no vocabulary shortlist (a Transformer has)" in body["error"]
+    body = error_of(post(client, {"model": "tf", "texts": ["a"], "shortlist": True}), 422)
+    assert body["field"] == "shortlist" and "shortlist.txt is missing" in body["error"]
+
+
 def test_limits(translators):
     limits = Settings(max_body_bytes=2000, max_texts=3, max_chars=20, max_beam=4, max_output_len=30)
     with TestClient(create_app({"rnn": translators["rnn"]}, limits)) as client:

@@ -79,10 +79,11 @@ def extend_cache(cache: Tensor, new: Tensor, order: Tensor | None) -> Tensor:
     reads it fastest: the cache rows are gathered straight into their place, a single copy."""
     if order is None:
         return torch.cat([cache, new], dim=2)
-    if torch.is_grad_enabled():  # out= is not differentiable
+    dtype = torch.promote_types(cache.dtype, new.dtype)  # as cat's: under autocast, new keys may be bf16
+    if torch.is_grad_enabled() or cache.dtype != dtype:  # out= is not differentiable, nor converts
         return torch.cat([cache.index_select(0, order), new], dim=2)
     past = cache.size(2)
-    out = new.new_empty(new.size(0), new.size(1), past + new.size(2), new.size(3))
+    out = new.new_empty(new.size(0), new.size(1), past + new.size(2), new.size(3), dtype=dtype)
     torch.index_select(cache, 0, order, out=out[:, :, :past])
     out[:, :, past:] = new
     return out

@@ -230,3 +230,17 @@ def test_a_reordered_cache_is_gathered_in_the_next_step():
     direct, _, _ = model.decode_step(tgt[index, 2], copied, enc.reorder(index))
     torch.testing.assert_close(deferred, direct)
     assert state.order is None
+
+
+def test_extend_cache_keeps_cat_dtypes():
+    """Under bf16 autocast the new keys are bf16 and the cache fp32 (or the other way round): the
+    deferred gather must give what cat gives, promoted dtype included."""
+    from aligna.transformer import extend_cache
+
+    cache, order = torch.randn(3, 2, 4, 8), torch.tensor([2, 0])
+    for new in (torch.randn(2, 2, 1, 8).bfloat16(), torch.randn(2, 2, 1, 8)):
+        for past in (cache, cache.bfloat16()):
+            with torch.no_grad():
+                got = extend_cache(past, new, order)
+            expected = torch.cat([past[order], new], dim=2)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)

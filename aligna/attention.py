@@ -186,21 +186,13 @@ class MultiHeadAttention(nn.Module):
         row of keys and values (the hypotheses of a beam, one sentence). They attend as group * T
         queries of that row, so the keys and values are neither copied per hypothesis nor read
         once per hypothesis at every step."""
-        if group == 1:
-            return self.attend(self.split(self.query_proj(query)), keys, values, mask, need_weights)
         rows, length, _ = query.shape
-        batch = rows // group
-        queries = (
-            self.query_proj(query).view(batch, group, length, self.heads, self.d_k)
-            .permute(0, 3, 1, 2, 4).reshape(batch, self.heads, group * length, self.d_k)
-        )  # fmt: skip
-        if mask is not None and mask.dim() == 3:
-            mask = mask.unsqueeze(1)
-        context, weights = self.attention(queries, keys, values, mask, need_weights)  # (B, h, group * T, *)
-        context = context.view(batch, self.heads, group, length, self.d_k).permute(0, 2, 3, 1, 4)
-        if weights is not None:
-            weights = weights.view(batch, self.heads, group, length, -1).transpose(1, 2).flatten(0, 1)
-        return self.out_proj(context.reshape(rows, length, -1)), weights
+        # (B * group, T, d_model) -> (B, group * T, d_model): a sentence's rows are consecutive
+        queries = self.split(self.query_proj(query).view(rows // group, group * length, -1))  # (B, h, group * T, d_k)
+        out, weights = self.attend(queries, keys, values, mask, need_weights)  # (B, group * T, d_model)
+        if weights is not None and group > 1:  # (B, h, group * T, S) -> (B * group, h, T, S)
+            weights = weights.unflatten(2, (group, length)).transpose(1, 2).flatten(0, 1)
+        return out.view(rows, length, -1), weights
 
     def attend(
         self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False

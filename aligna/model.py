@@ -45,7 +45,7 @@ class Reorderable:
         i * k .. i * k + k - 1. A model whose rows need not be copied for that (the
         Transformer's encoder output) overrides this; `reorder` then still takes indices
         of the repeated rows."""
-        rows = next(t for t in _tensors(self))
+        rows = next(_tensors(self))
         return self.reorder(torch.arange(rows.size(0), device=rows.device).repeat_interleave(k))
 
 

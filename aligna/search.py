@@ -327,8 +327,7 @@ def top_k(x: Tensor, n: int, chunk: int = 256) -> tuple[Tensor, Tensor]:
     (5x faster on 64 x 40,000 candidates). The same values; equal ones may come in another order.
     x (rows, m) -> values, indices (rows, n), best first."""
     rows, m = x.shape
-    chunks = -(-m // chunk)
-    if chunks <= n or n * chunk * 4 > m:  # too few chunks to gain from
+    if n * chunk * 4 > m:  # too few chunks to gain from
         return x.topk(n, dim=1)
     full = m // chunk * chunk
     maxima = x[:, :full].reshape(rows, -1, chunk).amax(-1)  # (rows, full / chunk): a view, not a copy

@@ -126,7 +126,8 @@ def build(
         s, t = pair // tgt_size, pair % tgt_size
         keep = ~torch.isin(t, torch.tensor(sorted(always)))
         s, t, p = s[keep], t[keep], count[keep].double() / src_seen[s[keep]]
-        order = torch.argsort(s * 2.0 + (1 - p), stable=True)  # by source, then by p(t | s), highest first
+        order = torch.argsort(-p, stable=True)  # by p(t | s), highest first,
+        order = order[torch.argsort(s[order], stable=True)]  # then by source, keeping that order within each
         s, t = s[order], t[order]
         first = torch.searchsorted(s, s)  # where each source's run starts
         rank = torch.arange(s.numel()) - first

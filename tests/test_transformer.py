@@ -122,13 +122,19 @@ def test_fast_attention_path_equals_the_reference_path():
     assert torch.all(maps["decoder_self"][1][0, :, 0, 1:] == 0)  # the first position sees only itself
 
 
-def test_reorder_moves_the_cache():
+def two_steps_in():
+    """A model, a batch of three, and its state after decoding two target tokens."""
     model = make()
     src, lengths, tgt = random_batch([6, 3, 4], tgt_len=4)
     enc = model.encode(src, lengths)
     state = model.init_state(enc)
     for t in range(2):
         _, state, _ = model.decode_step(tgt[:, t], state, enc)
+    return model, tgt, enc, state
+
+
+def test_reorder_moves_the_cache():
+    model, tgt, enc, state = two_steps_in()
     index = torch.tensor([2, 2, 0])
     moved, _, _ = model.decode_step(tgt[index, 2], state.reorder(index), enc.reorder(index))
     direct, _, _ = model.decode_step(tgt[:, 2], state, enc)
@@ -214,12 +220,7 @@ def test_a_repeated_encoder_output_decodes_as_copied_rows():
 def test_a_reordered_cache_is_gathered_in_the_next_step():
     """`TransformerState.reorder` defers the gather to the next step's copy of the cache; two
     reorders in a row compose, and the state it came from is left as it was."""
-    model = make()
-    src, lengths, tgt = random_batch([6, 3, 4], tgt_len=4)
-    enc = model.encode(src, lengths)
-    state = model.init_state(enc)
-    for t in range(2):
-        _, state, _ = model.decode_step(tgt[:, t], state, enc)
+    model, tgt, enc, state = two_steps_in()
     first, second = torch.tensor([1, 1, 0]), torch.tensor([2, 0, 0])
     moved = state.reorder(first).reorder(second)
     assert moved.order is not None and moved.keys[0] is state.keys[0]  # nothing copied yet

@@ -139,8 +139,8 @@ class MultiHeadAttention(nn.Module):
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
         self.heads, self.d_k = heads, d_model // heads
-        self.query_proj = nn.Linear(d_model, d_model)  # W^Q of all heads
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)  # W^K and W^V of all heads
+        self.query_proj: nn.Module | None = nn.Linear(d_model, d_model)  # W^Q of all heads
+        self.kv_proj: nn.Module | None = nn.Linear(d_model, 2 * d_model)  # W^K and W^V of all heads
         self.out_proj = nn.Linear(d_model, d_model)  # W^O
         self.attention = ScaledDotProductAttention(dropout)
         self.qkv_proj: nn.Module | None = None  # [W^Q; W^K; W^V], made by `fuse_projections`
@@ -151,8 +151,10 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, d_model) -> keys, values, each (B, h, S, d_k)."""
+        if self.kv_proj is None:
+            raise RuntimeError("a fused self-attention projects its keys and values with project_self")
         batch, length, _ = x.shape
-        keys, values = self.kv_proj(x).view(batch, length, 2, self.heads, self.d_k).permute(2, 0, 3, 1, 4)
+        keys, values = self.kv_proj(x).view(batch, length, 2, self.heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
         return keys, values
 
     def project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,7 +162,7 @@ class MultiHeadAttention(nn.Module):
         if self.qkv_proj is None:
             return self.split(self.query_proj(x)), *self.project(x)
         batch, length, _ = x.shape
-        queries, keys, values = self.qkv_proj(x).view(batch, length, 3, self.heads, self.d_k).permute(2, 0, 3, 1, 4)
+        queries, keys, values = self.qkv_proj(x).view(batch, length, 3, self.heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
         return queries, keys, values
 
     def fuse_projections(self) -> None:
@@ -172,8 +174,7 @@ class MultiHeadAttention(nn.Module):
         with torch.no_grad():
             fused.weight.copy_(torch.cat([self.query_proj.weight, self.kv_proj.weight]))
             fused.bias.copy_(torch.cat([self.query_proj.bias, self.kv_proj.bias]))
-        del self.query_proj, self.kv_proj
-        self.qkv_proj = fused
+        self.query_proj, self.kv_proj, self.qkv_proj = None, None, fused
 
     def forward(
         self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, need_weights: bool = False,
@@ -186,6 +187,8 @@ class MultiHeadAttention(nn.Module):
         row of keys and values (the hypotheses of a beam, one sentence). They attend as group * T
         queries of that row, so the keys and values are neither copied per hypothesis nor read
         once per hypothesis at every step."""
+        if self.query_proj is None:
+            raise RuntimeError("a fused self-attention projects its queries with project_self")
         rows, length, _ = query.shape
         # (B * group, T, d_model) -> (B, group * T, d_model): a sentence's rows are consecutive
         queries = self.split(self.query_proj(query).view(rows // group, group * length, -1))  # (B, h, group * T, d_k)
@@ -218,7 +221,8 @@ def additive_mask(mask: Tensor) -> Tensor:
 def _broadcastable(mask: Tensor, query: Tensor) -> Tensor:
     """A key mask (B, S) -> (B, 1, S), or (B, 1, 1, S) for queries with a head dimension."""
     if mask.dim() == 2:
-        return mask.view(mask.size(0), *([1] * (query.dim() - 2)), mask.size(1))
+        for _ in range(query.dim() - 2):
+            mask = mask.unsqueeze(1)
     return mask
 
 

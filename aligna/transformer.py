@@ -96,6 +96,7 @@ class PositionalEncoding(nn.Module):
     def __init__(self, d_model: int, kind: str, max_positions: int) -> None:
         super().__init__()
         self.kind, self.d_model, self.max_positions = kind, d_model, max_positions
+        self.table: nn.Embedding | None = None
         if kind == "learned":
             self.table = nn.Embedding(max_positions, d_model)
             nn.init.normal_(self.table.weight, std=d_model**-0.5)
@@ -105,14 +106,15 @@ class PositionalEncoding(nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """x (B, T, d_model) for positions offset..offset+T-1."""
         end = offset + x.size(1)
-        if self.kind == "learned":
+        if self.table is not None:  # learned (a branch TorchScript settles once: `aligna.compiled`)
             if end > self.max_positions:
                 raise ValueError(f"sequence of {end} tokens is longer than max_positions={self.max_positions}")
             return x + self.table.weight[offset:end]
-        table = self.sinusoids[offset:end] if end <= self.sinusoids.size(0) else sinusoids(
-            torch.arange(offset, end, device=x.device), self.d_model
-        )  # fmt: skip
-        return x + (table if table.dtype == x.dtype else table.to(x.dtype))
+        else:
+            table = self.sinusoids[offset:end] if end <= self.sinusoids.size(0) else sinusoids(
+                torch.arange(offset, end, device=x.device), self.d_model
+            )  # fmt: skip
+            return x + (table if table.dtype == x.dtype else table.to(x.dtype))
 
 
 def sinusoids(positions: Tensor, d_model: int) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .build import build_model
+from .compiled import compile_decoding
 from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
 from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
 from .loss import corpus_loss
@@ -199,6 +200,7 @@ class Translator(TextTranslator):
         self.shortlist_file = shortlist  # for decode.shortlist, read on first use
         self._shortlist: Shortlist | None = None
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
+        self.compiled = True  # the int8 copy's decoding step compiled (`aligna.compiled`); False before its first use: eager
         self._made = threading.Lock()  # guards the int8 copy and the shortlist, made on first use
         model.eval()
 
@@ -213,13 +215,15 @@ class Translator(TextTranslator):
         return count_parameters(self.model)
 
     def search_model(self) -> Seq2Seq:
-        """The model that searches: `model`, or its int8 copy when precision is int8."""
+        """The model that searches: `model`, or at precision int8 its int8 copy, whose decoding
+        step is compiled (`aligna.compiled`)."""
         check_precision(self.device, self.precision)
         if self.precision != "int8":
             return self.model
         with self._made:  # several threads may ask at once; one copy is made
             if self._int8 is None:
                 self._int8 = quantize_int8(self.model)
+                self._int8 = compile_decoding(self._int8) if self.compiled else self._int8
         return self._int8
 
     def shortlist(self) -> Shortlist:

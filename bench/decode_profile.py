@@ -20,6 +20,10 @@ first `--sentences` test sentences are translated twice, under one thread:
 3. (Transformers) the linear layers a step calls, alone, one after another on the step's rows:
    the time the step's matrix products take by themselves, to which everything else adds.
 
+At int8 a Transformer's step is compiled (`aligna.compiled`): its modules run inside one
+TorchScript program, which the hooks of 1. cannot see into, so the step is one piece;
+`--eager` profiles the eager int8 step instead, module by module.
+
 Prints the tables and writes bench/results/decode_profile.json (or --name).
 """
 
@@ -36,6 +40,7 @@ import torch
 from torch import nn
 
 import aligna
+from aligna.compiled import CompiledTransformer
 from aligna.config import DecodeConfig
 from aligna.data import pad_batch, read_parallel, reference_sets
 from aligna.model import Seq2Seq
@@ -198,6 +203,8 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=128, help="first N test sentences (default 128)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--top", type=int, default=12, help="operators listed (default 12)")
+    parser.add_argument("--eager", action="store_true",
+                        help="int8: profile the eager step, module by module, not the compiled one")  # fmt: skip
     parser.add_argument("--name", default="decode_profile")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -205,6 +212,8 @@ def main() -> None:
     for precision in args.precisions:
         translator = aligna.load(args.model_dir, checkpoint=args.checkpoint, device="cpu", precision=precision)
         model = translator.search_model()
+        if args.eager and isinstance(model, CompiledTransformer):
+            model = model.model  # the int8 model itself, its step run module by module
         sources, _ = reference_sets(read_parallel(translator.config.data.test, "test"), False)
         sources = sources[: args.sentences]
         for case in args.cases:
@@ -225,7 +234,7 @@ def main() -> None:
             print(f"  {'operator (profiled, own time)':<62} {'ms':>8} {'calls':>7}")
             for row in ops["top"]:
                 print(f"  {row['op']:<62} {1e3 * row['self_s']:8.1f} {row['calls']:7d}")
-            floor = linear_floor(model, batch * beam)
+            floor = linear_floor(getattr(model, "model", model), batch * beam)
             if floor:
                 print(f"  the step's {floor[0]} linear layers alone, one after another on {batch * beam} row(s): "
                       f"{floor[1]:.0f} us per step; the whole step, unhooked: "

@@ -118,13 +118,17 @@ def engine_rows(record: dict) -> list[str]:
         cells.setdefault((r["threads"], r["beam"], r["batch_size"], r.get("shortlist", False)), {})[
             r["engine"], r["precision"]] = r  # fmt: skip
     n = record["runs"][0]["sentences"]
+    rounds = len(record["runs"][0].get("rounds_seconds", [None]))
     alone = ("ctranslate2-alone", "int8") in engines
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
         f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
-        f"({_weights(record)}). Sentences/s, BLEU in brackets; where not all {n} outputs "
+        f"({_weights(record)}). Sentences/s"
+        + (f" (the fastest of {rounds} rounds, the engines in turn)" if rounds > 1 else "")
+        + f", BLEU in brackets; where not all {n} outputs "
         "equal aligna fp32's, how many do:",
         *(["", f"Shortlist: {record['shortlist']}."] if listed and record.get("shortlist") else []),
+        *(["", f"Note: {record['note']}."] if record.get("note") else []),
         "",
         "| threads | search | batch | " + ("shortlist | " if listed else "")
         + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |"

@@ -6,8 +6,9 @@ as long (`bench/decode_profile.py`). `StepProgram` is that step (embedding and p
 decoder layers with their caches, the last norm) compiled by TorchScript, so its interpreter,
 not Python, walks from operator to operator. It runs aligna's own modules, scripted as they
 are (`DecoderLayer`, `PositionalEncoding`, `Int8Linear`, ...): nothing is written twice.
-Measured on the de->en Transformer at int8, batch 1, 1 thread, on a 2-core EPYC: 2.2x the
-sentences/s of eager greedy search, 1.9x beam 5, the same outputs.
+On the de->en Transformer at int8, 1 thread, on a 2-core EPYC (record
+`engine_speed_compiled.json`, `aligna` against `aligna-eager`): 1.86x the sentences/s of eager
+greedy search at batch 1, 1.64x beam 5; 1.16x and 1.20x at batch 64; the same outputs.
 
 `CompiledTransformer` is the model as the search sees it: `encode`, `init_state` and
 `restrict_output` are the model's own, `decode_step` runs the program, then the output layer

@@ -115,22 +115,23 @@ def compile_decoding(model: Seq2Seq) -> Seq2Seq:
     in eval mode."""
     if not isinstance(model, Transformer) or model.training:
         return model
-    program = script(StepProgram(model), "the step")
-    encoder_layers = [script(layer, "the encoder") for layer in model.encoder_layers]
-    if program is None or None in encoder_layers:
-        return model
-    return CompiledTransformer(model, program, nn.ModuleList(encoder_layers))
+    parts = [script(StepProgram(model), "the decoding step")]
+    for layer in model.encoder_layers:
+        if parts[-1] is None:  # warned once: decoding stays eager
+            return model
+        parts.append(script(layer, "an encoder layer"))
+    return model if parts[-1] is None else CompiledTransformer(model, parts[0], nn.ModuleList(parts[1:]))
 
 
 def script(code: Callable | nn.Module, what: str) -> Any:
     """torch.jit.script(code), or None, with a warning that names `what`, where TorchScript
-    cannot compile it (then the caller runs `code` eagerly, which computes the same)."""
+    cannot compile it (then decoding runs eagerly, which computes the same)."""
     try:
         with warnings.catch_warnings():  # "torch.jit.script is deprecated", at every call: see the module's note
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated.*")
             return torch.jit.script(code)
     except Exception as e:  # noqa: BLE001 - any failure of the compiler leaves eager code, which is correct
-        warnings.warn(f"{what} runs eagerly: TorchScript could not compile it ({str(e).strip().splitlines()[0][:200]})",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(f"decoding runs eagerly: TorchScript could not compile {what} "
+                      f"({str(e).strip().splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)  # fmt: skip
         return None

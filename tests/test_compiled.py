@@ -94,9 +94,20 @@ def test_what_is_not_compiled_decodes_as_it_is(monkeypatch):
         raise RuntimeError("Python builtin <built-in function foo> is currently not supported in Torchscript\nmore")
 
     monkeypatch.setattr(torch.jit, "script", fails)
-    with pytest.warns(RuntimeWarning, match="the step runs eagerly: TorchScript could not compile it "
+    with pytest.warns(RuntimeWarning, match="decoding runs eagerly: TorchScript could not compile the decoding step "
                                             r"\(Python builtin .* not supported in Torchscript\)$"):  # fmt: skip
         assert compile_decoding(model.eval()) is model
+    calls = []
+
+    def step_only(module):  # the first call, the step, compiles; the next, an encoder layer, does not
+        calls.append(module)
+        return module if len(calls) == 1 else fails(module)
+
+    monkeypatch.setattr(torch.jit, "script", step_only)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert compile_decoding(model) is model
+    assert [str(w.message)[:69] for w in caught] == ["decoding runs eagerly: TorchScript could not compile an encoder layer"]
 
 
 def test_an_int8_translator_searches_with_the_compiled_step(tmp_path):

@@ -13,7 +13,7 @@ from aligna.runtime import quantize_int8
 from aligna.search import search
 
 
-def steps(model, src, lengths, beams=1, reorders=True, vocabulary=None):
+def steps(model, src, lengths, beams=1, vocabulary=None):
     """Logits and attention of five decoding steps, with a beam's reorders between them."""
     enc = model.encode(src, lengths)
     if vocabulary is not None:
@@ -28,9 +28,9 @@ def steps(model, src, lengths, beams=1, reorders=True, vocabulary=None):
         logits, state, weights = model.decode_step(prev, state, enc)
         out += [logits, weights]
         prev = logits.argmax(-1) % 20 + 3
-        if reorders:  # each sentence's rows in a random order, as a beam reorders them
-            order = torch.cat([torch.randperm(beams, generator=generator) + s * beams for s in range(src.size(0))])
-            state = state.reorder(order)
+        # each sentence's rows in a random order, as a beam reorders them
+        order = torch.cat([torch.randperm(beams, generator=generator) + s * beams for s in range(src.size(0))])
+        state = state.reorder(order)
     return out
 
 
@@ -110,7 +110,7 @@ def test_what_is_not_compiled_decodes_as_it_is(monkeypatch):
     assert [str(w.message)[:69] for w in caught] == ["decoding runs eagerly: TorchScript could not compile an encoder layer"]
 
 
-def test_an_int8_translator_searches_with_the_compiled_step(tmp_path):
+def test_an_int8_translator_searches_with_the_compiled_step():
     from aligna.translate import Translator
 
     class Pipeline:  # only what search_model reads

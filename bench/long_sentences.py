@@ -1,9 +1,11 @@
 """The long-sentence experiment: models with and without attention, scored by source length.
 
     python -m bench.long_sentences multi30k [--train]   # no attention vs Bahdanau vs Luong, Multi30k de->en
-    python -m bench.long_sentences reverse [--train]    # the same models on reversing 10-60 symbols
+    python -m bench.long_sentences reverse [--train]    # the same, and Luong concat, on reversing 10-60 symbols
+    python -m bench.long_sentences multi30k --model Bahdanau=runs/multi30k_de_en_bahdanau_s7 ...
 
-Loads each config's trained model_dir (with --train, trains the ones that have none yet),
+Loads each config's trained model_dir, or the directory `--model NAME=DIR` names for that
+row (another seed, another dropout); with --train, trains the configs that have none yet;
 translates the task's test set greedily, scores it within source-length buckets, prints
 the table, and writes bench/results/length_TASK.json and .png.
 """
@@ -29,7 +31,8 @@ TASKS = {
         "metric": "tok_bleu",
     },
     "reverse": {
-        "configs": {"no attention": "reverse_none", "Bahdanau": "reverse_bahdanau", "Luong general": "reverse_luong"},
+        "configs": {"no attention": "reverse_none", "Bahdanau": "reverse_bahdanau", "Luong general": "reverse_luong",
+                    "Luong concat": "reverse_luong_concat"},
         "edges": [20, 30, 40, 50],
         "metric": "exact",
     },
@@ -45,13 +48,27 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="train the models that have no checkpoint yet")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for the models trained here, e.g. train.epochs=4")  # fmt: skip
+    parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=DIR",
+                        help="the trained model directory of row NAME in place of its config's model_dir")  # fmt: skip
     args = parser.parse_args()
     task = TASKS[args.task]
+    dirs = {}
+    for item in args.models:
+        name, sep, directory = item.partition("=")
+        if not sep or name not in task["configs"]:
+            parser.error(f"--model {item!r}: expected NAME=DIR with NAME one of {', '.join(task['configs'])}")
+        if ModelDir(directory).latest() is None:
+            parser.error(f"--model {item!r}: {directory} has no trained model")
+        dirs[name] = directory
     setup_logging()
     if args.task == "reverse" and not (ROOT / "data/reverse/test.tsv").exists():
         write_task(ROOT / "data/reverse", "reverse", 10, 60, symbols=26)
     translators, configs = {}, {}
     for name, stem in task["configs"].items():
+        if name in dirs:
+            translators[name] = aligna.load(dirs[name])
+            configs[name] = translators[name].config
+            continue
         config = load_config(ROOT / "configs" / f"{stem}.yaml", args.overrides)
         if ModelDir(config.model_dir).latest() is None:
             if not args.train:
@@ -80,9 +97,11 @@ def main() -> None:
             "models": {
                 n: {
                     "config": f"configs/{task['configs'][n]}.yaml",
+                    **({"model_dir": dirs[n]} if n in dirs else {}),
                     # the config the model was trained with (saved in its model_dir, overrides included)
                     "config_sha256": config_hash(translators[n].config),
                     "epochs": translators[n].config.train.epochs,
+                    "seed": translators[n].config.train.seed,
                     **m,
                 }
                 for n, m in result.models.items()

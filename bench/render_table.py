@@ -363,7 +363,8 @@ def render() -> str:
         parts += [
             "",
             f"Score by source length, {Path(r['test_set'].split(' / ')[0]).name} "
-            f"({r['metric']}, {r['search']}; `{_command(r)}`, `bench/results/{r['name']}.json`):",
+            f"({r['metric']}, {r['search']}; `{_command(r)}`, `bench/results/{r['name']}.json`)"
+            + (f"; {r['note']}:" if r.get("note") else ":"),
             "",
         ]
         parts += [r["table"], "", f"![{r['name']}]({r['plot']})"]

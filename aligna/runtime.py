@@ -52,8 +52,8 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
     """A copy of `model` for CPU decoding with int8 weights: linear layers that read the same
     input are fused (`Seq2Seq.fuse_projections`), then every nn.LSTM and nn.GRU is replaced by
-    PyTorch's dynamically quantized version and every nn.Linear by `Int8Linear` (the same fbgemm
-    kernel, called directly): activations quantized on the fly per batch, as CTranslate2 does
+    PyTorch's dynamically quantized version and every nn.Linear by `Int8Linear` (torch's
+    fbgemm and oneDNN int8 kernels, called directly): activations quantized on the fly per batch, as CTranslate2 does
     for CPU inference. A Linear's weights get one scale per output
     row (`per_channel`, as CTranslate2 and fbgemm's kernels do: a row of small weights keeps its
     precision next to a row of large ones, and a fused layer computes exactly what its parts
@@ -84,16 +84,31 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
         return quantize_dynamic(model, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
 
 
+# Outputs (rows x out_features) from which a call runs oneDNN's int8 kernel rather than fbgemm's.
+# Measured on a Zen 4 core (1 thread, per-row weight scales; microseconds fbgemm / oneDNN):
+# fbgemm is faster on a few rows (256 -> 768 at 5 rows: 19 / 52), but slows down once its int32
+# output outgrows the core's 1 MB L2 cache (at 320 rows: 750 / 382; 256 -> 8000, the output
+# layer: 1,075 / 841 at 64 rows, 10,967 / 4,314 at 320), where oneDNN's stays linear.
+WIDE_OUTPUT = 200_000
+
+
 class Int8Linear(nn.Module):
-    """y = x W^T + b with int8 W (fbgemm's dynamically quantized kernel, as torch's quantized
+    """y = x W^T + b with int8 W (torch's dynamically quantized kernel, as its quantized
     dynamic Linear): the kernel called directly on its packed weights, for the one-row calls of
     a decoding step, where torch's module spends a third of the time around the kernel (its
-    dtype and version checks, a no-op dtype conversion, the operator's Python dispatch)."""
+    dtype and version checks, a no-op dtype conversion, the operator's Python dispatch).
+    The weights are packed twice where torch has both x86 kernels: for fbgemm, which is fastest
+    on few rows, and for oneDNN, which is fastest on many (`WIDE_OUTPUT`); both quantize the
+    activations and weights alike and compute the same products."""
 
-    def __init__(self, in_features: int, out_features: int, packed: torch.ScriptObject) -> None:
+    def __init__(self, in_features: int, out_features: int, packed: torch.ScriptObject,
+                 wide: torch.ScriptObject | None = None) -> None:  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.packed = packed  # int8 weights with their scales, and the fp32 bias, as the kernel takes them
+        self.wide = packed if wide is None else wide  # the same, packed for oneDNN where torch has it
+        # rows from which a call takes `wide` (never, without a second packing)
+        self.wide_rows = -(-WIDE_OUTPUT // out_features) if wide is not None else 2**31
         self._unpacked: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None  # for `rows`, made on first use
 
     @classmethod
@@ -102,11 +117,13 @@ class Int8Linear(nn.Module):
         from torch.ao.nn.quantized.dynamic import Linear
 
         quantized = Linear.from_float(linear, use_precomputed_fake_quant)
-        return cls(linear.in_features, linear.out_features, quantized._packed_params._packed_params)
+        packed = quantized._packed_params._packed_params
+        return cls(linear.in_features, linear.out_features, packed, _pack_onednn(packed))
 
     def forward(self, x: Tensor) -> Tensor:
         """(*, in_features) fp32 -> (*, out_features) fp32."""
-        return _LINEAR_INT8(x, self.packed, True)  # True: 7-bit activations, as torch's module (fbgemm overflow)
+        packed = self.wide if x.numel() // self.in_features >= self.wide_rows else self.packed
+        return _LINEAR_INT8(x, packed, True)  # True: 7-bit activations, as torch's module (fbgemm overflow)
 
     def rows(self, ids: Tensor) -> Int8Linear:
         """The layer over output rows `ids` only (a vocabulary shortlist): the same int8 weights
@@ -128,6 +145,21 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _pack_onednn(packed: torch.ScriptObject) -> torch.ScriptObject | None:
+    """`packed`'s weights and bias packed for oneDNN's kernel; None where torch has no oneDNN
+    quantized engine, or where `packed` is oneDNN's already."""
+    engines = torch.backends.quantized.supported_engines
+    if "onednn" not in engines or torch.backends.quantized.engine == "onednn":
+        return None
+    weight, bias = torch.ops.quantized.linear_unpack(packed)
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "onednn"
+        return torch.ops.quantized.linear_prepack(weight, bias)
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 # The C++ operator itself: calling it through torch.ops' Python wrapper costs a check of every

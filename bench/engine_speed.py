@@ -7,7 +7,8 @@ For each thread count, search (greedy, beam 5) and batch size (1, 16, 64), the m
 set (`data.test` of its config) is translated, once untimed and then timed (`--rounds N`: timed N
 times, the engines in turn, the fastest kept), by:
 - aligna at fp32, bf16 (autocast) and int8 (dynamically quantized Linear layers), and
-  `aligna-eager` int8: without the compiled decoding step (`aligna.compiled`);
+  `aligna-eager` int8: without the compiled decoding step (`aligna.compiled`), and
+  `aligna-fbgemm` int8: every layer on fbgemm's kernel, none on oneDNN's (`runtime.WIDE_OUTPUT`);
 - CTranslate2 through aligna (`aligna.load(..., engine="ctranslate2")`: the model exported
   on the fly) at float32 and int8: what an aligna user gets, text in, text out, with
   attention maps and aligna's exact per-sentence length limits;
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 import aligna
+from aligna import runtime
 from aligna.ct2 import COMPUTE_TYPES
 from aligna.data import read_parallel, reference_sets
 from aligna.export import ctranslate2_module, export_ctranslate2
@@ -43,7 +45,7 @@ from aligna.modeldir import BEST_SCORES, ModelDir
 from bench import decode_speed
 from bench.common import config_hash, write_record
 
-ENGINES = [("aligna", "fp32"), ("aligna", "bf16"), ("aligna", "int8"), ("aligna-eager", "int8"),
+ENGINES = [("aligna", "fp32"), ("aligna", "bf16"), ("aligna", "int8"), ("aligna-eager", "int8"), ("aligna-fbgemm", "int8"),
            ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
            ("ctranslate2-alone", "fp32"), ("ctranslate2-alone", "int8")]  # fmt: skip
 
@@ -153,9 +155,13 @@ def main() -> None:
         torch.set_num_threads(threads)
         translators = {}
         for engine, precision in engines:
-            if engine in ("aligna", "aligna-eager"):
-                translators[engine, precision] = aligna.load(args.model_dir, weights, "cpu", precision, "aligna")
-                translators[engine, precision].compiled = engine == "aligna"  # type: ignore[attr-defined]
+            if engine in ("aligna", "aligna-eager", "aligna-fbgemm"):
+                translators[engine, precision] = translator = aligna.load(args.model_dir, weights, "cpu", precision, "aligna")
+                translator.compiled = engine != "aligna-eager"  # type: ignore[attr-defined]
+                if engine == "aligna-fbgemm":  # its int8 copy made now, with no output wide enough for oneDNN
+                    wide, runtime.WIDE_OUTPUT = runtime.WIDE_OUTPUT, 2**40
+                    translator.search_model()  # type: ignore[attr-defined]
+                    runtime.WIDE_OUTPUT = wide
             elif engine == "ctranslate2":
                 translators[engine, precision] = aligna.load(exported, "best", "cpu", precision, "ctranslate2")
             else:

@@ -71,7 +71,8 @@ def quality_rows(records: list[dict]) -> list[str]:
 
 def speed_rows(record: dict) -> list[str]:
     rows = [
-        f"`{_command(record)}` on {_machine(record['machine'])}:",
+        f"`{_command(record)}` at commit {record['git_commit'][:7]} (the configs as they were then) on "
+        f"{_machine(record['machine'])}:",
         "",
         "| config | parameters | batch tokens | train target tok/s |",
         "|---|---|---|---|",
@@ -326,7 +327,8 @@ def render() -> str:
         parts += ["", "(no records yet)"]
     scaling = [r for r in records if r["name"].startswith("corpus_scale")]
     if scaling:
-        parts += ["", "Data that scales: `configs/quickstart.yaml` (an RNN) on Multi30k repeated N times, "
+        parts += ["", "Data that scales: `configs/quickstart.yaml` as of each row's code commit (then a GRU without "
+                  "attention) on Multi30k repeated N times, "
                   "`train.max_steps: 1`, no dev set, 1 thread; peak RSS of the largest process "
                   "(`bench/results/corpus_scale_*.json`):", "", *corpus_rows(scaling)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "distributed_speed"]:

@@ -67,3 +67,42 @@ def test_attention_rows_keep_their_labels_when_a_model_emits_specials(toy_config
     record = translator.attention_record(t, every_map=True)
     assert len(record["weights"]) == len(record["tgt_tokens"]) == len(t.tokens)
     assert len(record["maps"]["cross"]["rows"]) == len(record["maps"]["cross"]["weights"][0][0])
+
+
+def test_int8_linear_runs_onednn_on_many_rows_with_the_same_products():
+    """Many rows go to oneDNN's kernel, few to fbgemm's (`runtime.WIDE_OUTPUT`): the same int8
+    weights and activations, so the outputs agree to float rounding; scripted as eager."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from aligna.runtime import WIDE_OUTPUT, Int8Linear
+
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no oneDNN quantized engine")
+    linear = torch.nn.Linear(32, 1000)
+    linear.qconfig = per_channel_dynamic_qconfig
+    layer = Int8Linear.from_float(linear)
+    assert layer.wide_rows == -(-WIDE_OUTPUT // 1000) and layer.wide is not layer.packed
+    kernel = torch.ops.quantized.linear_dynamic
+    many, few = torch.randn(layer.wide_rows, 32), torch.randn(layer.wide_rows - 1, 32)
+    assert torch.equal(layer(many), kernel(many, layer.wide, True))
+    assert torch.equal(layer(few), kernel(few, layer.packed, True))
+    torch.testing.assert_close(kernel(many, layer.packed, True), layer(many), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(many), linear(many), rtol=0.05, atol=0.05)
+    scripted = torch.jit.script(layer)
+    assert torch.equal(scripted(many), layer(many)) and torch.equal(scripted(few), layer(few))
+    narrow = layer.rows(torch.arange(0, 1000, 7))  # a shortlist's layer: fbgemm only
+    assert narrow.wide is narrow.packed
+
+
+def test_int8_linear_without_onednn_never_takes_it(monkeypatch):
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from aligna import runtime
+
+    monkeypatch.setattr(runtime, "WIDE_OUTPUT", 2**40)  # far above any output: fbgemm for every call
+    linear = torch.nn.Linear(64, 8)  # in_features > out_features: rows, not elements, are compared
+    linear.qconfig = per_channel_dynamic_qconfig
+    layer = runtime.Int8Linear.from_float(linear)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), torch.ops.quantized.linear_dynamic(x, layer.packed, True))
+    assert torch.equal(torch.jit.script(layer)(x), layer(x))

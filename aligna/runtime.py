@@ -87,8 +87,8 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
 # Outputs (rows x out_features) from which a call runs oneDNN's int8 kernel rather than fbgemm's.
 # Measured on a Zen 4 core (1 thread, per-row weight scales; microseconds fbgemm / oneDNN):
 # fbgemm is faster on a few rows (256 -> 768 at 5 rows: 19 / 52), but slows down once its int32
-# output outgrows the core's 1 MB L2 cache (at 320 rows: 750 / 382; 256 -> 8000, the output
-# layer: 1,075 / 841 at 64 rows, 10,967 / 4,314 at 320), where oneDNN's stays linear.
+# output passes about 1 MB, the core's L2 cache (at 320 rows: 750 / 382; 256 -> 8000, the output
+# layer: 1,075 / 841 at 64 rows, 10,967 / 4,314 at 320), where oneDNN's time stays linear in the rows.
 WIDE_OUTPUT = 200_000
 
 

@@ -120,9 +120,11 @@ def engine_rows(record: dict) -> list[str]:
             r["engine"], r["precision"]] = r  # fmt: skip
     n = record["runs"][0]["sentences"]
     rounds = len(record["runs"][0].get("rounds_seconds", [None]))
+    peers = [p for p in [("ctranslate2", "int8"), ("ctranslate2-alone", "int8")] if p in engines]
     alone = ("ctranslate2-alone", "int8") in engines
     rows = [
-        f"`{_command(record)}` on {_machine(record['machine'])}, CTranslate2 {record['ctranslate2_version'] or '-'}, "
+        f"`{_command(record)}` on {_machine(record['machine'])}"
+        + (f", CTranslate2 {record['ctranslate2_version']}" if peers else "") + ", "
         f"{n} sentences of {Path(record['test_set'].split(' / ')[0]).name}, model {record['model_dir']} "
         f"({_weights(record)}). Sentences/s"
         + (f" (the fastest of {rounds} rounds, the engines in turn)" if rounds > 1 else "")
@@ -132,9 +134,9 @@ def engine_rows(record: dict) -> list[str]:
         *(["", f"Note: {record['note']}."] if record.get("note") else []),
         "",
         "| threads | search | batch | " + ("shortlist | " if listed else "")
-        + " | ".join(f"{e} {p}" for e, p in engines) + " | aligna int8 / CT2 int8 |"
-        + (" aligna int8 / CT2 alone int8 |" if alone else ""),
-        "|---|---|---|" + ("---|" if listed else "") + "---|" * (len(engines) + 1 + alone),
+        + " | ".join(f"{e} {p}" for e, p in engines) + " |"
+        + "".join(f" aligna int8 / {'CT2 alone' if e == 'ctranslate2-alone' else 'CT2'} int8 |" for e, _ in peers),
+        "|---|---|---|" + ("---|" if listed else "") + "---|" * (len(engines) + len(peers)),
     ]
     for (threads, beam, batch, shortlist), found in cells.items():
         parts = []
@@ -148,11 +150,11 @@ def engine_rows(record: dict) -> list[str]:
             parts.append(f"{r['sentences_per_s']:,.1f} ({bleu:.1f})" + (f", {same} same" if same not in (None, n) else ""))
         ours = found.get(("aligna", "int8"))
         ratios = []
-        for peer in [("ctranslate2", "int8")] + ([("ctranslate2-alone", "int8")] if alone else []):
+        for peer in peers:
             theirs = found.get(peer)
             ratios.append(f"{ours['sentences_per_s'] / theirs['sentences_per_s']:.2f}x" if ours and theirs else "-")
         rows.append(f"| {threads} | {_search(beam)} | {batch} | " + (f"{'yes' if shortlist else 'no'} | " if listed else "")
-                    + " | ".join(parts) + " | " + " | ".join(ratios) + " |")  # fmt: skip
+                    + " | ".join(parts + ratios) + " |")  # fmt: skip
     if record.get("quality"):
         q = record["quality"]
         rows += ["", f"The whole test set ({q[0]['sentences']} sentences), beam 5, alpha 0.6, batch 64: "
@@ -346,6 +348,10 @@ def render() -> str:
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "engine_speed"]:
+        if not any(run["engine"].startswith("ctranslate2") for run in r["runs"]):  # an RNN: CTranslate2 has none
+            parts += ["", f"aligna's engines on an RNN, which CTranslate2 cannot run (`bench/results/{r['name']}.json`; "
+                      "compare engines within a row):", "", *engine_rows(r)]  # fmt: skip
+            continue
         parts += ["", f"aligna against CTranslate2 on the same model (`bench/results/{r['name']}.json`; "
                   "`ctranslate2` is the exported model behind aligna's text ends, `ctranslate2-alone` its own "
                   "`translate_batch` on pre-tokenized input, without attention and with its default length "

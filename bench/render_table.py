@@ -121,7 +121,6 @@ def engine_rows(record: dict) -> list[str]:
     n = record["runs"][0]["sentences"]
     rounds = len(record["runs"][0].get("rounds_seconds", [None]))
     peers = [p for p in [("ctranslate2", "int8"), ("ctranslate2-alone", "int8")] if p in engines]
-    alone = ("ctranslate2-alone", "int8") in engines
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}"
         + (f", CTranslate2 {record['ctranslate2_version']}" if peers else "") + ", "

@@ -6,6 +6,7 @@ take these from here, so each choice is checked, and explained when refused, in 
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import torch
@@ -75,7 +76,8 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
         ) from e
     model = copy.deepcopy(model).eval()
     model.fuse_projections()
-    with warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
+    # one quantization at a time: `_pack_onednn` switches torch's global quantized engine for a moment
+    with _QUANTIZING, warnings.catch_warnings():  # its deprecation notices, once per module, say nothing to a user
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         linear = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
@@ -83,6 +85,8 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
         mapping = {**get_default_dynamic_quant_module_mappings(), nn.Linear: Int8Linear}
         return quantize_dynamic(model, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
 
+
+_QUANTIZING = threading.Lock()
 
 # Outputs (rows x out_features) from which a call runs oneDNN's int8 kernel rather than fbgemm's.
 # Measured on a Zen 4 core (1 thread, per-row weight scales; microseconds fbgemm / oneDNN):

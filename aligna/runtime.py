@@ -54,8 +54,8 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
     """A copy of `model` for CPU decoding with int8 weights: linear layers that read the same
     input are fused (`Seq2Seq.fuse_projections`), then every nn.LSTM and nn.GRU is replaced by
     PyTorch's dynamically quantized version and every nn.Linear by `Int8Linear` (torch's
-    fbgemm and oneDNN int8 kernels, called directly): activations quantized on the fly per batch, as CTranslate2 does
-    for CPU inference. A Linear's weights get one scale per output
+    fbgemm and oneDNN int8 kernels, called directly): activations quantized on the fly per
+    batch, as CTranslate2 does for CPU inference. A Linear's weights get one scale per output
     row (`per_channel`, as CTranslate2 and fbgemm's kernels do: a row of small weights keeps its
     precision next to a row of large ones, and a fused layer computes exactly what its parts
     did; False: one per tensor); the recurrent cells' weights one per tensor, the only kind

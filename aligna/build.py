@@ -45,7 +45,7 @@ def _rnn_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) ->
     rnn = config.rnn
     encoder = RNNEncoder(
         src_vocab_size, config.emb_dim, config.hidden_size, config.encoder_layers,
-        rnn.cell, rnn.bidirectional, config.dropout,
+        rnn.cell, rnn.bidirectional, config.dropout, rnn.reverse_source,
     )  # fmt: skip
     bridge = Bridge(
         config.encoder_layers, encoder.output_size, config.decoder_layers,

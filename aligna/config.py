@@ -174,6 +174,9 @@ class RNNConfig(_Section):
 
     cell: Literal["lstm", "gru"] = "lstm"
     bidirectional: bool = False  # encoder only
+    # Sutskever et al. 2014: the encoder reads each source sentence backwards, so that its first
+    # words, which the first target words depend on, are the last it reads before C
+    reverse_source: bool = False
     # Cho et al. 2014: the context vector C enters every decoder step and the output layer.
     feed_context: bool = False
     # none: the fixed context vector only. bahdanau: additive, before the recurrence.
@@ -193,6 +196,11 @@ class RNNConfig(_Section):
             not (self.feed_context and self.attention != "none"),
             "feed_context",
             "only applies without attention (attention gives every step its own context)",
+        )
+        _check(
+            not (self.reverse_source and self.bidirectional),
+            "reverse_source",
+            "a bidirectional encoder reads the source both ways already",
         )
         _check(
             not (self.attention == "dot" and self.bidirectional),

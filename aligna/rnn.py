@@ -101,10 +101,18 @@ def _batch_first(state: Tensor, layers: int, directions: int) -> Tensor:
     )
 
 
+def _reversal(lengths: Tensor, width: int) -> Tensor:
+    """(B, width) indices that reverse each row's first lengths[b] positions and leave its
+    padding where it is: its own inverse."""
+    positions = torch.arange(width, device=lengths.device).expand(lengths.size(0), width)
+    last = (lengths - 1).unsqueeze(1)
+    return torch.where(positions <= last, last - positions, positions)
+
+
 class RNNEncoder(nn.Module):
     def __init__(
         self, vocab_size: int, emb_dim: int, hidden_size: int, layers: int, cell: str,
-        bidirectional: bool, dropout: float,
+        bidirectional: bool, dropout: float, reverse_source: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=PAD_ID)
@@ -112,13 +120,17 @@ class RNNEncoder(nn.Module):
         self.rnn = _rnn(cell, emb_dim, hidden_size, layers, dropout, bidirectional)
         self.layers, self.directions = layers, 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions
+        self.reverse_source = reverse_source
 
     def forward(self, src: Tensor, src_lengths: Tensor) -> RNNEncoderOutput:
-        emb = self.dropout(self.embedding(src))  # (B, S, E)
+        order = _reversal(src_lengths, src.size(1)) if self.reverse_source else None  # (B, S)
+        emb = self.dropout(self.embedding(src if order is None else src.gather(1, order)))  # (B, S, E)
         # Packing keeps padding out of the recurrence, in both directions.
         packed = pack_padded_sequence(emb, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = self.rnn(packed)
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, D)
+        if order is not None:  # back into source order, so that attention's j-th state is word j's
+            states = states.gather(1, order.unsqueeze(2).expand_as(states))
         h, c = final if isinstance(final, tuple) else (final, None)  # (L * dirs, B, H)
         return RNNEncoderOutput(
             states=states,

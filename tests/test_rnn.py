@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aligna.build import build_model
-from aligna.config import ModelConfig, RNNConfig
+from aligna.config import ConfigError, ModelConfig, RNNConfig
 from aligna.vocab import PAD_ID, SOS_ID
 
 VOCAB = 23
@@ -22,6 +22,9 @@ VARIANTS = {
     "luong-general-feed-bilstm": dict(cell="lstm", bidirectional=True, attention="general"),
     "luong-dot-nofeed-lstm": dict(cell="lstm", attention="dot", input_feeding=False),
     "luong-concat-feed-gru-tied": dict(cell="gru", attention="concat", tie_embeddings=True),
+    # Sutskever et al.'s reversed source, without and with attention
+    "lstm-reversed": dict(cell="lstm", encoder_layers=2, decoder_layers=2, reverse_source=True),
+    "bahdanau-gru-reversed": dict(cell="gru", attention="bahdanau", reverse_source=True),
 }
 MODEL_KEYS = {"encoder_layers", "decoder_layers", "tie_embeddings"}
 
@@ -161,3 +164,26 @@ def test_init_range_draws_every_weight_but_the_embeddings_uniformly():
         assert p.abs().max() <= 0.1 and p.std() > 0.04, name  # U(-0.1, 0.1): std 0.058
     default = make(**VARIANTS["luong-general-feed-bilstm"])  # 0: torch's U(+-1/sqrt(fan_in)), +-0.29 here
     assert 0.1 < default.decoder.rnn.weight_hh_l0.abs().max() <= 1 / h**0.5
+
+
+@pytest.mark.parametrize("variant", ["lstm-reversed", "bahdanau-gru-reversed"])
+def test_reversed_source_reads_each_sentence_backwards(variant):
+    """The encoder reads x_n .. x_1 (padding left where it is) and gives its states back in
+    source order: as the same encoder without the option on hand-reversed sentences."""
+    options = VARIANTS[variant]
+    reversed_, plain = make(**options), make(**{**options, "reverse_source": False})
+    plain.load_state_dict(reversed_.state_dict())
+    src, lengths, _ = random_batch([7, 3, 5])
+    backwards = src.clone()
+    for i, n in enumerate(lengths.tolist()):
+        backwards[i, :n] = src[i, :n].flip(0)
+    ours, theirs = reversed_.encode(src, lengths), plain.encode(backwards, lengths)
+    torch.testing.assert_close(ours.hidden, theirs.hidden)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(ours.states[i, :n], theirs.states[i, :n].flip(0))
+    assert not torch.allclose(ours.hidden, plain.encode(src, lengths).hidden)
+
+
+def test_reversed_source_with_a_bidirectional_encoder_is_refused():
+    with pytest.raises(ConfigError, match="reverse_source.*both ways"):
+        RNNConfig(bidirectional=True, reverse_source=True)

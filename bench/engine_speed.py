@@ -160,8 +160,10 @@ def main() -> None:
                 translator.compiled = engine != "aligna-eager"  # type: ignore[attr-defined]
                 if engine == "aligna-fbgemm":  # its int8 copy made now, with no output wide enough for oneDNN
                     wide, runtime.WIDE_OUTPUT = runtime.WIDE_OUTPUT, 2**40
-                    translator.search_model()  # type: ignore[attr-defined]
-                    runtime.WIDE_OUTPUT = wide
+                    try:
+                        translator.search_model()  # type: ignore[attr-defined]
+                    finally:
+                        runtime.WIDE_OUTPUT = wide
             elif engine == "ctranslate2":
                 translators[engine, precision] = aligna.load(exported, "best", "cpu", precision, "ctranslate2")
             else:

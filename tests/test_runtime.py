@@ -97,15 +97,17 @@ def test_int8_linear_runs_onednn_on_many_rows_with_the_same_products():
     assert narrow.wide is narrow.packed
 
 
-def test_int8_linear_without_onednn_never_takes_it(monkeypatch):
+def test_int8_linear_built_under_a_higher_threshold_keeps_many_rows_on_fbgemm(monkeypatch):
+    """`WIDE_OUTPUT` is read when a layer is made (as bench.engine_speed's `aligna-fbgemm` makes
+    its int8 copy): rows that the default threshold sends to oneDNN stay on fbgemm."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     from aligna import runtime
 
-    monkeypatch.setattr(runtime, "WIDE_OUTPUT", 2**40)  # far above any output: fbgemm for every call
-    linear = torch.nn.Linear(64, 8)  # in_features > out_features: rows, not elements, are compared
+    linear = torch.nn.Linear(64, 8)
     linear.qconfig = per_channel_dynamic_qconfig
+    many = torch.randn(-(-runtime.WIDE_OUTPUT // 8), 64)  # enough rows for oneDNN at the default
+    monkeypatch.setattr(runtime, "WIDE_OUTPUT", 2**40)
     layer = runtime.Int8Linear.from_float(linear)
-    x = torch.randn(3, 64)
-    assert torch.equal(layer(x), torch.ops.quantized.linear_dynamic(x, layer.packed, True))
-    assert torch.equal(script(layer, "the layer")(x), layer(x))
+    assert torch.equal(layer(many), torch.ops.quantized.linear_dynamic(many, layer.packed, True))
+    assert torch.equal(script(layer, "the layer")(many), layer(many))

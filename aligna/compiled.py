@@ -102,8 +102,8 @@ class CompiledTransformer(Seq2Seq):
         output = self.model.output if enc.output is None else enc.output
         return output(hidden), TransformerState(keys, values), weights
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        return self.model(src, src_lengths, tgt_in)
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        return self.model(src, src_lengths, tgt_in, keep)
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
         return self.model.attention_maps(src, src_lengths, tgt_in)

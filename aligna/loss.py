@@ -12,7 +12,8 @@ from .vocab import PAD_ID
 
 
 def sequence_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Summed cross-entropy over non-pad targets. logits (B, T, V), targets (B, T).
+    """Summed cross-entropy over non-pad targets. logits (..., V), targets (...): (B, T, V) and
+    (B, T), or the kept positions only, (N, V) and (N,).
 
     With label smoothing (Szegedy et al. 2016) the target distribution puts
     1 - eps on the gold token and eps spread uniformly over the vocabulary.

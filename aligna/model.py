@@ -104,8 +104,11 @@ class Seq2Seq(nn.Module):
         frozen copy that only decodes (fewer, larger products per step; nothing here to merge
         by default). Training such a copy would not update the original weights."""
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: tgt_in (B, T) = `<sos> y1..` -> logits (B, T, V)."""
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Teacher forcing: tgt_in (B, T) = `<sos> y1..` -> logits (B, T, V). With `keep` (B, T)
+        bool, the logits of the kept positions only, (N, V) in row-major order, N = keep.sum():
+        training keeps the positions whose target is not padding, and a model may then spare the
+        output layer the rest."""
         raise NotImplementedError
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:

@@ -353,10 +353,10 @@ class RNNSeq2Seq(Seq2Seq):
         logits, state, weights = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, V)
         return logits.squeeze(1), state, None if weights is None else weights.squeeze(1)
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
         enc = self.encode(src, src_lengths)
         logits, _, _ = self.decoder(tgt_in, self.init_state(enc), enc)
-        return logits
+        return logits if keep is None else logits[keep]
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
         enc = self.encode(src, src_lengths)

@@ -165,11 +165,12 @@ def train_step(
         last = i == len(batches) - 1
         with model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext():
             with autocast(batch.src.device, cfg.precision):
+                keep = batch.tgt_out != PAD_ID  # (B, T): the output layer skips padded targets
                 if tf_ratio >= 1.0:
-                    logits = model(batch.src, batch.src_lengths, batch.tgt_in)  # (B, T, V)
+                    logits = model(batch.src, batch.src_lengths, batch.tgt_in, keep)  # (N, V)
                 else:
-                    logits = scheduled_sampling_logits(model, batch, tf_ratio)
-                loss = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens * world_size
+                    logits = scheduled_sampling_logits(model, batch, tf_ratio)[keep]
+                loss = sequence_loss(logits, batch.tgt_out[keep], cfg.label_smoothing) / n_tokens * world_size
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:

@@ -298,10 +298,13 @@ class Transformer(Seq2Seq):
         state: TransformerState,
         enc: TransformerEncoderOutput,
         need_weights: str = "last",
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, TransformerState, Tensor | None, dict[str, list[Tensor]]]:
         """tokens (B, T) at positions state.length.. -> logits (B, T, V), the extended state,
         the last layer's encoder-decoder attention averaged over heads (B, T, S), and with
-        need_weights="all" every layer's self- and cross-attention weights (B, h, T, *)."""
+        need_weights="all" every layer's self- and cross-attention weights (B, h, T, *).
+        With `keep` (B, T) bool, the final norm and the output layer run on the kept positions
+        only: logits (N, V), N = keep.sum()."""
         past, steps = state.length, tokens.size(1)
         x = self.tgt_positions(self.tgt_embedding(tokens) * self.scale, offset=past)  # (B, T, d)
         x = self.dropout(x) if self.training else x
@@ -327,6 +330,7 @@ class Transformer(Seq2Seq):
                 maps["cross"].append(cross_w)
             if need_weights != "none" and i == last:
                 summary = cross_w.mean(dim=1)  # (B, T, S)
+        x = x if keep is None else x[keep]  # (N, d)
         logits = (self.output if enc.output is None else enc.output)(self.decoder_norm(x))  # (B, T, V), or V' over a shortlist
         return logits, TransformerState(keys, values), summary, maps
 
@@ -339,9 +343,9 @@ class Transformer(Seq2Seq):
         logits, state, weights, _ = self.decode(prev_tokens.unsqueeze(1), state, encoder_output)
         return logits.squeeze(1), state, weights.squeeze(1)  # type: ignore[union-attr]
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
         enc = self.encode(src, src_lengths)
-        logits, _, _, _ = self.decode(tgt_in, self.init_state(enc), enc, need_weights="none")
+        logits, _, _, _ = self.decode(tgt_in, self.init_state(enc), enc, need_weights="none", keep=keep)
         return logits
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:

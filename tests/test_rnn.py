@@ -66,6 +66,15 @@ def test_padding_does_not_change_outputs(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_kept_positions_get_the_logits_of_the_full_pass(variant):
+    model = make(**VARIANTS[variant])
+    src, lengths, tgt = random_batch([7, 3, 5])
+    keep = tgt % 3 != 0  # any pattern
+    kept = model(src, lengths, tgt, keep)
+    torch.testing.assert_close(kept, model(src, lengths, tgt)[keep])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_decode_step_equals_teacher_forced_forward(variant):
     model = make(**VARIANTS[variant])
     src, lengths, tgt = random_batch([4, 6])

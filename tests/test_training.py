@@ -207,6 +207,27 @@ def test_label_smoothed_loss_matches_its_definition():
     assert math.isclose(float(sequence_loss(logits, targets)), float(nll[mask].sum()), rel_tol=1e-6)
 
 
+def test_a_training_step_scores_every_target_but_padding():
+    from aligna.build import build_model
+    from aligna.config import ModelConfig, TransformerConfig
+    from aligna.data import Batch
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="transformer", emb_dim=16, encoder_layers=1, decoder_layers=1, dropout=0.0,
+        transformer=TransformerConfig(heads=2, ff_size=32, attention_dropout=0.0, activation_dropout=0.0),
+    )  # fmt: skip
+    model = build_model(config, 11, 13)  # no dropout anywhere: both passes compute alike
+    src = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    tgt = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])  # <sos> .. <eos>, padded
+    batch = Batch(src, torch.tensor([3, 2]), tgt[:, :-1], tgt[:, 1:], torch.arange(2))
+    expected = sequence_loss(model(batch.src, batch.src_lengths, batch.tgt_in), batch.tgt_out, 0.1) / 6
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, ok = training.train_step(model, [batch], 6, optimizer, TrainConfig(label_smoothing=0.1), 0.0, 1.0)
+    assert ok
+    torch.testing.assert_close(loss, expected.detach())
+
+
 def test_checkpoint_averaging_is_the_mean_of_the_last_n(toy_config, capsys):
     from aligna.cli import main
 

@@ -56,6 +56,16 @@ def test_source_and_target_padding_change_nothing(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_kept_positions_get_the_logits_of_the_full_pass(variant):
+    model = make(**VARIANTS[variant])
+    src, lengths, tgt = random_batch([6, 2, 4], tgt_len=6)
+    keep = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    kept = model(src, lengths, tgt, keep)  # (N, V)
+    assert kept.shape == (int(keep.sum()), VOCAB)
+    torch.testing.assert_close(kept, model(src, lengths, tgt)[keep])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_incremental_decoding_equals_the_full_pass(variant):
     model = make(**VARIANTS[variant])
     src, lengths, tgt = random_batch([6, 3], tgt_len=8)

@@ -207,6 +207,30 @@ def test_label_smoothed_loss_matches_its_definition():
     assert math.isclose(float(sequence_loss(logits, targets)), float(nll[mask].sum()), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_the_cpu_loss_and_its_gradient_equal_torch_cross_entropy(eps):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).requires_grad_()
+    targets = torch.randint(1, 50, (3, 7))
+    targets[0, 5:] = targets[2, 1:] = 0  # padding
+    ours = sequence_loss(logits, targets, eps) * 0.3  # backward scales the gradient
+    (grad,) = torch.autograd.grad(ours, logits)
+    flat = logits.reshape(-1, 50)
+    theirs = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=0, label_smoothing=eps, reduction="sum") * 0.3
+    (expected,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad, expected)
+    assert torch.all(grad[0, 5:] == 0) and torch.all(grad[2, 1:] == 0)  # padding gets no gradient
+
+
+def test_the_cpu_loss_refuses_a_second_backward():
+    logits = torch.randn(4, 9, requires_grad=True)
+    loss = sequence_loss(logits, torch.tensor([1, 2, 3, 0]), 0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs backward once"):
+        loss.backward()
+
+
 def test_a_training_step_scores_every_target_but_padding():
     from aligna.build import build_model
     from aligna.config import ModelConfig, TransformerConfig

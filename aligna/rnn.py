@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .attention import Attention
-from .model import Reorderable, Seq2Seq
+from .model import Dropout, Reorderable, Seq2Seq
 from .vocab import PAD_ID
 
 
@@ -116,7 +116,7 @@ class RNNEncoder(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=PAD_ID)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = _rnn(cell, emb_dim, hidden_size, layers, dropout, bidirectional)
         self.layers, self.directions = layers, 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions
@@ -185,7 +185,7 @@ class _Decoder(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=PAD_ID)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = _rnn(cell, rnn_input, hidden_size, layers, dropout)
         # Tying needs the projection's input size to be emb_dim.
         needs_readout = tie_embeddings and features != emb_dim

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention, additive_mask
-from .model import Reorderable, Seq2Seq
+from .model import Dropout, Reorderable, Seq2Seq
 from .vocab import PAD_ID
 
 
@@ -131,7 +131,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1, self.w2 = nn.Linear(d_model, ff_size), nn.Linear(ff_size, d_model)
         self.activation = F.gelu if activation == "gelu" else F.relu
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.activation(self.w1(x))
@@ -144,7 +144,7 @@ class Sublayer(nn.Module):
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
-        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+        self.norm, self.dropout, self.pre_norm = nn.LayerNorm(d_model), Dropout(dropout), pre_norm
 
     def input(self, x: Tensor) -> Tensor:
         """x (B, T, d) -> what f reads: LayerNorm(x) (pre-norm) or x (post-norm)."""
@@ -227,7 +227,7 @@ class Transformer(Seq2Seq):
         self.max_len = max_positions if positions == "learned" else None
         self.src_positions = PositionalEncoding(d_model, positions, max_positions)
         self.tgt_positions = PositionalEncoding(d_model, positions, max_positions)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         layer_args = (
             d_model,
             heads,

@@ -231,6 +231,25 @@ def test_the_cpu_loss_refuses_a_second_backward():
         loss.backward()
 
 
+def test_dropout_keeps_each_value_with_chance_one_minus_p_and_rescales_it():
+    from aligna.model import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.3)
+    x = torch.ones(1000, 200, requires_grad=True)
+    out = layer(x)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.005  # 200,000 draws: 4.5 standard deviations
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, out.detach())  # the same mask, the same scale
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and Dropout(0.0)(x) is x
+    assert layer.eval()(x) is x
+    with pytest.raises(ValueError, match="not in"):
+        Dropout(1.5)
+
+
 def test_a_training_step_scores_every_target_but_padding():
     from aligna.build import build_model
     from aligna.config import ModelConfig, TransformerConfig

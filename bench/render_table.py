@@ -85,6 +85,22 @@ def speed_rows(record: dict) -> list[str]:
     return rows
 
 
+def speed_against_rows(record: dict) -> list[str]:
+    rows = [
+        f"`{_command(record)}` on {_machine(record['machine'])}: commit {record['baseline_commit'][:7]} against "
+        f"{record['git_commit'][:7]}, each in its own process, {len(record['rounds']) // 2} rounds alternating, "
+        "the fastest round of each:",
+        "",
+        f"| config | {record['baseline_commit'][:7]} target tok/s | {record['git_commit'][:7]} target tok/s | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for s in record["summary"]:
+        rows.append(
+            f"| {s['config']} | {s['baseline_tokens_per_s']:,.0f} | {s['tokens_per_s']:,.0f} | {s['speedup']:.2f}x |"
+        )
+    return rows
+
+
 def decode_rows(record: dict) -> list[str]:
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
@@ -324,6 +340,8 @@ def render() -> str:
     parts += ["", "Training speed (`bench/results/train_speed_*.json`):"]
     for r in speed:
         parts += ["", *speed_rows(r)]
+    for r in [r for r in records if r.get("benchmark") == "train_speed_against"]:
+        parts += ["", *speed_against_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
     scaling = [r for r in records if r["name"].startswith("corpus_scale")]

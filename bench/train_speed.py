@@ -7,6 +7,14 @@ batches of its first epoch; the record says where it ran and with how many threa
     python -m bench.train_speed configs/X.yaml --steps 50
     python -m bench.train_speed configs/multi30k_de_en_transformer.yaml --device cuda \
         --set train.precision=bf16 --compile --peak-tflops 989   # model FLOPs utilization on an H200
+    git worktree add ../aligna-5d95717 5d95717                   # the code to compare with
+    OMP_NUM_THREADS=1 python -m bench.train_speed configs/multi30k_en_de_transformer_tiny.yaml \
+        --baseline ../aligna-5d95717 \
+        --rounds 2 --steps 20 --name train_speed_tiny_against_5d95717
+
+With --baseline, each round measures the baseline tree and then this one, each in a fresh
+process running its own `bench.train_speed` (so its own aligna), and the record gives both
+and the speed-up of this tree, from the fastest round of each.
 
 With --peak-tflops (the chip's dense peak for the precision used), the record also gives
 the model FLOPs utilization: 6 x (encoder parameters x source tokens + decoder parameters x
@@ -17,7 +25,12 @@ attention scores and embedding lookups left out), over the time, over the peak.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +38,7 @@ from aligna.build import build_model, count_parameters
 from aligna.config import load_config
 from aligna.data import Pipeline, collate, encode_pairs, epoch_batches, read_parallel
 from aligna.training import make_optimizer, train_step
-from bench.common import ROOT, config_hash, write_record
+from bench.common import ROOT, command_line, config_hash, write_record
 
 DEFAULT = ["configs/multi30k_de_en_lstm.yaml", "configs/multi30k_de_en_gru.yaml", "configs/quickstart.yaml"]
 
@@ -101,10 +114,62 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s: also report MFU")
     parser.add_argument("--name", default="train_speed_cpu")
+    parser.add_argument("--baseline", type=Path, help="another aligna tree (a git worktree) to compare with")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline: rounds of (baseline, this tree)")
     args = parser.parse_args()
+    if args.baseline:
+        compare(args)
+        return
     results = [measure(c, args.steps, args.warmup, args.device, args.overrides, args.compile, args.peak_tflops)
                for c in args.configs]  # fmt: skip
     write_record(args.name, {"benchmark": "train_speed", "runs": results})
+
+
+def run_tree(tree: Path, args: argparse.Namespace) -> list[dict]:
+    """`python -m bench.train_speed` of `tree`, in a fresh process: its runs."""
+    command = [sys.executable, "-m", "bench.train_speed", *args.configs, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--device", args.device, "--name", "_train_speed_round",
+               *[f"--set={o}" for o in args.overrides], *(["--compile"] if args.compile else [])]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    subprocess.run(command, cwd=tree, env=env, check=True)
+    path = tree / "bench" / "results" / "_train_speed_round.json"
+    record = json.loads(path.read_text())
+    path.unlink()
+    return record["runs"]
+
+
+def compare(args: argparse.Namespace) -> None:
+    trees = {"baseline": args.baseline.resolve(), "this": ROOT}
+    commits = {
+        label: subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+        for label, tree in trees.items()
+    }
+    rounds = []
+    for i in range(args.rounds):
+        for label, tree in trees.items():
+            print(f"round {i + 1}: {label} ({tree}, {commits[label][:7]})", flush=True)
+            rounds.append({"round": i + 1, "tree": label, "runs": run_tree(tree, args)})
+    best = {
+        label: [max(r["runs"][c]["target_tokens_per_s"] for r in rounds if r["tree"] == label)
+                for c in range(len(args.configs))]
+        for label in trees
+    }  # fmt: skip
+    summary = [
+        {"config": c, "baseline_tokens_per_s": b, "tokens_per_s": t, "speedup": t / b}
+        for c, b, t in zip(args.configs, best["baseline"], best["this"])
+    ]
+    for s in summary:
+        print(f"{s['config']}: {s['baseline_tokens_per_s']:,.0f} -> {s['tokens_per_s']:,.0f} target tokens/s "
+              f"({s['speedup']:.2f}x)")  # fmt: skip
+    reproduce = (
+        f"git worktree add {args.baseline} {commits['baseline'][:7]} && "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} {command_line()}"
+    )
+    write_record(args.name, {
+        "benchmark": "train_speed_against", "reproduce": reproduce, "baseline_commit": commits["baseline"],
+        "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())), "rounds": rounds,
+        "summary": summary, "chosen_by": "the fastest round of each tree",
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

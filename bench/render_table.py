@@ -98,7 +98,7 @@ def speed_against_rows(record: dict) -> list[str]:
         rows.append(
             f"| {s['config']} | {s['baseline_tokens_per_s']:,.0f} | {s['tokens_per_s']:,.0f} | {s['speedup']:.2f}x |"
         )
-    return rows
+    return rows + (["", record["note"]] if record.get("note") else [])
 
 
 def decode_rows(record: dict) -> list[str]:

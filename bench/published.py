@@ -8,7 +8,7 @@ test set with beam search, and compare the score with the published anchor and o
     python -m bench.published multi30k_en_de_transformer_tiny --skip-train --tune  # choose on dev
 
 --tune chooses the weights (the best checkpoint, or the average of the last 3, 5 or 10) and
-the length penalty (alpha 0, 0.6, 1.0) by the row's metric on the dev set, and only then
+the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's metric on the dev set, and only then
 decodes the test set once, with that choice; every dev score is kept in the record.
 
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
@@ -103,7 +103,9 @@ AVERAGES = (3, 5, 10)  # --tune: the weight averages tried beside the best check
 ALPHAS = (0.0, 0.6, 1.0)  # --tune: the length penalties tried
 
 
-def choose_on_dev(model_dir: Path, config, row: Row, beam: int) -> tuple[str, int, float, list[dict]]:
+def choose_on_dev(
+    model_dir: Path, config, row: Row, beam: int, alphas: tuple[float, ...] = ALPHAS
+) -> tuple[str, int, float, list[dict]]:
     """Pick the weights and alpha by `row.metric` on the dev set: returns (checkpoint, averaged
     count (0: best), alpha, every dev score). Leaves averaged.safetensors holding the choice."""
     dev = read_parallel(config.data.dev, "dev")
@@ -115,7 +117,7 @@ def choose_on_dev(model_dir: Path, config, row: Row, beam: int) -> tuple[str, in
         if last:
             average(model_dir, last)
         translator = aligna.load(model_dir, checkpoint="averaged" if last else "best")
-        for alpha in ALPHAS if beam > 1 else (0.0,):
+        for alpha in alphas if beam > 1 else (0.0,):
             hypotheses = translator.translate(sources, beam_size=beam, alpha=alpha)
             value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
             label = f"average of the last {last}" if last else "best checkpoint"
@@ -144,6 +146,10 @@ def main() -> None:
         "--tune", action="store_true",
         help="choose the weights and alpha on the dev set (overrides --average and --alpha)",
     )
+    parser.add_argument(
+        "--alphas", type=float, nargs="+", default=list(ALPHAS),
+        help=f"--tune: the length penalties tried (default {' '.join(map(str, ALPHAS))})",
+    )
     args = parser.parse_args()
     if args.list or args.row is None:
         for name, row in ROWS.items():
@@ -162,7 +168,7 @@ def main() -> None:
     state = ModelDir(model_dir).trainer_state()
     checkpoint, grid = "best", None
     if args.tune:
-        checkpoint, args.average, args.alpha, grid = choose_on_dev(model_dir, config, row, args.beam)
+        checkpoint, args.average, args.alpha, grid = choose_on_dev(model_dir, config, row, args.beam, tuple(args.alphas))
     elif args.average:
         available = len(ModelDir(model_dir).checkpoints())
         args.average = min(args.average, available)

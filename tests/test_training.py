@@ -330,7 +330,11 @@ def test_int8_decoding_quantizes_a_copy_and_agrees_with_fp32(toy_config, model):
         quantized = searcher(src, lengths, tgt_in).log_softmax(-1)
     kl = (exact.exp() * (exact - quantized)).sum(-1)  # (B, T)
     assert float(kl.max()) < 0.01  # int8 weights keep each next-token distribution (measured: < 0.001)
-    assert float((exact.argmax(-1) == quantized.argmax(-1)).float().mean()) >= 0.95
+    # Where fp32 has a clear first choice, int8 makes it too (a near-tie may flip either way).
+    best, second = exact.topk(2, dim=-1).values.unbind(-1)
+    clear = best - second > 0.05  # nats
+    assert int(clear.sum()) >= 80  # of 160 (measured: 129 to 152 over the three models)
+    assert torch.equal(exact.argmax(-1)[clear], quantized.argmax(-1)[clear])
     pairs = reverse_pairs(60, seed=7)
     sources, references = [s for s, _ in pairs], [[t] for _, t in pairs]
     assert len(int8.translate(sources, beam_size=4)) == len(sources)

@@ -281,7 +281,8 @@ def published_rows(records: list[dict]) -> list[str]:
                 f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
                 f"{r['train_precision']}, {_machine(r['machine'])} | `{r['reproduce']}` |"
             )
-    return rows
+    notes = [f"- {r['row']}: {r['note']}" for r in records if r.get("note")]
+    return rows + (["", *notes] if notes else [])
 
 
 def quickstart_rows(records: list[dict]) -> list[str]:

@@ -174,9 +174,9 @@ class Bridge(nn.Module):
 class _Decoder(nn.Module):
     """What every RNN decoder has: target embedding, recurrence, output projection.
 
-    Subclasses implement `forward(tokens (B, T), state, enc) -> (logits (B, T, V), state,
-    attention (B, T, S) or None)`; one call serves a whole teacher-forced sequence and a
-    single search step (T = 1) alike.
+    Subclasses implement `forward(tokens (B, T), state, enc) -> (features (B, T, F), state,
+    attention (B, T, S) or None)`, and `project` turns features into logits; one call serves a
+    whole teacher-forced sequence and a single search step (T = 1) alike.
     """
 
     def __init__(
@@ -201,7 +201,8 @@ class _Decoder(nn.Module):
         return enc
 
     def project(self, features: Tensor) -> Tensor:
-        """(B, T, F) -> logits (B, T, V)."""
+        """What `forward` gives, (..., F) -> logits (..., V): the model projects only the
+        positions it needs (training skips padded targets)."""
         return self.output(self.readout(self.dropout(features)))
 
     def recur(self, inputs: Tensor, state: RNNState) -> tuple[Tensor, RNNState]:
@@ -235,10 +236,10 @@ class RNNDecoder(_Decoder):
         emb = self.dropout(self.embedding(tokens))  # (B, T, E)
         if not self.feed_context:
             out, state = self.recur(emb, state)  # (B, T, H)
-            return self.project(out), state, None
+            return out, state, None
         context = enc.context.unsqueeze(1).expand(-1, tokens.size(1), -1)  # (B, T, D)
         out, state = self.recur(torch.cat([emb, context], dim=-1), state)
-        return self.project(torch.cat([out, emb, context], dim=-1)), state, None
+        return torch.cat([out, emb, context], dim=-1), state, None
 
 
 class BahdanauDecoder(_Decoder):
@@ -276,8 +277,7 @@ class BahdanauDecoder(_Decoder):
             out, state = self.recur(torch.cat([step_emb, context], dim=-1), state)  # (B, 1, H)
             features.append(torch.cat([out, context, step_emb], dim=-1))
             weights.append(w)
-        logits = self.project(torch.cat(features, dim=1))  # (B, T, V)
-        return logits, state, torch.cat(weights, dim=1)  # (B, T, S)
+        return torch.cat(features, dim=1), state, torch.cat(weights, dim=1)  # (B, T, F), (B, T, S)
 
 
 class LuongDecoder(_Decoder):
@@ -317,7 +317,7 @@ class LuongDecoder(_Decoder):
         if not self.input_feeding:
             out, state = self.recur(emb, state)  # (B, T, H)
             attentional, weights = self.attend(out, enc)
-            return self.output(self.readout(attentional)), state, weights
+            return attentional, state, weights
         feed = (
             state.attentional
             if state.attentional is not None
@@ -330,7 +330,11 @@ class LuongDecoder(_Decoder):
             steps.append(feed)
             weights.append(w)
         state = replace(state, attentional=feed)
-        return self.output(self.readout(torch.cat(steps, dim=1))), state, torch.cat(weights, dim=1)
+        return torch.cat(steps, dim=1), state, torch.cat(weights, dim=1)
+
+    def project(self, features: Tensor) -> Tensor:
+        """h~ (..., H), dropped out already in `attend` (input feeding reads it) -> logits (..., V)."""
+        return self.output(self.readout(features))
 
 
 class RNNSeq2Seq(Seq2Seq):
@@ -350,13 +354,13 @@ class RNNSeq2Seq(Seq2Seq):
         state: RNNState,
         encoder_output: RNNEncoderOutput,  # type: ignore[override]
     ) -> tuple[Tensor, RNNState, Tensor | None]:
-        logits, state, weights = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, V)
-        return logits.squeeze(1), state, None if weights is None else weights.squeeze(1)
+        features, state, weights = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, F)
+        return self.decoder.project(features.squeeze(1)), state, None if weights is None else weights.squeeze(1)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
         enc = self.encode(src, src_lengths)
-        logits, _, _ = self.decoder(tgt_in, self.init_state(enc), enc)
-        return logits if keep is None else logits[keep]
+        features, _, _ = self.decoder(tgt_in, self.init_state(enc), enc)  # (B, T, F)
+        return self.decoder.project(features if keep is None else features[keep])
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
         enc = self.encode(src, src_lengths)

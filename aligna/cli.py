@@ -374,7 +374,7 @@ def _translate(args: argparse.Namespace) -> int:
     else:  # bytes, so the terminal's locale cannot garble UTF-8
         lines = decode_lines(sys.stdin.buffer.read(), "<stdin>")
     options = _search_options(args)
-    results = translator.translate_detailed(lines, **options)
+    results = translator.translate_detailed(lines, attention=bool(args.attention), **options)
     if translator.decode_config(**options).nbest > 1:  # Moses n-best format
         text = "".join(
             f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest

@@ -45,11 +45,11 @@ class StepProgram(nn.Module):
 
     def forward(
         self, tokens: Tensor, keys: list[Tensor], values: list[Tensor], order: Tensor | None,
-        cross_keys: list[Tensor], cross_values: list[Tensor], src_mask: Tensor, beams: int,
-    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:  # fmt: skip
+        cross_keys: list[Tensor], cross_values: list[Tensor], src_mask: Tensor, beams: int, need_attention: bool,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:  # fmt: skip
         """tokens (B,) and the state's and encoder output's tensors, as `Transformer.decode` reads
         them -> the output layer's input (B, d_model), the new keys and values of every layer,
-        and the last layer's attention, averaged over heads (B, S)."""
+        and the last layer's attention, averaged over heads (B, S) (None without need_attention)."""
         x = self.positions(self.embedding(tokens.unsqueeze(1)) * self.scale, keys[0].size(2))  # (B, 1, d)
         new_keys: list[Tensor] = []
         new_values: list[Tensor] = []
@@ -58,12 +58,12 @@ class StepProgram(nn.Module):
         for i, layer in enumerate(self.layers):
             x, cache, _, weights = layer(
                 x, (keys[i], values[i]), None, (cross_keys[i], cross_values[i]), src_mask,
-                "cross" if i == last else "none", beams, order,
+                "cross" if i == last and need_attention else "none", beams, order,
             )  # fmt: skip
             new_keys.append(cache[0])
             new_values.append(cache[1])
-        assert weights is not None
-        return self.norm(x).squeeze(1), new_keys, new_values, weights.mean(dim=1).squeeze(1)
+        summary = None if weights is None else weights.mean(dim=1).squeeze(1)
+        return self.norm(x).squeeze(1), new_keys, new_values, summary
 
 
 class CompiledTransformer(Seq2Seq):
@@ -91,13 +91,15 @@ class CompiledTransformer(Seq2Seq):
         return self.model.restrict_output(encoder_output, ids)  # type: ignore[arg-type]
 
     def decode_step(
-        self, prev_tokens: Tensor, state: TransformerState, encoder_output: TransformerEncoderOutput  # type: ignore[override]
-    ) -> tuple[Tensor, TransformerState, Tensor]:
+        self, prev_tokens: Tensor, state: TransformerState, encoder_output: TransformerEncoderOutput,  # type: ignore[override]
+        need_attention: bool = True,
+    ) -> tuple[Tensor, TransformerState, Tensor | None]:  # fmt: skip
         if _eager(prev_tokens):
-            return self.model.decode_step(prev_tokens, state, encoder_output)
+            return self.model.decode_step(prev_tokens, state, encoder_output, need_attention)
         enc = encoder_output
         hidden, keys, values, weights = self.program(
-            prev_tokens, state.keys, state.values, state.order, enc.cross_keys, enc.cross_values, enc.mask, enc.beams
+            prev_tokens, state.keys, state.values, state.order, enc.cross_keys, enc.cross_values, enc.mask, enc.beams,
+            need_attention,
         )  # fmt: skip
         output = self.model.output if enc.output is None else enc.output
         return output(hidden), TransformerState(keys, values), weights

@@ -98,7 +98,7 @@ class CT2Translator(TextTranslator):
                 "(`aligna shortlist MODEL_DIR`) before exporting it"
             )
 
-    def options(self, decode: DecodeConfig) -> dict[str, Any]:
+    def options(self, decode: DecodeConfig, attention: bool = True) -> dict[str, Any]:
         """CTranslate2's translate_batch options for aligna's decode settings."""
         if decode.coverage:
             raise ConfigError(
@@ -118,7 +118,7 @@ class CT2Translator(TextTranslator):
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,
-            max_input_length=0, return_end_token=True, return_scores=True, return_attention=True,
+            max_input_length=0, return_end_token=True, return_scores=True, return_attention=attention,
         )  # fmt: skip
         if decode.shortlist:
             options["use_vmap"] = True
@@ -127,8 +127,10 @@ class CT2Translator(TextTranslator):
                            sampling_temperature=decode.temperature)  # fmt: skip
         return options
 
-    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
-        options = self.options(decode)
+    def _translate_tokens(
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
+    ) -> list[Translation | None]:
+        options = self.options(decode, attention)
         lengths = torch.tensor([len(t) for t in src_tokens])
         limits = max_lengths(lengths, decode.max_len_a, decode.max_len_b, self.max_len).tolist()
         order = sorted((i for i in range(len(src_tokens)) if src_tokens[i]), key=lambda i: -len(src_tokens[i]))
@@ -153,7 +155,7 @@ class CT2Translator(TextTranslator):
         sources = [src_tokens[i] for i in chunk]
         batch = self.ct2.translate_batch(sources, max_decoding_length=limit, **options)
         first: list[Any] = [None] * len(chunk)
-        if options["beam_size"] > 1:
+        if options["beam_size"] > 1 and options["return_attention"]:
             # CTranslate2 4.8 gives a beam hypothesis the first attention row of another sentence
             # of the batch; every hypothesis starts from <sos>, so one greedy step has the right one.
             steps = self.ct2.translate_batch(sources, beam_size=1, max_decoding_length=1, min_decoding_length=0,
@@ -165,7 +167,8 @@ class CT2Translator(TextTranslator):
         """aligna's Translation of one CTranslate2 result (and the right first attention row of
         a beam search): hypotheses ranked by GNMT's length penalty."""
         ranked = []
-        for tokens, log_prob, attention in zip(result.hypotheses, result.scores, result.attention):
+        attentions = result.attention or [None] * len(result.hypotheses)  # empty where not asked for
+        for tokens, log_prob, attention in zip(result.hypotheses, result.scores, attentions):
             if first is not None and attention:
                 attention = [first, *attention[1:]]
             steps = len(tokens)  # <eos> included when emitted, as aligna's lp(Y) counts

@@ -8,6 +8,7 @@ A model is used in three ways, all through the methods of `Seq2Seq`:
       enc = model.encode(src, src_lengths)
       state = model.init_state(enc)
       logits, state, attention = model.decode_step(prev_tokens, state, enc)
+      logits, state, _ = model.decode_step(prev_tokens, state, enc, need_attention=False)
 
 * beam search gives each sentence k rows with ``enc.repeat(k)`` and reorders ``enc`` and
   ``state`` along the batch with ``.reorder(index)`` (drop finished sentences, follow
@@ -113,9 +114,11 @@ class Seq2Seq(nn.Module):
         raise NotImplementedError
 
     def decode_step(
-        self, prev_tokens: Tensor, state: Reorderable, encoder_output: Reorderable
+        self, prev_tokens: Tensor, state: Reorderable, encoder_output: Reorderable, need_attention: bool = True
     ) -> tuple[Tensor, Reorderable, Tensor | None]:
-        """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None."""
+        """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None.
+        need_attention False: the caller will not read the attention, which a model may then
+        skip computing (a Transformer does) and return None for; the logits and state are the same."""
         raise NotImplementedError
 
     def restrict_output(self, encoder_output: Reorderable, ids: Tensor) -> Reorderable:

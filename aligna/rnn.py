@@ -353,6 +353,7 @@ class RNNSeq2Seq(Seq2Seq):
         prev_tokens: Tensor,
         state: RNNState,
         encoder_output: RNNEncoderOutput,  # type: ignore[override]
+        need_attention: bool = True,  # an attention decoder needs its weights anyway: returned
     ) -> tuple[Tensor, RNNState, Tensor | None]:
         features, state, weights = self.decoder(prev_tokens.unsqueeze(1), state, encoder_output)  # (B, 1, F)
         return self.decoder.project(features.squeeze(1)), state, None if weights is None else weights.squeeze(1)

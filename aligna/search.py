@@ -77,11 +77,14 @@ def search(
     cfg: DecodeConfig,
     generator: torch.Generator | None = None,
     vocabulary: Tensor | None = None,
+    attention: bool = True,
 ) -> SearchResult:
     """The search `cfg` asks for: sampling, beam search (beam_size > 1) or greedy.
     vocabulary: the target ids (V',) ascending, the special tokens first (so that each one's
     column is its id), that greedy and beam search may emit (a shortlist, `aligna.shortlist`): the
-    model's output layer is computed over them only. None: the whole vocabulary."""
+    model's output layer is computed over them only. None: the whole vocabulary.
+    attention False: the hypotheses carry no attention, which the model then need not compute
+    (the same tokens and scores, faster)."""
     limits = (cfg.max_len_a, cfg.max_len_b)
     if vocabulary is not None and vocabulary[: EOS_ID + 1].tolist() != list(range(EOS_ID + 1)):
         raise ValueError("a vocabulary shortlist must start with the special tokens, so that <eos> keeps its column")
@@ -89,11 +92,11 @@ def search(
         if vocabulary is not None:
             raise ValueError("a vocabulary shortlist applies to greedy and beam search, not to sampling")
         return sample_search(model, src, src_lengths, *limits, cfg.temperature, cfg.top_k, cfg.top_p,
-                             generator, cfg.min_len)  # fmt: skip
+                             generator, cfg.min_len, attention)  # fmt: skip
     if cfg.beam_size > 1 or cfg.no_repeat_ngram:  # greedy with n-gram blocking: a beam of one
         return beam_search(model, src, src_lengths, cfg.beam_size, *limits, cfg.alpha, cfg.nbest, cfg.min_len,
-                           cfg.no_repeat_ngram, cfg.coverage, vocabulary)  # fmt: skip
-    return greedy_search(model, src, src_lengths, *limits, cfg.min_len, vocabulary)
+                           cfg.no_repeat_ngram, cfg.coverage, vocabulary, attention)  # fmt: skip
+    return greedy_search(model, src, src_lengths, *limits, cfg.min_len, vocabulary, attention)
 
 
 # --------------------------------------------------------------------------- one path
@@ -105,17 +108,18 @@ Pick = Callable[[Tensor], Tensor]  # log-probabilities (b, V) -> chosen tokens (
 @torch.no_grad()
 def greedy_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
-    min_len: int = 0, vocabulary: Tensor | None = None,
+    min_len: int = 0, vocabulary: Tensor | None = None, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """From `<sos>`, feed back the most probable token until `<eos>` or the length limit."""
-    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1), vocabulary)
+    pick: Pick = lambda lp: lp.argmax(-1)  # noqa: E731
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick, vocabulary, attention)
 
 
 @torch.no_grad()
 def sample_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-    min_len: int = 0,
+    min_len: int = 0, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """Feed back a token sampled from softmax(logits / temperature), restricted to the k
     most probable tokens (top_k > 0) and to the smallest set holding top_p of the mass
@@ -133,7 +137,7 @@ def sample_search(
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
-    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick)
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick, None, attention)
 
 
 def _one_path(
@@ -145,6 +149,7 @@ def _one_path(
     min_len: int,
     pick: Pick,
     vocabulary: Tensor | None = None,
+    need_attention: bool = True,
 ) -> SearchResult:
     batch, src_len = src.shape
     device = src.device
@@ -165,7 +170,8 @@ def _one_path(
     row_attention: Tensor | None = None  # (b, steps, S)
     prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=device)
     for t in range(steps):
-        logits, state, attn = model.decode_step(prev, state, enc)  # (b, V), (b, S) or None
+        logits, state, attn = model.decode_step(prev, state, enc, need_attention)  # (b, V), (b, S) or None
+        attn = attn if need_attention else None
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         if t < min_len:
             log_probs[:, EOS_ID] = float("-inf")
@@ -210,7 +216,7 @@ def _one_path(
 def beam_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int, max_len_a: float = 1.5,
     max_len_b: int = 10, alpha: float = 0.0, nbest: int = 1, min_len: int = 0, no_repeat_ngram: int = 0,
-    coverage: float = 0.0, vocabulary: Tensor | None = None,
+    coverage: float = 0.0, vocabulary: Tensor | None = None, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """Beam search over the whole batch at once: B sentences x k hypotheses are one tensor
     batch of B * k rows.
@@ -232,6 +238,7 @@ def beam_search(
     and row; its tokens and attention are read back along the back-pointers at the end,
     for all hypotheses at once (`_backtrack`). Only n-gram blocking, which looks at every
     n-gram so far, keeps each row's token history (and reorders it every step).
+    attention False: no attention is kept (the coverage penalty, which reads it, keeps it).
     """
     k = beam_size
     batch = src.size(0)
@@ -258,8 +265,10 @@ def beam_search(
     rank = torch.arange(2 * k, device=device).unsqueeze(0)  # (1, 2k) a candidate's rank in its sentence
     in_top_k, eos_last = rank < k, 2 * k + rank
     first_row = torch.arange(0, batch * k, k, device=device).unsqueeze(1)  # (B, 1) a sentence's first row
+    attention = attention or coverage != 0.0
     for t in range(int(limit.max())):
-        logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
+        logits, state, attn = model.decode_step(prev, state, enc, attention)  # (b * k, V), (b * k, S) or None
+        attn = attn if attention else None
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         vocab = log_probs.size(-1)
         if t < min_len:

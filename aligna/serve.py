@@ -279,7 +279,7 @@ class ServedModel:
     def run_batch(self, texts: list[str], key: Hashable, max_batch: int) -> list[dict[str, Any]]:
         """In the worker thread: translate `texts` in one call, then build each result."""
         attention, options, _ = key  # type: ignore[misc]
-        translations = self.translator.translate_detailed(texts, max_batch, **dict(options))
+        translations = self.translator.translate_detailed(texts, max_batch, attention != "none", **dict(options))
         results = []
         for t in translations:
             record = None

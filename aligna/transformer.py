@@ -339,9 +339,12 @@ class Transformer(Seq2Seq):
         prev_tokens: Tensor,
         state: TransformerState,
         encoder_output: TransformerEncoderOutput,  # type: ignore[override]
-    ) -> tuple[Tensor, TransformerState, Tensor]:
-        logits, state, weights, _ = self.decode(prev_tokens.unsqueeze(1), state, encoder_output)
-        return logits.squeeze(1), state, weights.squeeze(1)  # type: ignore[union-attr]
+        need_attention: bool = True,
+    ) -> tuple[Tensor, TransformerState, Tensor | None]:
+        logits, state, weights, _ = self.decode(
+            prev_tokens.unsqueeze(1), state, encoder_output, "last" if need_attention else "none"
+        )  # fmt: skip
+        return logits.squeeze(1), state, None if weights is None else weights.squeeze(1)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
         enc = self.encode(src, src_lengths)

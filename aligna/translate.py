@@ -72,8 +72,11 @@ class TextTranslator:
     def parameters(self) -> int:
         raise NotImplementedError
 
-    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
-        """Translations of tokenized inputs (None for an input with no tokens)."""
+    def _translate_tokens(
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
+    ) -> list[Translation | None]:
+        """Translations of tokenized inputs (None for an input with no tokens), with their
+        attention where asked for and the model has it."""
         raise NotImplementedError
 
     def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
@@ -82,13 +85,15 @@ class TextTranslator:
 
     def translate(self, texts: Sequence[str], batch_size: int | None = None, **search: object) -> list[str]:
         """Translations of `texts`; `search` overrides decode settings (beam_size=5, ...)."""
-        return [t.text for t in self.translate_detailed(texts, batch_size, **search)]
+        return [t.text for t in self.translate_detailed(texts, batch_size, attention=False, **search)]
 
     def translate_detailed(
-        self, texts: Sequence[str], batch_size: int | None = None, **search_options: object
+        self, texts: Sequence[str], batch_size: int | None = None, attention: bool = True, **search_options: object
     ) -> list[Translation]:
         """Translations in input order with tokens, scores and attention; inputs are
-        batched by length. `search_options` override the config's decode section."""
+        batched by length. `search_options` override the config's decode section.
+        attention False: no `Translation.attention` (None), which the search then need not
+        compute: the same translations, faster."""
         if batch_size is not None:
             search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
@@ -102,7 +107,7 @@ class TextTranslator:
                 len(cut), limit, limit, ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""),
             )  # fmt: skip
             src_tokens = [toks[:limit] for toks in src_tokens]
-        results = self._translate_tokens(src_tokens, decode)
+        results = self._translate_tokens(src_tokens, decode, attention)
         empty = Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest)  # an input with no tokens
         return [r if r is not None else empty for r in results]
 
@@ -256,7 +261,9 @@ class Translator(TextTranslator):
         return self.search_model() if search else self.model
 
     @torch.inference_mode()
-    def _translate_tokens(self, src_tokens: list[list[str]], decode: DecodeConfig) -> list[Translation | None]:
+    def _translate_tokens(
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
+    ) -> list[Translation | None]:
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
         results: list[Translation | None] = [None] * len(src_tokens)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
@@ -269,7 +276,7 @@ class Translator(TextTranslator):
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
             vocabulary = None if shortlist is None else shortlist.candidates(src)
             with autocast(self.device, self.precision):
-                found = search(model, src, lengths, decode, generator, vocabulary)
+                found = search(model, src, lengths, decode, generator, vocabulary, attention)
             for hyps, i in zip(found.nbest, chunk):
                 best = hyps[0]
                 results[i] = Translation(

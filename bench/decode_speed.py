@@ -51,21 +51,25 @@ class Uncached(Seq2Seq):
     def init_state(self, encoder_output: TransformerEncoderOutput) -> Prefix:  # type: ignore[override]
         return Prefix(encoder_output.mask.new_zeros(encoder_output.mask.size(0), 0, dtype=torch.long))
 
-    def decode_step(self, prev_tokens: Tensor, state: Prefix, encoder_output: TransformerEncoderOutput):  # type: ignore[override]
+    def decode_step(self, prev_tokens: Tensor, state: Prefix, encoder_output: TransformerEncoderOutput,  # type: ignore[override]
+                    need_attention: bool = True):  # fmt: skip
         tokens = torch.cat([state.tokens, prev_tokens.unsqueeze(1)], dim=1)  # (B, t + 1)
         empty = self.model.init_state(encoder_output)
-        logits, _, weights, _ = self.model.decode(tokens, empty, encoder_output)  # (B, t + 1, V)
-        return logits[:, -1], Prefix(tokens), weights[:, -1]  # type: ignore[index]
+        logits, _, weights, _ = self.model.decode(tokens, empty, encoder_output, "last" if need_attention else "none")
+        return logits[:, -1], Prefix(tokens), None if weights is None else weights[:, -1]
 
 
 def measure(
     translator: aligna.Translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
-    alpha: float, shortlist: bool = False,
+    alpha: float, shortlist: bool = False, attention: bool = False,
 ) -> tuple[dict, list[str]]:  # fmt: skip
+    """Translate `sources` once untimed (the first 2 batches) and once timed. attention: the
+    translations carry attention maps (`aligna translate --attention`, the server's page), else
+    not (`aligna translate`, `evaluate`), and the search need not compute it."""
     search = {"beam_size": beam, "alpha": alpha if beam > 1 else 0.0, **({"shortlist": True} if shortlist else {})}
     translator.translate(sources[: 2 * batch_size], batch_size=batch_size, **search)  # warm-up
     started = time.perf_counter()
-    found = translator.translate_detailed(sources, batch_size=batch_size, **search)
+    found = translator.translate_detailed(sources, batch_size=batch_size, attention=attention, **search)
     seconds = time.perf_counter() - started
     hypotheses = [t.text for t in found]
     tokens = sum(len(t.tokens) for t in found)
@@ -75,6 +79,7 @@ def measure(
         "alpha": search["alpha"],
         "batch_size": batch_size,
         "shortlist": shortlist,
+        "attention": attention,
         "seconds": seconds,
         "sentences_per_s": len(sources) / seconds,
         "target_tokens": tokens,

@@ -10,11 +10,12 @@ times, the engines in turn, the fastest kept), by:
   `aligna-eager` int8: without the compiled decoding step (`aligna.compiled`), and
   `aligna-fbgemm` int8: every layer on fbgemm's kernel, none on oneDNN's (`runtime.WIDE_OUTPUT`);
 - CTranslate2 through aligna (`aligna.load(..., engine="ctranslate2")`: the model exported
-  on the fly) at float32 and int8: what an aligna user gets, text in, text out, with
-  attention maps and aligna's exact per-sentence length limits;
+  on the fly) at float32 and int8: what an aligna user gets, text in, text out, with aligna's
+  exact per-sentence length limits;
 - CTranslate2 alone (`translate_batch` on the pre-tokenized test set, no attention, one
   length limit for the batch, as a CTranslate2 user would call it), float32 and int8.
-Each row: sentences/s, target tokens/s (`<eos>` not counted), tokenized BLEU, and how many
+aligna and CTranslate2 through aligna return attention maps with `--attention` only (without
+it, as `aligna translate`, no engine computes them). Each row: sentences/s, target tokens/s (`<eos>` not counted), tokenized BLEU, and how many
 outputs equal aligna fp32's. Writes bench/results/engine_speed_<model>_cpu.json (or --name).
 """
 
@@ -70,10 +71,10 @@ class Alone:
 
 
 def measure(translator, sources: list[str], references: list[list[str]], beam: int, batch_size: int,
-            alpha: float, shortlist: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
-    """As `decode_speed.measure`, for CTranslate2 alone too."""
+            alpha: float, shortlist: bool = False, attention: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
+    """As `decode_speed.measure`, for CTranslate2 alone too (which never returns attention)."""
     if not isinstance(translator, Alone):
-        return decode_speed.measure(translator, sources, references, beam, batch_size, alpha, shortlist)
+        return decode_speed.measure(translator, sources, references, beam, batch_size, alpha, shortlist, attention)
     alpha = alpha if beam > 1 else 0.0
     tokens = [translator.pipeline.src_tokens(s) for s in sources]
     translator.translate_tokens(tokens[: 2 * batch_size], beam, batch_size, alpha, shortlist)  # warm-up
@@ -85,7 +86,8 @@ def measure(translator, sources: list[str], references: list[list[str]], beam: i
     n_tokens = sum(len(t) for t in outputs)
     metric = "tok_bleu" if "tok_bleu" in translator.config.eval.metrics else "bleu"
     return {
-        "beam": beam, "alpha": alpha, "batch_size": batch_size, "shortlist": shortlist, "seconds": seconds,
+        "beam": beam, "alpha": alpha, "batch_size": batch_size, "shortlist": shortlist, "attention": False,
+        "seconds": seconds,
         "sentences_per_s": len(sources) / seconds, "target_tokens": n_tokens, "target_tokens_per_s": n_tokens / seconds,
         metric: score(hypotheses, references, [metric]).values[metric],
     }, hypotheses  # fmt: skip
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each search N times, the engines in turn, and keep each engine's fastest "
                         "round (a shared machine's noise only ever slows a round down; default: 1)")  # fmt: skip
+    parser.add_argument("--attention", action="store_true",
+                        help="aligna and ctranslate2 return attention maps (as `aligna translate --attention` and "
+                             "the server's page ask); default: no engine computes them, as `aligna translate`")
     parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
     engines = [tuple(e.split(":", 1)) for e in args.engines]
@@ -173,7 +178,8 @@ def main() -> None:
             best, timed = {}, {key: [] for key in translators}  # each engine's fastest round, and every round's time
             for _ in range(args.rounds):  # the engines in turn, so that a slow spell of the machine hits them all
                 for key, translator in translators.items():
-                    run, hypotheses = measure(translator, sources, references, beam, batch_size, args.alpha, shortlist)
+                    run, hypotheses = measure(translator, sources, references, beam, batch_size, args.alpha, shortlist,
+                                              args.attention)  # fmt: skip
                     timed[key].append(round(run["seconds"], 3))
                     if key not in best or run["seconds"] < best[key][0]["seconds"]:
                         best[key] = run, hypotheses
@@ -193,7 +199,7 @@ def main() -> None:
         "benchmark": "engine_speed", "model_dir": args.model_dir, "checkpoint": args.checkpoint, "weights": weights,
         "weights_scores": best_scores,
         "config_sha256": config_hash(config), "test_set": test.origin, "ctranslate2_version": ct2.__version__ if ct2 else None,
-        "runs": runs, "quality": quality,
+        "attention": args.attention, "runs": runs, "quality": quality,
     })  # fmt: skip
 
 

@@ -370,11 +370,13 @@ def render() -> str:
             parts += ["", f"aligna's engines on an RNN, which CTranslate2 cannot run (`bench/results/{r['name']}.json`; "
                       "compare engines within a row):", "", *engine_rows(r)]  # fmt: skip
             continue
+        attention = ("aligna and `ctranslate2` return attention maps" if r.get("attention", True)
+                     else "no engine computes attention maps (as `aligna translate` without `--attention`)")
         parts += ["", f"aligna against CTranslate2 on the same model (`bench/results/{r['name']}.json`; "
                   "`ctranslate2` is the exported model behind aligna's text ends, `ctranslate2-alone` its own "
                   "`translate_batch` on pre-tokenized input, without attention and with its default length "
-                  "limit of 256; on this 2-core machine a second thread slowed small batches for every engine, "
-                  "so compare engines within a row):", "", *engine_rows(r)]  # fmt: skip
+                  f"limit of 256; {attention}; on this 2-core machine a second thread slowed small batches for "
+                  "every engine, so compare engines within a row):", "", *engine_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "peer_joeynmt_translate_speed"]:
         parts += ["", f"Translation speed against JoeyNMT 2.3.0, same test set, same length limit, no length "
                   f"penalty (`bench/results/{r['name']}.json`):", "", *peer_translate_rows(r)]  # fmt: skip

@@ -122,3 +122,39 @@ def test_an_int8_translator_searches_with_the_compiled_step():
         searcher = translator.search_model()
     assert isinstance(searcher, CompiledTransformer) and searcher is translator.search_model()
     assert type(Translator(make(), Pipeline(), None, torch.device("cpu"), "fp32").search_model()).__name__ == "Transformer"
+
+
+def test_a_search_without_attention_finds_the_same_and_carries_none():
+    """Without attention the Transformer (eager, int8 and compiled) skips the weights of its last
+    encoder-decoder attention; every search finds the same tokens and scores (to float rounding),
+    and no attention."""
+    import test_rnn
+
+    transformer = make()
+    models = {"transformer": transformer, "int8 compiled": compile_decoding(quantize_int8(transformer)),
+              "bahdanau": test_rnn.make(**test_rnn.VARIANTS["bahdanau-bigru"])}  # fmt: skip
+    src, lengths, _ = random_batch([6, 3, 5, 2], tgt_len=2)
+    configs = [DecodeConfig(beam_size=1), DecodeConfig(beam_size=4, nbest=2, alpha=0.6),
+               DecodeConfig(sample=True, top_k=5), DecodeConfig(beam_size=3, coverage=0.2)]  # fmt: skip
+    with torch.inference_mode():
+        for name, model in models.items():
+            for cfg in configs:
+                found = []
+                for attention in (True, False):
+                    generator = torch.Generator().manual_seed(3)
+                    found.append(search(model, src, lengths, cfg, generator, attention=attention))
+                    enc = model.encode(src, lengths)
+                    _, _, weights = model.decode_step(torch.full((4,), 3), model.init_state(enc), enc, attention)
+                    assert (weights is not None) == (attention or name == "bahdanau")  # an RNN's costs nothing extra
+                with_maps, without = found
+                assert [[h.tokens for h in hyps] for hyps in with_maps.nbest] == [
+                    [h.tokens for h in hyps] for hyps in without.nbest
+                ], (name, cfg)
+                # the attention without its weights is another kernel: the same sums in another order
+                scores = [(h.log_prob, h.score) for hyps in with_maps.nbest for h in hyps]
+                assert torch.tensor(scores) == pytest.approx(
+                    torch.tensor([(h.log_prob, h.score) for hyps in without.nbest for h in hyps]), abs=1e-4
+                )
+                assert with_maps.attention is not None
+                # the coverage penalty reads the attention, so that search keeps it
+                assert (without.attention is None) == (cfg.coverage == 0), (name, cfg)

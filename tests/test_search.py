@@ -64,7 +64,7 @@ class ScriptedModel(Seq2Seq):
     def init_state(self, enc):
         return CountState(torch.zeros_like(enc.step))
 
-    def decode_step(self, prev_tokens, state, enc):
+    def decode_step(self, prev_tokens, state, enc, need_attention=True):
         probs = torch.full((len(state.step), self.vocab), 0.1 / (self.vocab - 1))
         probs[torch.arange(len(state.step)), self.script[enc.step, state.step]] = 0.9
         return probs.log(), CountState(state.step + 1), None
@@ -125,7 +125,7 @@ class MarkovModel(Seq2Seq):
     def init_state(self, enc):
         return LastToken(torch.full_like(enc.token, SOS_ID))
 
-    def decode_step(self, prev_tokens, state, enc):
+    def decode_step(self, prev_tokens, state, enc, need_attention=True):
         return self.log_probs[prev_tokens], LastToken(prev_tokens), None
 
 
@@ -407,7 +407,7 @@ class Attending(MarkovModel):
     def init_state(self, enc):
         return LastToken(torch.full((enc.mask.size(0),), SOS_ID))
 
-    def decode_step(self, prev_tokens, state, enc):
+    def decode_step(self, prev_tokens, state, enc, need_attention=True):
         return self.log_probs[prev_tokens], LastToken(prev_tokens), enc.mask / enc.mask.sum(1, keepdim=True)
 
 

@@ -252,19 +252,17 @@ def beam_search(
         column[vocabulary] = torch.arange(vocabulary.numel(), device=device)
     enc = enc.repeat(k)  # (B * k, ...)
     state = model.init_state(enc)
-    sentence = torch.arange(batch, device=device)  # input sentence of each live sentence
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start as the same empty prefix: expand only one
     trail = _Trail([], [], [])  # what each step adds: attention, back-pointers, tokens
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (rows, t), n-gram blocking only
     finished: list[list[_Finished]] = [[] for _ in range(batch)]
-    ended = torch.zeros(batch, dtype=torch.long, device=device)  # finished hypotheses of each live sentence
-    top_ended = torch.zeros(batch, dtype=torch.bool, device=device)  # has a step's best candidate ended?
-    row_limit = limit  # (b,) of each live sentence
+    # Each live sentence's input sentence, length limit, finished hypotheses so far, and whether
+    # a step's best candidate has ended: small, and read candidate by candidate, so Python's.
+    sentence, row_limit = list(range(batch)), limit.tolist()
+    ended, top_ended = [0] * batch, [False] * batch
+    ids = None if vocabulary is None else vocabulary.tolist()  # a shortlist's column -> target id
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
-    rank = torch.arange(2 * k, device=device).unsqueeze(0)  # (1, 2k) a candidate's rank in its sentence
-    in_top_k, eos_last = rank < k, 2 * k + rank
-    first_row = torch.arange(0, batch * k, k, device=device).unsqueeze(1)  # (B, 1) a sentence's first row
     attention = attention or coverage != 0.0
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc, attention)  # (b * k, V), (b * k, S) or None
@@ -280,46 +278,47 @@ def beam_search(
             stuck = torch.isneginf(log_probs).all(-1)  # n-gram blocking left no token before min_len: stop here
             if bool(stuck.any()):
                 log_probs[stuck, EOS_ID] = eos[stuck]
-        live = sentence.size(0)
+        live = len(sentence)
         candidates = log_probs.add_(scores.view(-1, 1)).view(live, k * vocab)  # in place: not read again
         top_scores, top = top_k(candidates, 2 * k)  # (b, 2k), best first
-        parent = top // vocab + first_row[:live]  # row of each candidate
-        token = top % vocab if vocabulary is None else vocabulary[top % vocab]  # (b, 2k) target ids
         if attn is not None:
             trail.attention.append(attn.float())  # (b * k, S)
-        at_limit = row_limit <= t + 1  # (b,)
-        is_eos, possible = token == EOS_ID, top_scores > float("-inf")
-        # Finish the k best candidates that end in <eos>, and everything at the length limit.
-        finish = (is_eos | at_limit.unsqueeze(1)) & in_top_k & possible
-        ended += finish.sum(1)
-        top_ended |= is_eos[:, 0] & possible[:, 0]
-        done = at_limit | ((ended >= k) & top_ended)
-        finishing, stopping = torch.stack([finish.sum(), done.sum()]).tolist()  # the step's one sync
-        if finishing:
-            i, j = finish.nonzero(as_tuple=True)
-            ends = torch.stack([sentence[i], parent[i, j], token[i, j]]).tolist()
-            for s, row, last, log_prob in zip(*ends, top_scores[i, j].tolist()):
-                finished[s].append(_Finished(t, row, last, log_prob))
-        if stopping == live:
+        # The step's one sync: the 2k best candidates of each live sentence, as Python numbers
+        # (a few dozen operations on them cost less than as many tensor operations).
+        survivors: list[tuple[int, int, float]] = []  # (row it continues, token, score) of each new row
+        going = []  # the live sentences that go on
+        for i, (values, places) in enumerate(zip(top_scores.tolist(), top.tolist())):
+            at_limit = row_limit[i] <= t + 1
+            continuing: list[tuple[int, int, float]] = []
+            for rank, (score, place) in enumerate(zip(values, places)):
+                parent, token = divmod(place, vocab)
+                row, token = i * k + parent, token if ids is None else ids[token]
+                possible = score != float("-inf")  # -inf: no candidate (a small vocabulary, blocked n-grams)
+                # Finish the k best candidates that end in <eos>, and everything at the length limit.
+                if rank < k and (token == EOS_ID or at_limit) and possible:
+                    finished[sentence[i]].append(_Finished(t, row, token, score))
+                    ended[i] += 1
+                if rank == 0 and token == EOS_ID and possible:
+                    top_ended[i] = True
+                # Continue with the k best candidates that do not end in <eos> (at most k of the 2k
+                # end in <eos>, one per row, so k others are there).
+                if token != EOS_ID and len(continuing) < k:
+                    continuing.append((row, token, score))
+                if len(continuing) == k and rank >= k - 1:  # the rest can neither finish nor continue
+                    break
+            if not (at_limit or (ended[i] >= k and top_ended[i])):  # else the sentence is done: it leaves
+                going.append(i)
+                survivors += continuing
+        if not going:
             break
-        # Continue with the k best candidates that do not end in <eos>.
-        order = torch.where(is_eos, eos_last, rank)  # <eos> candidates last
-        pick = order.argsort(dim=1)[:, :k]  # (b, k)
-        scores = top_scores.gather(1, pick)
-        rows = parent.gather(1, pick).view(-1)  # (b * k,)
-        prev = token.gather(1, pick).view(-1)
-        if stopping:
-            keep = (~done).nonzero().squeeze(1)  # live sentences that go on
-            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            rows, prev, scores, sentence, row_limit = (
-                rows.view(live, k)[keep].view(-1),
-                prev.view(live, k)[keep].view(-1),
-                scores[keep],
-                sentence[keep],
-                row_limit[keep],
-            )
-            ended, top_ended = ended[keep], top_ended[keep]
-            enc = enc.reorder(keep_rows)
+        if len(going) < live:  # some sentences are done: the others' rows, and their encoder output
+            sentence, row_limit = [sentence[i] for i in going], [row_limit[i] for i in going]
+            ended, top_ended = [ended[i] for i in going], [top_ended[i] for i in going]
+            enc = enc.reorder(torch.tensor([i * k + j for i in going for j in range(k)], device=device))
+        parents, tokens, kept = zip(*survivors)
+        rows = torch.tensor(parents, device=device)  # (b' * k,) the row each new row continues
+        prev = torch.tensor(tokens, device=device)
+        scores = torch.tensor(kept, device=device).view(-1, k)
         trail.parent.append(rows)
         trail.token.append(prev)
         if no_repeat_ngram:

@@ -23,7 +23,10 @@ search the same way:
   sampler once, so the seed is the config's, set when the model loads, and sampled calls
   from a fresh load repeat as a sequence;
 - the coverage penalty (CTranslate2's is not GNMT's) and n-gram blocking (CTranslate2's
-  gives other outputs than aligna's) are errors, not silently dropped.
+  gives other outputs than aligna's) are errors, not silently dropped;
+- attention maps are asked of CTranslate2 (`return_attention`) only where the caller reads
+  them (`translate_detailed(attention=True)`: `aligna translate --attention`, the server's
+  attention modes), as aligna's own search computes them only then.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -72,7 +73,19 @@ def command_line() -> str:
     return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
 
 
+def record_name(name: str) -> str:
+    """An argparse type for --name, checked before the benchmark runs, not after: a record's name,
+    which `write_record` turns into bench/results/NAME.json."""
+    if not name or Path(name).name != name or name in (".", "..") or name.endswith(".json"):
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: a record's name, not a path or file name (records are written to bench/results/NAME.json)"
+        )
+    return name
+
+
 def write_record(name: str, record: dict[str, Any]) -> Path:
+    """bench/results/NAME.json: `record` with the name, date, commit, machine and command line."""
+    record_name(name)
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name,

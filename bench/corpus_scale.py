@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import ROOT, write_record
+from bench.common import ROOT, record_name, write_record
 
 WORK = ROOT / "runs" / "corpus_scale"
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20, help="copies of Multi30k (20: 580k pairs)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the aligna source tree to run (default: this one)")
     parser.add_argument("--baseline", action="store_true", help="no `aligna prepare` step (a tree without it)")
-    parser.add_argument("--name", help="record name (default corpus_scale_xN)")
+    parser.add_argument("--name", type=record_name, help="record name (default corpus_scale_xN)")
     args = parser.parse_args()
 
     src, tgt, pairs = build_corpus(args.repeat)

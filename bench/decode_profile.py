@@ -41,11 +41,12 @@ from torch import nn
 
 import aligna
 from aligna.compiled import CompiledTransformer
-from aligna.config import DecodeConfig
+from aligna.config import ConfigError, DecodeConfig
 from aligna.data import pad_batch, read_parallel, reference_sets
 from aligna.model import Seq2Seq
+from aligna.modeldir import ModelDirError
 from aligna.search import search
-from bench.common import write_record
+from bench.common import record_name, write_record
 
 CASES = {"greedy b1": (1, 1), "beam5 b1": (5, 1), "beam5 b64": (5, 64)}  # name: (beam, batch)
 
@@ -117,26 +118,26 @@ def timed_modules(model: Seq2Seq, totals: dict[str, float], counts: dict[str, in
         del model.encode, model.decode_step
 
 
-def run_search(model: Seq2Seq, data: list, beam: int) -> float:
+def run_search(model: Seq2Seq, data: list, beam: int, attention: bool) -> float:
     cfg = DecodeConfig(beam_size=beam, batch_size=data[0][0].size(0))
     started = time.perf_counter()
     with torch.inference_mode():
         for src, lengths in data:
-            search(model, src, lengths, cfg)
+            search(model, src, lengths, cfg, attention=attention)
     return time.perf_counter() - started
 
 
-def pieces(model: Seq2Seq, data: list, beam: int) -> tuple[float, dict[str, float], dict[str, int]]:
+def pieces(model: Seq2Seq, data: list, beam: int, attention: bool) -> tuple[float, dict[str, float], dict[str, int]]:
     """Wall time of the searches, and of each piece (seconds)."""
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     with timed_modules(model, totals, counts):
-        wall = run_search(model, data, beam)
+        wall = run_search(model, data, beam, attention)
     totals["search loop: log_softmax, top-k, beam bookkeeping, cache reorder"] = wall - sum(totals.values())
     return wall, dict(totals), dict(counts)
 
 
-def operators(model: Seq2Seq, data: list, beam: int, top: int) -> dict[str, Any]:
+def operators(model: Seq2Seq, data: list, beam: int, top: int, attention: bool) -> dict[str, Any]:
     """torch.profiler over the searches: operators dispatched per decode step, time inside
     them, and the top operators by own time."""
     steps = [0]
@@ -150,7 +151,7 @@ def operators(model: Seq2Seq, data: list, beam: int, top: int) -> dict[str, Any]
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
-            run_search(model, data, beam)
+            run_search(model, data, beam, attention)
             wall = time.perf_counter() - started
     finally:
         del model.decode_step
@@ -205,12 +206,17 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed (default 12)")
     parser.add_argument("--eager", action="store_true",
                         help="int8: profile the eager step, module by module, not the compiled one")  # fmt: skip
-    parser.add_argument("--name", default="decode_profile")
+    parser.add_argument("--attention", action="store_true",
+                        help="the searches keep attention maps (as `aligna translate --attention`); default: not")
+    parser.add_argument("--name", type=record_name, default="decode_profile")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = []
     for precision in args.precisions:
-        translator = aligna.load(args.model_dir, checkpoint=args.checkpoint, device="cpu", precision=precision)
+        try:
+            translator = aligna.load(args.model_dir, checkpoint=args.checkpoint, device="cpu", precision=precision)
+        except (ModelDirError, ConfigError) as e:
+            parser.error(str(e))
         model = translator.search_model()
         if args.eager and isinstance(model, CompiledTransformer):
             model = model.model  # the int8 model itself, its step run module by module
@@ -219,9 +225,9 @@ def main() -> None:
         for case in args.cases:
             beam, batch = CASES[case]
             data = batches(translator, sources, batch)
-            run_search(model, data[:2], beam)  # warm-up
-            wall, totals, counts = pieces(model, data, beam)
-            ops = operators(model, data, beam, args.top)
+            run_search(model, data[:2], beam, args.attention)  # warm-up
+            wall, totals, counts = pieces(model, data, beam, args.attention)
+            ops = operators(model, data, beam, args.top, args.attention)
             steps = ops["decode_steps"]
             print(f"\n== {precision} {case}: {len(sources)} sentences, {wall:.2f} s hooked "
                   f"({ops['wall_s']:.2f} s profiled), {steps} decode steps, "
@@ -242,7 +248,8 @@ def main() -> None:
             runs.append({"precision": precision, "case": case, "beam": beam, "batch_size": batch,
                          "sentences": len(sources), "wall_s": wall, "pieces_s": totals, "piece_calls": counts,
                          "profiler": ops, "linear_layers_alone_us_per_step": floor and floor[1]})  # fmt: skip
-    write_record(args.name, {"benchmark": "decode_profile", "model_dir": args.model_dir, "threads": 1, "runs": runs})
+    write_record(args.name, {"benchmark": "decode_profile", "model_dir": args.model_dir, "threads": 1,
+                             "attention": args.attention, "runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

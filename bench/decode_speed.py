@@ -29,7 +29,7 @@ from aligna.metrics import score
 from aligna.model import Reorderable, Seq2Seq
 from aligna.runtime import PRECISIONS
 from aligna.transformer import Transformer, TransformerEncoderOutput
-from bench.common import config_hash, write_record
+from bench.common import config_hash, record_name, write_record
 
 
 @dataclass
@@ -102,7 +102,7 @@ def main() -> None:
                         help="fp32 (exact), bf16 / fp16 autocast, int8 weights (CPU)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", default="best")
-    parser.add_argument("--name", help="record name (default: decode_speed_<device>)")
+    parser.add_argument("--name", type=record_name, help="record name (default: decode_speed_<device>)")
     args = parser.parse_args()
     runs = []
     print(

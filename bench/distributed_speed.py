@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from aligna.config import load_config
-from bench.common import ROOT, config_hash, write_record
+from bench.common import ROOT, config_hash, record_name, write_record
 
 TRAINED = re.compile(r"trained (\d+) updates, (\d+) target tokens in ([\d.]+) s: (\d+) target tokens/s")
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--name")
+    parser.add_argument("--name", type=record_name)
     args = parser.parse_args()
     runs = [run(args.config, n, args.steps, args.threads) for n in args.processes]
     base = runs[0]["target_tokens_per_s"]

@@ -42,9 +42,9 @@ from aligna.ct2 import COMPUTE_TYPES
 from aligna.data import read_parallel, reference_sets
 from aligna.export import ctranslate2_module, export_ctranslate2
 from aligna.metrics import score
-from aligna.modeldir import BEST_SCORES, ModelDir
+from aligna.modeldir import BEST_SCORES, ModelDir, ModelDirError
 from bench import decode_speed
-from bench.common import config_hash, write_record
+from bench.common import config_hash, record_name, write_record
 
 ENGINES = [("aligna", "fp32"), ("aligna", "bf16"), ("aligna", "int8"), ("aligna-eager", "int8"), ("aligna-fbgemm", "int8"),
            ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
@@ -119,11 +119,14 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true",
                         help="aligna and ctranslate2 return attention maps (as `aligna translate --attention` and "
                              "the server's page ask); default: no engine computes them, as `aligna translate`")
-    parser.add_argument("--name", help="record name (default: engine_speed_<model>_cpu)")
+    parser.add_argument("--name", type=record_name, help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
     engines = [tuple(e.split(":", 1)) for e in args.engines]
     # One weights file for every engine, even if a training run writes a newer checkpoint meanwhile.
-    weights = str(ModelDir(args.model_dir).weights(args.checkpoint))
+    try:
+        weights = str(ModelDir(args.model_dir).weights(args.checkpoint))
+    except ModelDirError as e:
+        parser.error(str(e))
     reference = aligna.load(args.model_dir, checkpoint=weights, device="cpu", engine="aligna")
     scores_file = ModelDir(args.model_dir) / BEST_SCORES
     best_scores = json.loads(scores_file.read_text()) if args.checkpoint == "best" and scores_file.is_file() else None

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from aligna.modeldir import ModelDir
-from bench.common import ROOT, write_record
+from bench.common import ROOT, record_name, write_record
 
 SCORE = re.compile(r"^\s*(tok_bleu|bleu|chrf|loss|ppl)\s+(-?[\d.]+)")
 
@@ -49,7 +49,7 @@ def main() -> None:
     )
     parser.add_argument("--figure", type=Path, help="copy the first sentence's attention map here")
     parser.add_argument("--keep", action="store_true", help="keep the clone afterwards")
-    parser.add_argument("--name", default="quickstart_cpu")
+    parser.add_argument("--name", type=record_name, default="quickstart_cpu")
     args = parser.parse_args()
     clone = ROOT.parent / f".aligna-quickstart-{os.getpid()}"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)

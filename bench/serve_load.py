@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from aligna.data import read_lines
-from bench.common import ROOT, write_record
+from bench.common import ROOT, record_name, write_record
 from scripts.screenshot import Server  # the page's test and screenshots start it the same way
 
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "multi30k" / "test_2016_flickr.lc.norm.tok.de.gz"
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="the server's --device (default: auto)")
     parser.add_argument("--threads", type=int, help="the server's --threads (default: torch's choice)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
-    parser.add_argument("--name", help="record name (default: serve_load_<device>)")
+    parser.add_argument("--name", type=record_name, help="record name (default: serve_load_<device>)")
     args = parser.parse_args()
     if args.clients < 1 or args.duration <= 0 or args.max_batch < 1:
         parser.error("--clients, --duration and --max-batch must be positive")

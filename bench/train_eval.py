@@ -18,7 +18,7 @@ from aligna.config import load_config
 from aligna.data import read_parallel, reference_sets
 from aligna.modeldir import ModelDir
 from aligna.training import setup_logging, train
-from bench.common import command_line, config_hash, write_record
+from bench.common import command_line, config_hash, record_name, write_record
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     )
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--name", help="record name (default: the config's name)")
+    parser.add_argument("--name", type=record_name, help="record name (default: the config's name)")
     parser.add_argument("--skip-train", action="store_true", help="score the run already in model_dir")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)

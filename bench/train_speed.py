@@ -38,7 +38,7 @@ from aligna.build import build_model, count_parameters
 from aligna.config import load_config
 from aligna.data import Pipeline, collate, encode_pairs, epoch_batches, read_parallel
 from aligna.training import make_optimizer, train_step
-from bench.common import ROOT, command_line, config_hash, write_record
+from bench.common import ROOT, command_line, config_hash, record_name, write_record
 
 DEFAULT = ["configs/multi30k_de_en_lstm.yaml", "configs/multi30k_de_en_gru.yaml", "configs/quickstart.yaml"]
 
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s: also report MFU")
-    parser.add_argument("--name", default="train_speed_cpu")
+    parser.add_argument("--name", type=record_name, default="train_speed_cpu")
     parser.add_argument("--baseline", type=Path, help="another aligna tree (a git worktree) to compare with")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline: rounds of (baseline, this tree)")
     args = parser.parse_args()

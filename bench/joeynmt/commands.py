@@ -23,7 +23,7 @@ from aligna.modeldir import BEST, CONFIG, TRAIN_LOG, ModelDir
 from aligna.plotting import plot_lines
 from aligna.translate import Translator
 from bench import joeynmt as package
-from bench.common import RESULTS, config_hash, machine, write_record
+from bench.common import RESULTS, config_hash, machine, record_name, write_record
 from bench.joeynmt.joey_config import (
     PEER,
     Unsupported,
@@ -377,7 +377,7 @@ def main() -> None:
     )
     common.add_argument("--joey-batch", choices=["matched", "nominal"], default="matched",
                         help="JoeyNMT batch_size: same real target tokens per update, or aligna's number")  # fmt: skip
-    common.add_argument("--name", help="record name (default peer_joeynmt_COMMAND_CONFIGNAME)")
+    common.add_argument("--name", type=record_name, help="record name (default peer_joeynmt_COMMAND_CONFIGNAME)")
     parser = argparse.ArgumentParser(
         prog="python -m bench.joeynmt",
         description=package.__doc__,

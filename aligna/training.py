@@ -40,7 +40,7 @@ from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, Scores
 from .model import Seq2Seq
 from .modeldir import CONFIG, CORPUS, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
-from .runtime import autocast, resolve_device
+from .runtime import autocast, keep_freed_memory, resolve_device
 from .tensorfiles import atomic_write_text, load_weights, rng_state
 from .translate import Translator
 from .vocab import PAD_ID
@@ -273,6 +273,8 @@ class Trainer:
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         self.device = distributed.device_for(self.world, resolve_device(self.cfg.device))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # large tensors reuse freed memory instead of faulting fresh pages in
         distributed.join(self.world, self.device)
         try:
             resuming = False

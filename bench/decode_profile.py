@@ -45,6 +45,7 @@ from aligna.config import ConfigError, DecodeConfig
 from aligna.data import pad_batch, read_parallel, reference_sets
 from aligna.model import Seq2Seq
 from aligna.modeldir import ModelDirError
+from aligna.runtime import keep_freed_memory
 from aligna.search import search
 from bench.common import record_name, write_record
 
@@ -210,6 +211,7 @@ def main() -> None:
                         help="the searches keep attention maps (as `aligna translate --attention`); default: not")
     parser.add_argument("--name", type=record_name, default="decode_profile")
     args = parser.parse_args()
+    keep_freed_memory()  # as the aligna command does
     torch.set_num_threads(1)
     runs = []
     for precision in args.precisions:

@@ -27,7 +27,7 @@ import aligna
 from aligna.data import read_parallel, reference_sets
 from aligna.metrics import score
 from aligna.model import Reorderable, Seq2Seq
-from aligna.runtime import PRECISIONS
+from aligna.runtime import PRECISIONS, keep_freed_memory
 from aligna.transformer import Transformer, TransformerEncoderOutput
 from bench.common import config_hash, record_name, write_record
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--name", type=record_name, help="record name (default: decode_speed_<device>)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the aligna command does
     runs = []
     print(
         f"{'model':<32} {'prec':>5} {'cache':>6} {'beam':>4} {'batch':>5} {'sent/s':>8} {'tok/s':>8} {'BLEU':>6}"

@@ -121,6 +121,7 @@ def main() -> None:
                              "the server's page ask); default: no engine computes them, as `aligna translate`")
     parser.add_argument("--name", type=record_name, help="record name (default: engine_speed_<model>_cpu)")
     args = parser.parse_args()
+    runtime.keep_freed_memory()  # as the aligna command does
     engines = [tuple(e.split(":", 1)) for e in args.engines]
     # One weights file for every engine, even if a training run writes a newer checkpoint meanwhile.
     try:

@@ -37,6 +37,7 @@ import torch
 from aligna.build import build_model, count_parameters
 from aligna.config import load_config
 from aligna.data import Pipeline, collate, encode_pairs, epoch_batches, read_parallel
+from aligna.runtime import keep_freed_memory
 from aligna.training import make_optimizer, train_step
 from bench.common import ROOT, command_line, config_hash, record_name, write_record
 
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another aligna tree (a git worktree) to compare with")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline: rounds of (baseline, this tree)")
     args = parser.parse_args()
+    keep_freed_memory()  # as training does
     if args.baseline:
         compare(args)
         return

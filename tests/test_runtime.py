@@ -111,3 +111,15 @@ def test_int8_linear_built_under_a_higher_threshold_keeps_many_rows_on_fbgemm(mo
     layer = runtime.Int8Linear.from_float(linear)
     assert torch.equal(layer(many), torch.ops.quantized.linear_dynamic(many, layer.packed, True))
     assert torch.equal(script(layer, "the layer")(many), layer(many))
+
+
+def test_keep_freed_memory_applies_once_on_glibc():
+    import platform
+
+    from aligna.runtime import keep_freed_memory
+
+    kept = keep_freed_memory()
+    assert kept == (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_memory() == kept  # idempotent
+    big = torch.ones(40_000_000)  # 160 MB: from the heap now, not a fresh mapping
+    assert float(big.sum()) == 40_000_000

@@ -111,8 +111,8 @@ def greedy_search(
     min_len: int = 0, vocabulary: Tensor | None = None, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """From `<sos>`, feed back the most probable token until `<eos>` or the length limit."""
-    pick: Pick = lambda lp: lp.argmax(-1)  # noqa: E731
-    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick, vocabulary, attention)
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1), vocabulary,
+                     attention)  # fmt: skip
 
 
 @torch.no_grad()

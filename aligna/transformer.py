@@ -70,7 +70,7 @@ class TransformerState(Reorderable):
         return self.keys[0].size(2)
 
     def reorder(self, index: Tensor) -> TransformerState:
-        return TransformerState(self.keys, self.values, index if self.order is None else self.order[index])
+        return dataclasses.replace(self, order=index if self.order is None else self.order[index])
 
 
 def extend_cache(cache: Tensor, new: Tensor, order: Tensor | None) -> Tensor:

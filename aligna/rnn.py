@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .attention import Attention
 from .model import Dropout, Reorderable, Seq2Seq
@@ -55,6 +55,26 @@ def _rnn(
         input_size, hidden_size, layers, batch_first=True,
         dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional,
     )  # fmt: skip
+
+
+def recurrence(rnn: nn.Module, inputs: Tensor | PackedSequence, state: Tensor | tuple[Tensor, Tensor] | None = None):
+    """rnn(inputs, state), except for an LSTM under CPU bf16 autocast on a processor without
+    native bf16 (no AVX-512 BF16 or AMX: a Zen 3, say), which runs in fp32 there: autocast sends
+    it to oneDNN's bf16 LSTM, which such a processor cannot build ("could not create a primitive
+    descriptor for the LSTM forward propagation primitive", torch 2.13)."""
+    if isinstance(rnn, nn.LSTM) and torch.is_autocast_enabled("cpu") and not _cpu_bf16():
+        with torch.autocast("cpu", enabled=False):
+            state = state if state is None else tuple(s.float() for s in state)
+            return rnn(inputs.float() if isinstance(inputs, Tensor) else inputs.to(torch.float32), state)
+    return rnn(inputs) if state is None else rnn(inputs, state)
+
+
+def _cpu_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (torch's own test; True where torch lacks it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def init_forget_bias(module: nn.Module, value: float) -> None:
@@ -127,7 +147,7 @@ class RNNEncoder(nn.Module):
         emb = self.dropout(self.embedding(src if order is None else src.gather(1, order)))  # (B, S, E)
         # Packing keeps padding out of the recurrence, in both directions.
         packed = pack_padded_sequence(emb, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
+        out, final = recurrence(self.rnn, packed)
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))  # (B, S, D)
         if order is not None:  # back into source order, so that attention's j-th state is word j's
             states = states.gather(1, order.unsqueeze(2).expand_as(states))
@@ -209,9 +229,9 @@ class _Decoder(nn.Module):
         """Run the RNN over inputs (B, T, I) from `state` -> outputs (B, T, H), new state."""
         h0 = state.hidden.transpose(0, 1).contiguous()  # (L, B, H)
         if state.cell is None:
-            out, h = self.rnn(inputs, h0)
+            out, h = recurrence(self.rnn, inputs, h0)
             return out, replace(state, hidden=h.transpose(0, 1))
-        out, (h, c) = self.rnn(inputs, (h0, state.cell.transpose(0, 1).contiguous()))
+        out, (h, c) = recurrence(self.rnn, inputs, (h0, state.cell.transpose(0, 1).contiguous()))
         return out, replace(state, hidden=h.transpose(0, 1), cell=c.transpose(0, 1))
 
 

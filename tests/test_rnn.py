@@ -196,3 +196,18 @@ def test_reversed_source_reads_each_sentence_backwards(variant):
 def test_reversed_source_with_a_bidirectional_encoder_is_refused():
     with pytest.raises(ConfigError, match="reverse_source.*both ways"):
         RNNConfig(bidirectional=True, reverse_source=True)
+
+
+def test_an_lstm_under_bf16_autocast_runs_in_fp32_where_the_cpu_lacks_bf16(monkeypatch):
+    """torch 2.13 sends an autocast LSTM to oneDNN's bf16 kernel, which a processor without
+    native bf16 cannot build: there it runs in fp32, as without autocast."""
+    from aligna import rnn as rnn_module
+
+    monkeypatch.setattr(rnn_module, "_cpu_bf16", lambda: False)
+    lstm = torch.nn.LSTM(6, 5, batch_first=True)
+    x, h0, c0 = torch.randn(2, 3, 6), torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    expected, _ = lstm(x, (h0, c0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = rnn_module.recurrence(lstm, x.bfloat16(), (h0.bfloat16(), c0))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)  # the inputs went through bf16

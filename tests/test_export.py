@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 from conftest import reverse_pairs, write_tsv
 
@@ -127,7 +128,11 @@ def test_int8_export_translates_close_to_fp32(trained, corpus, tmp_path):
     loaded = aligna.load(out)  # the stored type by default
     assert loaded.precision == "int8" and aligna.load(out, precision="fp32").precision == "fp32"
     int8 = loaded.translate(sources)
-    assert sum(x == y for x, y in zip(fp32, int8)) >= 0.8 * len(sources)
+    # Close, not equal: how many outputs of this barely trained model flip depends on the
+    # processor's int8 kernel (240+ of 300 equal on a Zen 4 with AVX-512 VNNI, 74 on a Zen 3 with
+    # AVX2 only, where CTranslate2's BLEU against the references stays fp32's). Weights with
+    # wrong scales would translate into something else altogether.
+    assert sacrebleu.corpus_bleu(int8, [fp32], tokenize="none").score >= 50
 
 
 def test_engine_ctranslate2_exports_on_the_fly(trained, corpus):

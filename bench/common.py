@@ -22,16 +22,22 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
+    cpu, fields = platform.processor() or "unknown", {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():  # the first processor's block ends
                 break
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
     info = {
         "cpu": cpu,
+        # A virtual machine's model name may say only "AMD EPYC": the family and model tell the
+        # generation (25/1: Zen 3, 25/17: Zen 4), and torch's kernels the vector width it uses.
+        "cpu_id": f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}",
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -31,7 +31,8 @@ def _threads(n: int) -> str:
 
 
 def _machine(m: dict) -> str:
-    return f"{m['device'] if m['device'] != 'cpu' else m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+    cpu = m["cpu"] + (f" ({m['isa']})" if "isa" in m else "")  # older records did not say
+    return f"{m['device'] if m['device'] != 'cpu' else cpu}, {m['cores']} cores, torch {m['torch']}"
 
 
 def _search(beam: int, alpha: float | None = None) -> str:

@@ -118,7 +118,8 @@ class Seq2Seq(nn.Module):
     ) -> tuple[Tensor, Reorderable, Tensor | None]:
         """prev_tokens (B,) -> logits (B, V), the new state, attention (B, S) or None.
         need_attention False: the caller will not read the attention, which a model may then
-        skip computing (a Transformer does) and return None for; the logits and state are the same."""
+        skip computing (a Transformer does) and return None for; the logits and state are the same.
+        The logits are the caller's: the searches normalize them in place (`kernels.log_softmax_`)."""
         raise NotImplementedError
 
     def restrict_output(self, encoder_output: Reorderable, ids: Tensor) -> Reorderable:

@@ -8,6 +8,7 @@ from test_rnn import VARIANTS, make, random_batch
 from torch import Tensor
 
 from aligna.config import ConfigError, DecodeConfig
+from aligna.kernels import log_softmax_
 from aligna.model import Reorderable, Seq2Seq
 from aligna.search import greedy_search, max_lengths, search, top_k
 from aligna.vocab import EOS_ID, SOS_ID
@@ -279,7 +280,8 @@ def _reference_beam_search(
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        # the search's own arithmetic: log P(y_t | ...) with the row's score added, in one rounding
+        log_probs = log_softmax_(logits.float(), scores.view(-1))
         vocab = log_probs.size(-1)
         eos = log_probs[:, EOS_ID].clone()
         if t < min_len:
@@ -290,7 +292,7 @@ def _reference_beam_search(
         if bool(stuck.any()):
             log_probs[stuck, EOS_ID] = eos[stuck]
         live = sentence.size(0)
-        candidates = (scores.view(-1, 1) + log_probs).view(live, k * vocab)
+        candidates = log_probs.view(live, k * vocab)
         top_scores, top = candidates.topk(2 * k, dim=1)  # (b, 2k), best first
         parent = top // vocab + torch.arange(live, device=device).unsqueeze(1) * k  # row of each candidate
         token = top % vocab

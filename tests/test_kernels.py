@@ -1,0 +1,63 @@
+import platform
+import shutil
+
+import pytest
+import torch
+
+from aligna import kernels
+from aligna.kernels import log_softmax_
+
+
+def test_the_c_kernel_is_built_where_a_compiler_is():
+    """pip install compiles aligna/_kernels.c; the extension is optional, so a failed build would
+    only show as slower decoding: here it fails a test."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: aligna runs on torch's operators")
+    assert kernels._kernels is not None
+    if platform.machine() == "x86_64":  # the vectorized path runs wherever AVX2 and FMA do
+        flags = open("/proc/cpuinfo").read()
+        assert kernels.native() == (" avx2" in flags and " fma" in flags)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 7), (5, 16), (4, 17), (2, 33), (6, 7743)])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_log_softmax_equals_torch(rows, cols, scale):
+    g = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, cols, generator=g) * scale
+    add = torch.randn(rows, generator=g)
+    expected = torch.log_softmax(x, -1) + add[:, None]
+    out = log_softmax_(x.clone(), add)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5 * scale)
+    torch.testing.assert_close(log_softmax_(x.clone()), torch.log_softmax(x, -1), rtol=1e-6, atol=1e-5 * scale)
+
+
+def test_log_softmax_works_in_place_and_keeps_minus_infinity():
+    x = torch.randn(4, 40)
+    x[1, :30] = float("-inf")  # blocked tokens stay impossible
+    x[2, 5] = 80.0  # one dominant token: log-probability ~0, the rest very negative
+    expected = torch.log_softmax(x, -1)
+    out = log_softmax_(x)
+    assert out.data_ptr() == x.data_ptr()
+    assert torch.equal(torch.isneginf(out), torch.isneginf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-6, atol=1e-5)
+    add = torch.tensor([0.0, float("-inf"), 1.0, 2.0])  # a dead beam: all its candidates -inf
+    assert bool(torch.isneginf(log_softmax_(torch.randn(4, 9), add)[1]).all())
+
+
+@pytest.mark.parametrize("case", ["bf16", "strided", "grad"])
+def test_other_tensors_take_torch(case):
+    """What the kernel does not take (other dtypes, non-contiguous rows, autograd) is computed
+    by torch's operators, and the input is left alone."""
+    x = torch.randn(3, 10)
+    if case == "bf16":
+        x = x.bfloat16()
+    elif case == "strided":
+        x = torch.randn(10, 3).t()
+    else:
+        x.requires_grad_(True)
+    before = x.detach().clone()
+    add = torch.randn(3)
+    out = log_softmax_(x, add)
+    assert out.dtype == torch.float32 and torch.equal(x.detach(), before)
+    torch.testing.assert_close(out.detach(), torch.log_softmax(before.float(), -1) + add[:, None])

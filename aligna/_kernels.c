@@ -13,6 +13,30 @@
 #include <math.h>
 #include <stdint.h>
 
+/* The n best values of a group of rows so far, best first, with their positions in the group
+ * (row in the group * cols + column). Equal values keep the earlier position first. */
+typedef struct {
+    float *value;
+    int64_t *index;
+    Py_ssize_t n, count;
+} Best;
+
+static inline void best_add(Best *b, float v, int64_t position) {
+    Py_ssize_t i;
+    if (b->count < b->n) {
+        i = b->count++;
+    } else {
+        if (!(v > b->value[b->n - 1])) return;
+        i = b->n - 1;
+    }
+    for (; i > 0 && b->value[i - 1] < v; i--) {
+        b->value[i] = b->value[i - 1];
+        b->index[i] = b->index[i - 1];
+    }
+    b->value[i] = v;
+    b->index[i] = position;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ALIGNA_X86 1
 #include <immintrin.h>
@@ -50,7 +74,7 @@ __attribute__((target("avx2,fma"))) static float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n, float add) {
+__attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n, float add, Best *best, int64_t base) {
     Py_ssize_t j = 0, whole = n - n % 8;
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     for (; j < whole; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
@@ -65,54 +89,107 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
     for (; j < whole; j += 8) s0 = _mm256_add_ps(s0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
     double s = hsum_avx2(_mm256_add_ps(s0, s1));
     for (; j < n; j++) s += expf(x[j] - m);
-    __m256 shift = _mm256_set1_ps(add - (m + (float)log(s)));
-    for (j = 0; j < whole; j += 8) _mm256_storeu_ps(x + j, _mm256_add_ps(_mm256_loadu_ps(x + j), shift));
     float c = add - (m + (float)log(s));
-    for (; j < n; j++) x[j] += c;
+    __m256 shift = _mm256_set1_ps(c);
+    for (j = 0; j < whole; j += 8) {
+        __m256 out = _mm256_add_ps(_mm256_loadu_ps(x + j), shift);
+        _mm256_storeu_ps(x + j, out);
+        if (best == NULL) continue;
+        /* most vectors hold nothing better than the n-th best so far: one comparison skips them */
+        int above = best->count < best->n ? 0xff : _mm256_movemask_ps(_mm256_cmp_ps(
+            out, _mm256_set1_ps(best->value[best->n - 1]), _CMP_GT_OQ));
+        for (; above; above &= above - 1) {
+            int lane = __builtin_ctz(above);
+            best_add(best, x[j + lane], base + j + lane);
+        }
+    }
+    for (; j < n; j++) {
+        x[j] += c;
+        if (best != NULL) best_add(best, x[j], base + j);
+    }
 }
 #endif
 
-static void row_portable(float *x, Py_ssize_t n, float add) {
+static void row_portable(float *x, Py_ssize_t n, float add, Best *best, int64_t base) {
     float m = -INFINITY;
     for (Py_ssize_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
     if (!isfinite(m)) m = 0.0f;
     double s = 0.0;
     for (Py_ssize_t j = 0; j < n; j++) s += expf(x[j] - m);
     float c = add - (m + (float)log(s));
-    for (Py_ssize_t j = 0; j < n; j++) x[j] += c;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        x[j] += c;
+        if (best != NULL) best_add(best, x[j], base + j);
+    }
 }
 
-/* log_softmax_rows(x, rows, cols, add): x and add are addresses of float32 arrays, x (rows,
- * cols) contiguous, add (rows,) or 0 for none. Releases the GIL while it runs. */
+static int portable = 0; /* set_portable */
+
+static int vector_code(void) {
+#ifdef ALIGNA_X86
+    return !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* log_softmax_rows(x, rows, cols, add, group, n, values, indices): x, add, values and indices
+ * are addresses: x (rows, cols) float32, contiguous; add (rows,) float32, or 0 for none. With
+ * n > 0, also the n best outputs of each `group` consecutive rows (a beam's rows, taken as one
+ * row of group * cols), best first: values (rows / group, n) float32, indices (rows / group, n)
+ * int64 positions in that row. Releases the GIL while it runs. */
 static PyObject *log_softmax_rows(PyObject *self, PyObject *args) {
-    unsigned long long x_address, add_address;
-    Py_ssize_t rows, cols;
-    if (!PyArg_ParseTuple(args, "KnnK", &x_address, &rows, &cols, &add_address)) return NULL;
+    unsigned long long x_address, add_address, values_address, indices_address;
+    Py_ssize_t rows, cols, group, n;
+    if (!PyArg_ParseTuple(args, "KnnKnnKK", &x_address, &rows, &cols, &add_address, &group, &n, &values_address,
+                          &indices_address))
+        return NULL;
+    if (rows < 0 || cols < 1 || group < 1 || rows % group || n < 0 || n > group * cols) {
+        PyErr_SetString(PyExc_ValueError, "log_softmax_rows: inconsistent sizes");
+        return NULL;
+    }
     float *x = (float *)(uintptr_t)x_address;
     const float *add = (const float *)(uintptr_t)add_address;
+    Best best = {(float *)(uintptr_t)values_address, (int64_t *)(uintptr_t)indices_address, n, 0};
+    int wide = vector_code();
     Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        Best *b = NULL;
+        if (n > 0) {
+            b = &best;
+            if (i % group == 0) { /* a new group: its own n slots */
+                best.value = (float *)(uintptr_t)values_address + (i / group) * n;
+                best.index = (int64_t *)(uintptr_t)indices_address + (i / group) * n;
+                best.count = 0;
+            }
+        }
+        int64_t base = (int64_t)(i % group) * cols;
 #ifdef ALIGNA_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        for (Py_ssize_t i = 0; i < rows; i++) row_avx2(x + i * cols, cols, add ? add[i] : 0.0f);
-    } else
+        if (wide) {
+            row_avx2(x + i * cols, cols, add ? add[i] : 0.0f, b, base);
+            continue;
+        }
 #endif
-    {
-        for (Py_ssize_t i = 0; i < rows; i++) row_portable(x + i * cols, cols, add ? add[i] : 0.0f);
+        row_portable(x + i * cols, cols, add ? add[i] : 0.0f, b, base);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-static PyObject *vectorized(PyObject *self, PyObject *args) {
-#ifdef ALIGNA_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) Py_RETURN_TRUE;
-#endif
-    Py_RETURN_FALSE;
+static PyObject *vectorized(PyObject *self, PyObject *args) { return PyBool_FromLong(vector_code()); }
+
+/* set_portable(flag): the portable code even where AVX2 runs (for the tests of that code). */
+static PyObject *set_portable(PyObject *self, PyObject *args) {
+    int flag;
+    if (!PyArg_ParseTuple(args, "p", &flag)) return NULL;
+    portable = flag;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"log_softmax_rows", log_softmax_rows, METH_VARARGS, "In-place row-wise log-softmax plus a per-row constant."},
     {"vectorized", vectorized, METH_NOARGS, "Whether the AVX2 code runs on this processor."},
+    {"set_portable", set_portable, METH_VARARGS, "Run the portable code even where AVX2 runs (tests)."},
     {NULL, NULL, 0, NULL},
 };
 

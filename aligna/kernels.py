@@ -33,12 +33,37 @@ def log_softmax_(logits: Tensor, add: Tensor | None = None) -> Tensor:
     add (rows,) or None -> (rows, V) float32, the logits' own memory in that case (so the caller
     must own them: a search owns the logits a `decode_step` returns)."""
     rows = logits.size(0)
-    if (
-        _kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
-        and logits.dim() == 2 and logits.is_contiguous() and not logits.requires_grad
-        and (add is None or (add.dtype == torch.float32 and add.is_contiguous() and add.numel() == rows))
-    ):  # fmt: skip
-        _kernels.log_softmax_rows(logits.data_ptr(), rows, logits.size(1), 0 if add is None else add.data_ptr())
+    if _takes(logits, add):
+        _kernels.log_softmax_rows(logits.data_ptr(), rows, logits.size(1), _address(add), 1, 0, 0, 0)
         return logits
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     return log_probs if add is None else log_probs.add_(add.reshape(rows, 1))
+
+
+def log_softmax_top_(logits: Tensor, add: Tensor, group: int, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`log_softmax_(logits, add)` and, in the same pass, the n best of each `group` consecutive
+    rows taken as one (a sentence's k beams: k * V candidates), as `top_k` of
+    `out.view(-1, group * V)` would give them: out (rows, V), values (rows / group, n), positions
+    (rows / group, n) in [0, group * V), best first. None where the kernel does not take these
+    tensors (then nothing is computed: the caller takes `log_softmax_` and `top_k`)."""
+    rows, cols = logits.shape if logits.dim() == 2 else (0, 0)
+    if not _takes(logits, add) or rows % group or not 0 < n <= group * cols:
+        return None
+    values = torch.empty(rows // group, n)
+    positions = torch.empty(rows // group, n, dtype=torch.long)
+    _kernels.log_softmax_rows(logits.data_ptr(), rows, cols, _address(add), group, n, values.data_ptr(),
+                              positions.data_ptr())  # fmt: skip
+    return logits, values, positions
+
+
+def _takes(logits: Tensor, add: Tensor | None) -> bool:
+    """Whether the C kernel computes on these tensors (in place, in the logits' memory)."""
+    return (
+        _kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
+        and logits.dim() == 2 and logits.is_contiguous() and not logits.requires_grad
+        and (add is None or (add.dtype == torch.float32 and add.is_contiguous() and add.numel() == logits.size(0)))
+    )  # fmt: skip
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import DecodeConfig
-from .kernels import log_softmax_
+from .kernels import log_softmax_, log_softmax_top_
 from .model import Seq2Seq
 from .vocab import EOS_ID, PAD_ID, SOS_ID
 
@@ -105,6 +105,7 @@ def search(
 
 
 Pick = Callable[[Tensor], Tensor]  # log-probabilities (b, V) -> chosen tokens (b,)
+GREEDY = None  # as a Pick: the most probable token, which the log-softmax kernel finds in its pass
 
 
 @torch.no_grad()
@@ -113,8 +114,7 @@ def greedy_search(
     min_len: int = 0, vocabulary: Tensor | None = None, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """From `<sos>`, feed back the most probable token until `<eos>` or the length limit."""
-    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, lambda lp: lp.argmax(-1), vocabulary,
-                     attention)  # fmt: skip
+    return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, GREEDY, vocabulary, attention)
 
 
 @torch.no_grad()
@@ -149,7 +149,7 @@ def _one_path(
     max_len_a: float,
     max_len_b: int,
     min_len: int,
-    pick: Pick,
+    pick: Pick | None,
     vocabulary: Tensor | None = None,
     need_attention: bool = True,
 ) -> SearchResult:
@@ -174,11 +174,17 @@ def _one_path(
     for t in range(steps):
         logits, state, attn = model.decode_step(prev, state, enc, need_attention)  # (b, V), (b, S) or None
         attn = attn if need_attention else None
-        log_probs = log_softmax_(logits)  # (b, V), in the logits' memory
-        if t < min_len:
-            log_probs[:, EOS_ID] = float("-inf")
-        chosen = pick(log_probs)  # (b,) columns of log_probs
-        row_scores += log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        fused = log_softmax_top_(logits, None, 1, 1) if pick is GREEDY and t >= min_len else None
+        if fused is not None:  # the most probable token of each row, found in the same pass
+            _, best, chosen = fused
+            row_scores += best.squeeze(1)
+            chosen = chosen.squeeze(1)  # (b,)
+        else:
+            log_probs = log_softmax_(logits)  # (b, V), in the logits' memory
+            if t < min_len:
+                log_probs[:, EOS_ID] = float("-inf")
+            chosen = log_probs.argmax(-1) if pick is GREEDY else pick(log_probs)  # (b,) columns of log_probs
+            row_scores += log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         prev = chosen if vocabulary is None else vocabulary[chosen]  # target ids
         row_tokens[:, t] = prev
         if attn is not None:
@@ -269,9 +275,14 @@ def beam_search(
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc, attention)  # (b * k, V), (b * k, S) or None
         attn = attn if attention else None
-        # log P(y_t | y_<t, x) + the row's log P(y_<t | x): each row's candidates, in the logits' memory
-        candidates = log_softmax_(logits, scores.view(-1))  # (b * k, V)
-        vocab = candidates.size(-1)
+        live, vocab = len(sentence), logits.size(-1)
+        # log P(y_t | y_<t, x) + the row's log P(y_<t | x): each row's candidates, in the logits'
+        # memory, and where no token is forbidden, the 2k best of each sentence in the same pass
+        fused = None if t < min_len or no_repeat_ngram else log_softmax_top_(logits, scores.view(-1), k, 2 * k)
+        if fused is not None:
+            candidates, top_scores, top = fused  # (b * k, V), (b, 2k), (b, 2k)
+        else:
+            candidates = log_softmax_(logits, scores.view(-1))  # (b * k, V)
         if t < min_len:
             eos = candidates[:, EOS_ID].clone()
             candidates[:, EOS_ID] = float("-inf")
@@ -281,8 +292,8 @@ def beam_search(
             stuck = torch.isneginf(candidates).all(-1)  # n-gram blocking left no token before min_len: stop here
             if bool(stuck.any()):
                 candidates[stuck, EOS_ID] = eos[stuck]
-        live = len(sentence)
-        top_scores, top = top_k(candidates.view(live, k * vocab), 2 * k)  # (b, 2k), best first
+        if fused is None:
+            top_scores, top = top_k(candidates.view(live, k * vocab), 2 * k)  # (b, 2k), best first
         if attn is not None:
             trail.attention.append(attn.float())  # (b * k, S)
         # The step's one sync: the 2k best candidates of each live sentence, as Python numbers

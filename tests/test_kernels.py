@@ -21,7 +21,7 @@ def test_the_c_kernel_is_built_where_a_compiler_is():
 
 @pytest.mark.parametrize("rows, cols", [(1, 1), (3, 7), (5, 16), (4, 17), (2, 33), (6, 7743)])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_log_softmax_equals_torch(rows, cols, scale):
+def test_log_softmax_equals_torch(code, rows, cols, scale):
     g = torch.Generator().manual_seed(rows * cols)
     x = torch.randn(rows, cols, generator=g) * scale
     add = torch.randn(rows, generator=g)
@@ -31,7 +31,7 @@ def test_log_softmax_equals_torch(rows, cols, scale):
     torch.testing.assert_close(log_softmax_(x.clone()), torch.log_softmax(x, -1), rtol=1e-6, atol=1e-5 * scale)
 
 
-def test_log_softmax_works_in_place_and_keeps_minus_infinity():
+def test_log_softmax_works_in_place_and_keeps_minus_infinity(code):
     x = torch.randn(4, 40)
     x[1, :30] = float("-inf")  # blocked tokens stay impossible
     x[2, 5] = 80.0  # one dominant token: log-probability ~0, the rest very negative
@@ -61,3 +61,40 @@ def test_other_tensors_take_torch(case):
     out = log_softmax_(x, add)
     assert out.dtype == torch.float32 and torch.equal(x.detach(), before)
     torch.testing.assert_close(out.detach(), torch.log_softmax(before.float(), -1) + add[:, None])
+
+
+@pytest.fixture(params=["vector", "portable"])
+def code(request):
+    """Both versions of the kernel: the AVX2 one where it runs, and the portable C."""
+    if kernels._kernels is None:
+        pytest.skip("the C kernel is not built")
+    if request.param == "vector" and not kernels.native():
+        pytest.skip("no AVX2 here")
+    kernels._kernels.set_portable(request.param == "portable")
+    yield request.param
+    kernels._kernels.set_portable(False)
+
+
+@pytest.mark.parametrize("rows, group, cols, n", [(10, 5, 7743, 10), (6, 3, 37, 6), (4, 1, 9, 3), (2, 2, 3, 6)])
+def test_the_best_candidates_come_with_the_log_softmax(code, rows, group, cols, n):
+    """log_softmax_top_ = log_softmax_ and then top_k over each group of rows: the same values,
+    positions that hold them, none twice, best first."""
+    g = torch.Generator().manual_seed(rows * cols + n)
+    x = torch.randn(rows, cols, generator=g) * 3
+    add = torch.randn(rows, generator=g)
+    add[1] = float("-inf")  # a dead beam: all its candidates -inf
+    x[0, : cols // 2] = x[0, : cols // 2].round()  # ties
+    expected = log_softmax_(x.clone(), add)
+    out, values, positions = kernels.log_softmax_top_(x, add, group, n)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    flat = out.view(rows // group, group * cols)
+    best, _ = flat.topk(n, dim=1)
+    assert torch.equal(values, best)
+    assert torch.equal(flat.gather(1, positions), values)
+    assert all(len(set(row)) == n for row in positions.tolist())
+
+
+def test_best_candidates_only_where_the_kernel_takes_the_tensors():
+    x = torch.randn(4, 10, dtype=torch.bfloat16)
+    assert kernels.log_softmax_top_(x, torch.zeros(4), 2, 4) is None
+    assert kernels.log_softmax_top_(torch.randn(4, 10), torch.zeros(4), 3, 4) is None  # rows not in whole groups

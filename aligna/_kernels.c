@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* The n best values of a group of rows so far, best first, with their positions in the group
  * (row in the group * cols + column). Equal values keep the earlier position first. */
@@ -108,6 +109,38 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
         if (best != NULL) best_add(best, x[j], base + j);
     }
 }
+
+__attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const float *x, float *grad, Py_ssize_t n,
+                                                                        int64_t gold, float eps) {
+    Py_ssize_t j = 0, whole = n - n % 8;
+    __m256 vmax = _mm256_set1_ps(-INFINITY), vsum = _mm256_setzero_ps();
+    for (; j < whole; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        vmax = _mm256_max_ps(vmax, v);
+        vsum = _mm256_add_ps(vsum, v);
+    }
+    float m = hmax_avx2(vmax);
+    double total = hsum_avx2(vsum);
+    for (; j < n; j++) {
+        m = x[j] > m ? x[j] : m;
+        total += x[j];
+    }
+    __m256 vm = _mm256_set1_ps(m), s0 = _mm256_setzero_ps();
+    for (j = 0; j < whole; j += 8) {
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+        _mm256_storeu_ps(grad + j, e);
+        s0 = _mm256_add_ps(s0, e);
+    }
+    double s = hsum_avx2(s0);
+    for (; j < n; j++) s += (grad[j] = expf(x[j] - m));
+    float scale = (float)(1.0 / s), floor = eps / (float)n;
+    __m256 vscale = _mm256_set1_ps(scale), vfloor = _mm256_set1_ps(floor);
+    for (j = 0; j < whole; j += 8)
+        _mm256_storeu_ps(grad + j, _mm256_fmsub_ps(_mm256_loadu_ps(grad + j), vscale, vfloor));
+    for (; j < n; j++) grad[j] = grad[j] * scale - floor;
+    grad[gold] -= 1.0f - eps;
+    return m + log(s) - (1.0 - eps) * x[gold] - eps * total / (double)n;
+}
 #endif
 
 static void row_portable(float *x, Py_ssize_t n, float add, Best *best, int64_t base) {
@@ -176,6 +209,60 @@ static PyObject *log_softmax_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* One row of the label-smoothed cross-entropy: returns the row's loss, lse - (1 - eps) x_g -
+ * eps mean(x), and writes its gradient, softmax(x) - eps / V - (1 - eps) [j = g], into grad. */
+static double cross_entropy_row(const float *x, float *grad, Py_ssize_t n, int64_t gold, float eps, int wide) {
+    float m = -INFINITY;
+    double total = 0.0;
+#ifdef ALIGNA_X86
+    if (wide) return cross_entropy_row_avx2(x, grad, n, gold, eps);
+#endif
+    for (Py_ssize_t j = 0; j < n; j++) {
+        m = x[j] > m ? x[j] : m;
+        total += x[j];
+    }
+    double s = 0.0;
+    for (Py_ssize_t j = 0; j < n; j++) s += (grad[j] = expf(x[j] - m));
+    float scale = (float)(1.0 / s), floor = eps / (float)n;
+    for (Py_ssize_t j = 0; j < n; j++) grad[j] = grad[j] * scale - floor;
+    grad[gold] -= 1.0f - eps;
+    return m + log(s) - (1.0 - eps) * x[gold] - eps * total / (double)n;
+}
+
+/* cross_entropy_rows(logits, rows, cols, targets, eps, ignore, grad, losses): addresses of
+ * logits (rows, cols) float32, targets (rows,) int64, grad (rows, cols) float32 and losses
+ * (rows,) float32; rows whose target is `ignore` get loss 0 and gradient 0. */
+static PyObject *cross_entropy_rows(PyObject *self, PyObject *args) {
+    unsigned long long x_address, targets_address, grad_address, losses_address;
+    Py_ssize_t rows, cols;
+    float eps;
+    long long ignore;
+    if (!PyArg_ParseTuple(args, "KnnKfLKK", &x_address, &rows, &cols, &targets_address, &eps, &ignore, &grad_address,
+                          &losses_address))
+        return NULL;
+    const float *x = (const float *)(uintptr_t)x_address;
+    const int64_t *targets = (const int64_t *)(uintptr_t)targets_address;
+    float *grad = (float *)(uintptr_t)grad_address, *losses = (float *)(uintptr_t)losses_address;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (targets[i] != ignore && (targets[i] < 0 || targets[i] >= cols)) {
+            PyErr_Format(PyExc_IndexError, "target %lld is out of range for %zd classes", (long long)targets[i], cols);
+            return NULL;
+        }
+    }
+    int wide = vector_code();
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (targets[i] == ignore) {
+            memset(grad + i * cols, 0, (size_t)cols * sizeof(float));
+            losses[i] = 0.0f;
+        } else {
+            losses[i] = (float)cross_entropy_row(x + i * cols, grad + i * cols, cols, targets[i], eps, wide);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *vectorized(PyObject *self, PyObject *args) { return PyBool_FromLong(vector_code()); }
 
 /* set_portable(flag): the portable code even where AVX2 runs (for the tests of that code). */
@@ -189,6 +276,7 @@ static PyObject *set_portable(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"log_softmax_rows", log_softmax_rows, METH_VARARGS, "In-place row-wise log-softmax plus a per-row constant."},
     {"vectorized", vectorized, METH_NOARGS, "Whether the AVX2 code runs on this processor."},
+    {"cross_entropy_rows", cross_entropy_rows, METH_VARARGS, "Label-smoothed cross-entropy and its gradient, per row."},
     {"set_portable", set_portable, METH_VARARGS, "Run the portable code even where AVX2 runs (tests)."},
     {NULL, NULL, 0, NULL},
 };

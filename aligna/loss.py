@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .data import Examples, collate, token_batches
 from .model import Seq2Seq
 from .vocab import PAD_ID
@@ -38,11 +39,17 @@ class _CrossEntropy(torch.autograd.Function):
 
     Row i with gold g and lse_i = log sum_v exp(x_iv): loss_i = lse_i - (1 - eps) x_ig -
     eps mean_v x_iv, and d loss_i / d x_iv = softmax(x_i)_v - (1 - eps) [v = g] - eps / V,
-    which the forward pass already computes in its buffer; backward scales it in place, so it
-    runs once (a graph kept with retain_graph=True cannot run it again: an error says so)."""
+    which the forward pass already computes in its buffer (in C where `kernels.cross_entropy`
+    takes the tensors, one pass a row); backward scales it in place, so it runs once (a graph kept with retain_graph=True cannot run it again: an error says so)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        native = kernels.cross_entropy(logits, targets, eps, PAD_ID)  # the same, in C, one pass a row
+        if native is not None:
+            loss, grad = native
+            ctx.save_for_backward(grad)
+            ctx.spent = False
+            return loss
         weight = (targets != PAD_ID).unsqueeze(1).to(logits.dtype)  # (N, 1): 0 for padding
         gold = targets.unsqueeze(1)  # (N, 1)
         rows = -(1 - eps) * logits.gather(1, gold) - eps * logits.mean(-1, keepdim=True)

@@ -98,3 +98,27 @@ def test_best_candidates_only_where_the_kernel_takes_the_tensors():
     x = torch.randn(4, 10, dtype=torch.bfloat16)
     assert kernels.log_softmax_top_(x, torch.zeros(4), 2, 4) is None
     assert kernels.log_softmax_top_(torch.randn(4, 10), torch.zeros(4), 3, 4) is None  # rows not in whole groups
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_and_its_gradient_equal_torch(code, eps):
+    """The training loss's kernel: F.cross_entropy (summed, padding ignored, label smoothing)
+    and its gradient, in one pass a row."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(13, 37, generator=g) * 4
+    targets = torch.randint(1, 37, (13,), generator=g)
+    targets[3] = 0  # padding: no loss, no gradient
+    loss, grad = kernels.cross_entropy(logits, targets, eps, 0)
+    x = logits.clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(x, targets, ignore_index=0, label_smoothing=eps, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
+    assert not bool(grad[3].any())
+
+
+def test_cross_entropy_refuses_a_target_outside_the_vocabulary():
+    if kernels._kernels is None:
+        pytest.skip("the C kernel is not built")
+    with pytest.raises(IndexError, match="target 9 is out of range for 5 classes"):
+        kernels.cross_entropy(torch.randn(2, 5), torch.tensor([1, 9]), 0.1, 0)

@@ -54,7 +54,7 @@ def log_softmax_top_(logits: Tensor, add: Tensor, group: int, n: int) -> tuple[T
     rows, cols = logits.shape if logits.dim() == 2 else (0, 0)
     if not _takes(logits, add) or rows % group or not 0 < n <= group * cols:
         return None
-    values = torch.empty(rows // group, n)
+    values = torch.empty(rows // group, n, dtype=torch.float32)
     positions = torch.empty(rows // group, n, dtype=torch.long)
     _kernels.log_softmax_rows(logits.data_ptr(), rows, cols, _address(add), group, n, values.data_ptr(),
                               positions.data_ptr())  # fmt: skip
@@ -70,7 +70,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, eps: float, ignore: int) -> t
         return None
     rows, cols = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    losses = torch.empty(rows)
+    losses = torch.empty(rows, dtype=torch.float32)
     _kernels.cross_entropy_rows(logits.data_ptr(), rows, cols, targets.data_ptr(), eps, ignore, grad.data_ptr(),
                                 losses.data_ptr())  # fmt: skip
     return losses.sum(), grad

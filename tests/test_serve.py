@@ -171,7 +171,9 @@ def test_translations_equal_the_python_api(client, translators, options):
         for got, want in zip(body.results, expected):
             assert got.text == want.text and got.tokens == want.tokens and got.src_tokens == want.src_tokens
             assert got.score == pytest.approx(want.score, abs=1e-4)
-            assert [(e.text, round(e.score, 4)) for e in got.nbest] == [(t, round(s, 4)) for t, s in want.nbest]
+            assert [e.text for e in got.nbest] == [t for t, _ in want.nbest]
+            # the server's search computes no attention, the API's does: scores equal to float rounding
+            assert [e.score for e in got.nbest] == pytest.approx([s for _, s in want.nbest], abs=1e-4)
             assert got.attention is None
 
 

@@ -12,7 +12,8 @@ search the same way:
 - length limit: aligna's is per sentence (a * |x| + b, `<eos>` included), CTranslate2's per
   call; a call gets its batch's longest limit, and the few sentences whose search reached
   their own limit are decoded again with it, so every limit is exact;
-- beam search: CTranslate2 returns all `beam_size` finished hypotheses, ranked by raw
+- beam search: CTranslate2 returns all `beam_size` finished hypotheses (only the best where
+  that is all aligna needs and the call's limit is every sentence's own), ranked by raw
   log-probability (length_penalty 0), and aligna ranks them by GNMT's length penalty
   ((5 + |y|) / 6)^alpha, which CTranslate2 lacks (its own is |y|^alpha). The best hypothesis
   is aligna's; below it, an n-best list with alpha > 0 can differ where hypotheses end at the
@@ -139,16 +140,22 @@ class CT2Translator(TextTranslator):
         order = sorted((i for i in range(len(src_tokens)) if src_tokens[i]), key=lambda i: -len(src_tokens[i]))
         found: dict[int, Any] = {}
         batch_limit: dict[int, int] = {}
+        # Where aligna needs only the best hypothesis by log P (nbest 1, alpha 0), CTranslate2 may stop
+        # a sentence once its best candidate ends (num_hypotheses 1), as aligna's search does, in a
+        # call whose length limit is each sentence's own; elsewhere the hypotheses tell whether one
+        # went past its own limit, so all are asked for.
+        best_only = dict(options, num_hypotheses=1) if decode.nbest == 1 and not decode.alpha else options
         with self._sampling if decode.sample else nullcontext():
             for start in range(0, len(order), decode.batch_size):
                 chunk = order[start : start + decode.batch_size]
                 batch_limit.update(dict.fromkeys(chunk, max(limits[i] for i in chunk)))
-                self._decode(chunk, src_tokens, batch_limit[chunk[0]], options, found)
+                exact = all(limits[i] == batch_limit[i] for i in chunk)
+                self._decode(chunk, src_tokens, batch_limit[chunk[0]], best_only if exact else options, found)
             # A sentence whose search reached its own limit in a batch with a longer one may
             # have gone on where aligna stops: again, with its own limit (rare once trained).
             over = [i for i in order if batch_limit[i] > limits[i] and max(map(len, found[i][0].hypotheses)) >= limits[i]]
             for limit in sorted({limits[i] for i in over}):
-                self._decode([i for i in over if limits[i] == limit], src_tokens, limit, options, found)
+                self._decode([i for i in over if limits[i] == limit], src_tokens, limit, best_only, found)
         results: list[Translation | None] = [None] * len(src_tokens)
         for i in order:
             results[i] = self._translation(*found[i], src_tokens[i], decode)

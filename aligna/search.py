@@ -236,7 +236,11 @@ def beam_search(
     candidate of some step has ended in `<eos>` (so a live hypothesis better than every
     finished one is not given up early; OpenNMT's and CTranslate2's rule), or when it
     reaches its length limit (then its live beams are finished as they are), and leaves
-    the batch.
+    the batch. Where only the best hypothesis by log P(Y|X) is asked for (nbest 1, alpha 0,
+    no coverage penalty), one finished hypothesis is enough: the step's best candidate that
+    ends beats every live hypothesis and all that could follow from them (log P only falls as
+    a hypothesis grows), so the same hypothesis wins, steps earlier (CTranslate2's rule with
+    its default num_hypotheses 1).
     Finished hypotheses are ranked by log P(Y|X) / lp(Y) + cp(X; Y) (GNMT); live ones by
     log P(Y|X).
 
@@ -269,6 +273,7 @@ def beam_search(
     # a step's best candidate has ended: small, and read candidate by candidate, so Python's.
     sentence, row_limit = list(range(batch)), limit.tolist()
     ended, top_ended = [0] * batch, [False] * batch
+    enough = k if nbest > 1 or alpha or coverage else 1  # finished hypotheses a sentence needs to be done
     ids = None if vocabulary is None else vocabulary.tolist()  # a shortlist's column -> target id
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
     attention = attention or coverage != 0.0
@@ -319,7 +324,7 @@ def beam_search(
                     continuing.append((row, token, score))
                 if len(continuing) == k and rank >= k - 1:  # the rest can neither finish nor continue
                     break
-            if not (at_limit or (ended[i] >= k and top_ended[i])):  # else the sentence is done: it leaves
+            if not (at_limit or (ended[i] >= enough and top_ended[i])):  # else the sentence is done: it leaves
                 going.append(i)
                 survivors += continuing
         if not going:

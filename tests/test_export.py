@@ -80,6 +80,7 @@ SEARCHES = [
     {"beam_size": 5},
     {"beam_size": 5, "alpha": 0.6, "nbest": 3},
     {"beam_size": 3, "batch_size": 7},
+    {"beam_size": 5, "batch_size": 1},  # every call at the sentence's own limit: only the best is asked for
     {"beam_size": 1, "min_len": 2},
 ]
 

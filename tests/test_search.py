@@ -451,3 +451,28 @@ def test_top_k_in_two_passes_equals_topk(m, chunk):
     assert torch.equal(values, expected)
     assert torch.equal(x.gather(1, indices), values) and bool((indices < m).all())
     assert all(len(set(row)) == 10 for row in indices.tolist())  # no position twice
+
+
+def test_one_finished_hypothesis_is_enough_for_the_best_by_log_prob(monkeypatch):
+    """With nbest 1, alpha 0 and no coverage penalty a sentence is done once its best candidate
+    ends: the same best hypothesis as when k finished ones are collected, in fewer steps."""
+    steps = {"one": 0, "k": 0}
+    for seed in range(12):
+        model, src, lengths, options = random_case(seed)
+        options.update(beam_size=5, nbest=1, alpha=0.0, coverage=0.0, max_len_a=2.0, max_len_b=10)
+        calls: list[int] = []
+
+        def counted(*args, real=model.decode_step, calls=calls, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(model, "decode_step", counted)
+        one = beam_search(model, src, lengths, **options)
+        steps["one"] += len(calls)
+        calls.clear()
+        full = beam_search(model, src, lengths, **{**options, "nbest": 5})  # needs 5 finished: the old rule
+        steps["k"] += len(calls)
+        monkeypatch.undo()
+        for a, b in zip(one.nbest, full.nbest):
+            assert (a[0].tokens, a[0].log_prob) == (b[0].tokens, b[0].log_prob)
+    assert steps["one"] < steps["k"], steps

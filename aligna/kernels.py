@@ -7,8 +7,8 @@ A beam search step at batch 64, beam 5 normalizes 320 rows of 7,743 logits. torc
 the whole decoder step. `log_softmax_` does both in one pass over each row while it sits in
 the core's cache, with a polynomial exp (Cephes', to a few ulp) on 8 floats at a time:
 `aligna/_kernels.c`, about 80 lines of C, built by `pip install` where a C compiler is found.
-Without it, or for tensors it does not take (not on a CPU, not float32, not contiguous), the
-same is computed by torch's operators. The two agree to float rounding (the tests hold them
+Without it, on a processor without AVX2 (`USE`), or for tensors it does not take (not on a
+CPU, not float32, not contiguous), the same is computed by torch's operators. The two agree to float rounding (the tests hold them
 to 1e-5).
 
 The training loss (`loss._CrossEntropy`) is the same kind of computation: per row, the maximum,
@@ -31,6 +31,12 @@ except ImportError:  # not compiled: torch's operators below
 def native() -> bool:
     """Whether the C kernel is there and vectorized on this processor."""
     return _kernels is not None and _kernels.vectorized()
+
+
+# Where the C code would run its portable loops (no AVX2: an ARM processor, say), torch's own
+# vectorized operators are faster on large inputs: the kernel is used where it is vectorized.
+# (The tests run the portable loops too, setting this.)
+USE = native()
 
 
 def log_softmax_(logits: Tensor, add: Tensor | None = None) -> Tensor:
@@ -79,7 +85,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, eps: float, ignore: int) -> t
 def _takes(logits: Tensor, add: Tensor | None) -> bool:
     """Whether the C kernel computes on these tensors (in place, in the logits' memory)."""
     return (
-        _kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
+        USE and logits.device.type == "cpu" and logits.dtype == torch.float32
         and logits.dim() == 2 and logits.is_contiguous() and not logits.requires_grad
         and (add is None or (add.dtype == torch.float32 and add.is_contiguous() and add.numel() == logits.size(0)))
     )  # fmt: skip

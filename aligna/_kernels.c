@@ -1,12 +1,16 @@
-/* aligna's one native kernel: a row-wise log-softmax over float32 logits, in place, for
- * the searches on a CPU (`aligna/kernels.py` is its Python side and its documentation).
+/* aligna's native code (`aligna/kernels.py` is its Python side and its documentation): two
+ * passes over float32 logits that torch's operators make slow on a CPU.
  *
- * Each row is read from memory once: its maximum m, then s = sum_j exp(x_j - m) while the row
- * is still in the core's cache, then x_j <- x_j - (m + log s) + add_row, written back.
- * torch's log_softmax computes the same in more time on a CPU, nearly all of it in its exp
- * (SLEEF's, to 1 ulp: about 1 ns a value on a Zen 3 core); this one is a Cephes-style
- * polynomial on 8 floats at a time (AVX2 + FMA, chosen at run time, as accurate to a few
- * ulp), with the C library's expf on other processors.
+ * log_softmax_rows, for the searches: each row is read from memory once: its maximum m, then
+ * s = sum_j exp(x_j - m) while the row is still in the core's cache, then
+ * x_j <- x_j - (m + log s) + add_row, written back, and on the way the n best outputs of each
+ * group of rows (a sentence's beams) picked. cross_entropy_rows, for training: per row, the
+ * label-smoothed loss and its gradient, softmax - eps / V - (1 - eps) [gold], in the same passes.
+ *
+ * torch's log_softmax spends nearly all its time in its exp (SLEEF's, to 1 ulp: about 1 ns a
+ * value on a Zen 3 core); this one is a Cephes-style polynomial on 8 floats at a time (AVX2 +
+ * FMA, chosen at run time; as accurate to a few ulp). The portable loops (the C library's expf)
+ * run where AVX2 does not, in the tests: aligna itself leaves such processors to torch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -2,14 +2,16 @@
 step's logits, and the training loss over (tokens x vocabulary) logits.
 
 A beam search step at batch 64, beam 5 normalizes 320 rows of 7,743 logits. torch's
-`log_softmax` spends about 5 ms on them on a Zen 3 core, nearly all in its exp (SLEEF's, to
-1 ulp), then the beam adds each row's score in another pass over the 10 MB: on a par with
-the whole decoder step. `log_softmax_` does both in one pass over each row while it sits in
-the core's cache, with a polynomial exp (Cephes', to a few ulp) on 8 floats at a time:
-`aligna/_kernels.c`, about 80 lines of C, built by `pip install` where a C compiler is found.
-Without it, on a processor without AVX2 (`USE`), or for tensors it does not take (not on a
-CPU, not float32, not contiguous), the same is computed by torch's operators. The two agree to float rounding (the tests hold them
-to 1e-5).
+`log_softmax` spends about 4-5 ms on them on a Zen 3 core, nearly all in its exp (SLEEF's, to
+1 ulp); the beam then adds each row's score in another pass over the 10 MB and reads them
+again for its top-k: together a quarter of the step (the int8 layers are most of the rest).
+`log_softmax_` normalizes each row and adds its score in one pass while the row sits in the
+core's cache, with a polynomial exp (Cephes', to a few ulp) on 8 floats at a time (1.4 ms for
+those 320 rows), and `log_softmax_top_` also picks each sentence's best candidates as it
+writes them: `aligna/_kernels.c`, built by `pip install` where a C compiler is found. Without
+it, on a processor without AVX2 (`USE`), or for tensors it does not take (not on a CPU, not
+float32, not contiguous), the same is computed by torch's operators. The two agree to float
+rounding (the tests hold them to 1e-5).
 
 The training loss (`loss._CrossEntropy`) is the same kind of computation: per row, the maximum,
 the sum of exp, then the gradient softmax - eps / V - (1 - eps) [gold], written once. torch's

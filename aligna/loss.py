@@ -40,7 +40,8 @@ class _CrossEntropy(torch.autograd.Function):
     Row i with gold g and lse_i = log sum_v exp(x_iv): loss_i = lse_i - (1 - eps) x_ig -
     eps mean_v x_iv, and d loss_i / d x_iv = softmax(x_i)_v - (1 - eps) [v = g] - eps / V,
     which the forward pass already computes in its buffer (in C where `kernels.cross_entropy`
-    takes the tensors, one pass a row); backward scales it in place, so it runs once (a graph kept with retain_graph=True cannot run it again: an error says so)."""
+    takes the tensors, one pass a row); backward scales it in place, so it runs once (a graph
+    kept with retain_graph=True cannot run it again: an error says so)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, eps: float) -> Tensor:  # type: ignore[override]

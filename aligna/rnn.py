@@ -15,6 +15,7 @@ With attention the decoder looks back at every encoder state at every step inste
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -69,6 +70,7 @@ def recurrence(rnn: nn.Module, inputs: Tensor | PackedSequence, state: Tensor | 
     return rnn(inputs) if state is None else rnn(inputs, state)
 
 
+@functools.cache
 def _cpu_bf16() -> bool:
     """Whether oneDNN computes bf16 natively on this CPU (torch's own test; True where torch lacks it)."""
     try:

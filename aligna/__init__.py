@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import Config, ConfigError, load_config  # noqa: E402
-from .translate import Translator, load  # noqa: E402
+from .translate import Translator, load, load_ensemble  # noqa: E402
 
 
 def train(config: "str | Config", resume: bool = False, overwrite: bool = False, progress: bool = True):
@@ -15,4 +15,4 @@ def train(config: "str | Config", resume: bool = False, overwrite: bool = False,
     return _train(config, resume=resume, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["Config", "ConfigError", "Translator", "load", "load_config", "train", "__version__"]
+__all__ = ["Config", "ConfigError", "Translator", "load", "load_config", "load_ensemble", "train", "__version__"]

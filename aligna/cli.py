@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("translate", help="translate text with a trained model",
                        description="Translate one sentence per line, stdin to stdout by default.")  # fmt: skip
-    _model_args(p)
+    _model_args(p, ensemble=True)
     p.add_argument("--input", "-i", help="input file (default: stdin)")
     p.add_argument("--output", "-o", help="output file (default: stdout)")
     p.add_argument("--attention", metavar="DIR",
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Translate --src and score it against --ref: sacreBLEU BLEU and chrF "
                        "(with signatures), tokenized BLEU, perplexity, WER/PER, as the model's config "
                        "lists under eval.metrics.")  # fmt: skip
-    _model_args(p)
+    _model_args(p, ensemble=True)
     _test_set_args(p)
     p.add_argument("--metrics", help="comma-separated metrics (default: the config's eval.metrics + ppl)")
     p.add_argument("--hyp-output", help="also write the translations to this file")
@@ -232,14 +232,24 @@ def _engine_arg(p: argparse.ArgumentParser) -> None:
                    "an exported directory, aligna otherwise")  # fmt: skip
 
 
-def _model_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool = False) -> None:
     if many:
         p.add_argument(
             "model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`"
         )
+    elif ensemble:
+        p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                       help="a directory written by `aligna train` or `aligna export`; several: an ensemble of "
+                       "them, which averages their next-token probabilities (models trained on the same data, "
+                       "sharing tokenizers and vocabularies; aligna engine; search settings of the first)")  # fmt: skip
     else:
         p.add_argument("model_dir", help="a directory written by `aligna train` or `aligna export`")
-    _checkpoint_arg(p)
+    if ensemble:
+        p.add_argument("--checkpoint", default="best",
+                       help="best (default), latest, averaged, or a checkpoint path; for an ensemble, one for all "
+                       "or a comma-separated list of one per model")  # fmt: skip
+    else:
+        _checkpoint_arg(p)
     _engine_arg(p)
     p.add_argument("--device", type=_checked(field_type(TrainConfig, "device")), default="auto",
                    help="auto, cpu, cuda or cuda:N")  # fmt: skip
@@ -366,11 +376,26 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def _load(args: argparse.Namespace):
+    """The translator of MODEL_DIR, or the ensemble of several."""
+    from .translate import load, load_ensemble
+
+    if len(args.model_dirs) == 1:
+        return load(args.model_dirs[0], args.checkpoint, args.device, args.precision, args.engine)
+    if args.engine == "ctranslate2":
+        raise ValueError("--engine ctranslate2 decodes one model: an ensemble decodes with the aligna engine")
+    checkpoints = args.checkpoint.split(",")
+    if len(checkpoints) not in (1, len(args.model_dirs)):
+        raise ValueError(f"--checkpoint gives {len(checkpoints)} checkpoints for {len(args.model_dirs)} models: "
+                         "give one for all, or one per model")  # fmt: skip
+    return load_ensemble(args.model_dirs, checkpoints * (len(args.model_dirs) // len(checkpoints)), args.device,
+                         args.precision)  # fmt: skip
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
-    from .translate import load
 
-    translator = load(args.model_dir, args.checkpoint, args.device, args.precision, args.engine)
+    translator = _load(args)
     if args.input:
         lines = read_lines(args.input)
     else:  # bytes, so the terminal's locale cannot garble UTF-8
@@ -465,9 +490,7 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .translate import load
-
-    translator = load(args.model_dir, args.checkpoint, args.device, args.precision, args.engine)
+    translator = _load(args)
     sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
     hypotheses = translator.translate(sources, **_search_options(args))
@@ -479,7 +502,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         Path(args.hyp_output).write_text("".join(h + "\n" for h in hypotheses), "utf-8")
     if args.json:
         record = {
-            "model_dir": args.model_dir,
+            "model_dir": args.model_dirs[0] if len(args.model_dirs) == 1 else args.model_dirs,
             "src": args.src,
             "ref": args.ref,
             "tsv": args.tsv,

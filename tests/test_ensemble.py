@@ -1,0 +1,206 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import reverse_pairs, write_tsv
+from test_rnn import VARIANTS, make, random_batch
+from test_transformer import make as make_transformer
+
+import aligna
+from aligna.cli import main
+from aligna.compiled import CompiledTransformer
+from aligna.config import config_from_dict, config_to_dict
+from aligna.ensemble import Ensemble
+from aligna.search import beam_search, greedy_search
+from aligna.vocab import EOS_ID, SOS_ID
+
+
+def members(eos_bias=0.0):
+    """Three architectures over the same vocabulary: their states reorder in three ways.
+    eos_bias: added to each output layer's <eos> bias, so that untrained models end some outputs."""
+    models = [
+        make_transformer(seed=1, pre_norm=False),
+        make(seed=2, **VARIANTS["luong-general-feed-bilstm"]),
+        make(seed=3, **VARIANTS["gru-context"]),  # no attention
+    ]
+    with torch.no_grad():
+        for m in models:
+            (m.output if hasattr(m, "output") else m.decoder.output).bias[EOS_ID] += eos_bias
+    return models
+
+
+def teacher_forced_log_prob(model, src, lengths, tokens, ended):
+    """log P(tokens [<eos> where ended] | src) of one sentence from a teacher-forced pass of `model`."""
+    row = tokens + [EOS_ID] if ended else tokens
+    tgt_in, tgt_out = torch.tensor([[SOS_ID, *row[:-1]]]), torch.tensor([row])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(src, lengths, tgt_in).float(), -1)
+    return log_probs.gather(2, tgt_out.unsqueeze(2)).sum()
+
+
+def test_the_step_distribution_is_the_mean_of_the_members_probabilities():
+    parts = members()
+    ensemble = Ensemble(parts).eval()
+    src, lengths, _ = random_batch([6, 3, 4], seed=5)
+    prev = torch.tensor([SOS_ID, 7, 9])
+    log_probs, _, attention = ensemble.decode_step(prev, ensemble.init_state(e := ensemble.encode(src, lengths)), e)
+    probs, maps = [], []
+    for m in parts:
+        enc = m.encode(src, lengths)
+        logits, _, attn = m.decode_step(prev, m.init_state(enc), enc)
+        probs.append(torch.softmax(logits, -1))
+        if attn is not None:
+            maps.append(attn)
+    torch.testing.assert_close(log_probs.exp(), torch.stack(probs).mean(0))
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(3))
+    assert len(maps) == 2  # the GRU without attention has none to add
+    torch.testing.assert_close(attention, torch.stack(maps).mean(0))
+    _, _, none = ensemble.decode_step(prev, ensemble.init_state(e), e, need_attention=False)
+    assert none is None
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_scores_are_the_ensembles_teacher_forced_scores(beam):
+    """Each hypothesis's log-probability is the ensemble's: the members' states, encoder outputs
+    and beams stayed aligned through every reorder and repeat of the search."""
+    ensemble = Ensemble(members(eos_bias=0.4)).eval()
+    src, lengths, _ = random_batch([7, 2, 5, 9], seed=6)
+    if beam == 1:
+        found = greedy_search(ensemble, src, lengths, 1.0, 3)
+    else:
+        found = beam_search(ensemble, src, lengths, beam, 1.0, 3, nbest=beam)
+    checked = 0
+    for i, hyps in enumerate(found.nbest):
+        n = int(lengths[i])
+        for h in hyps:
+            ended = len(h.tokens) < n + 3  # else cut at the length limit (1.0 * n + 3 tokens), no <eos>
+            expected = teacher_forced_log_prob(ensemble, src[i : i + 1, :n], lengths[i : i + 1], h.tokens, ended)
+            assert h.log_prob == pytest.approx(float(expected), abs=1e-4)
+            checked += ended
+    assert 0 < checked < sum(map(len, found.nbest))  # some hypotheses end in <eos>, others at the limit
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model():
+    model = make(seed=4, **VARIANTS["bahdanau-bigru"])
+    src, lengths, _ = random_batch([5, 8, 3], seed=7)
+    alone = beam_search(model, src, lengths, 4, 1.5, 4, nbest=2)
+    twice = beam_search(Ensemble([model, model]).eval(), src, lengths, 4, 1.5, 4, nbest=2)
+    for a, b in zip(alone.nbest, twice.nbest):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        for x, y in zip(a, b):
+            assert x.log_prob == pytest.approx(y.log_prob, abs=1e-5)
+            torch.testing.assert_close(x.attention, y.attention)
+
+
+def test_teacher_forced_scores_average_probabilities_not_log_probabilities():
+    parts = members()[:2]
+    src, lengths, tgt = random_batch([4, 6], seed=8)
+    with torch.no_grad():
+        out = Ensemble(parts).eval()(src, lengths, tgt)
+    each = torch.stack([torch.softmax(m(src, lengths, tgt), -1) for m in parts])
+    torch.testing.assert_close(out, each.mean(0).log())
+    assert math.isclose(float(out.exp().sum(-1).mean()), 1.0, rel_tol=1e-5)
+
+
+def test_an_ensemble_needs_two_models():
+    with pytest.raises(ValueError, match="at least 2"):
+        Ensemble([make()])
+
+
+def toy_run(directory, name, train_pairs, **sections):
+    """Train a toy reverse-task model in directory/name; returns its config file."""
+    raw = {
+        "model_dir": str(directory / name),
+        "data": {"train": {"tsv": str(write_tsv(directory / f"{name}.train.tsv", train_pairs))},
+                 "dev": {"tsv": str(write_tsv(directory / "dev.tsv", reverse_pairs(100, seed=2)))},
+                 "test": {"tsv": str(write_tsv(directory / "test.tsv", reverse_pairs(20, seed=5)))}},
+        "model": {"emb_dim": 16, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.1},
+        "train": {"batch_tokens": 256, "epochs": 1, "validate_every": 15, "max_steps": 30},
+        "eval": {"metrics": ["wer"]},
+    }  # fmt: skip
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config_from_dict(raw))))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two toy models, an attention GRU and a Transformer, trained on the same data with other
+    seeds: their model directories, and the test set."""
+    directory = tmp_path_factory.mktemp("ensemble")
+    pairs = reverse_pairs(2000, seed=1)
+    toy_run(directory, "run1", pairs, model={"rnn": {"attention": "bahdanau"}}, train={"seed": 1})
+    toy_run(directory, "run2", pairs, model={"arch": "transformer"}, train={"seed": 2})
+    return [str(directory / "run1"), str(directory / "run2")], directory / "test.tsv"
+
+
+def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsys):
+    (a, b), test = two_runs
+    source = tmp_path / "in.txt"
+    source.write_text("3 1 4 1 5\n9 2 6\n")
+    assert main(["translate", a, b, "-i", str(source), "--beam", "3", "--attention", str(tmp_path / "maps")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ensemble = aligna.load_ensemble([a, b])
+    assert lines == ensemble.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)
+    assert (tmp_path / "maps" / "0001.png").is_file()  # the members' mean attention
+    assert main(["evaluate", a, b, "--tsv", str(test), "--checkpoint", "best,latest", "--beam", "2"]) == 0
+    assert "wer" in capsys.readouterr().out
+    # int8: the members quantized and their decoding compiled, the same translations in nearly every case
+    int8 = aligna.load_ensemble([a, b], precision="int8")
+    assert len(int8.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)) == 2
+    assert isinstance(int8.search_model().members[1], CompiledTransformer)
+
+
+def test_an_ensemble_of_models_with_other_vocabularies_is_refused(two_runs, tmp_path, capsys):
+    (a, _), _ = two_runs
+    path = toy_run(tmp_path, "other", reverse_pairs(300, seed=9, symbols=4), train={"max_steps": 2})
+    other = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="src_vocab.txt differs"):
+        aligna.load_ensemble([a, other])
+    capsys.readouterr()
+    assert main(["translate", a, other, "-i", str(path)]) == 1
+    assert "must share their tokenizers and vocabularies" in capsys.readouterr().err
+    assert main(["translate", a, a, "--checkpoint", "best,latest,best"]) == 1
+    assert "3 checkpoints for 2 models" in capsys.readouterr().err
+    assert main(["translate", a, a, "--engine", "ctranslate2"]) == 1
+    assert "aligna engine" in capsys.readouterr().err
+
+
+def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path, monkeypatch):
+    """bench.published's ensemble row: each member with the weights its row's record names, the
+    length penalty chosen on dev, the test set scored once."""
+    import argparse
+    import json
+
+    from bench import published
+
+    (a, b), test = two_runs
+    wer = dict(metric="wer", published=10.0, target=10.0, source="-", higher_is_better=False)
+    configs = [str(Path(d).with_suffix(".yaml")) for d in (a, b)]
+    rows = {"m1": published.Row(configs[0], **wer), "m2": published.Row(configs[1], **wer),
+            "both": published.Row(configs[0], **wer, members=("m1", "m2"))}  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, weights in (("m1", "best checkpoint"), ("m2", "average of the last 2 checkpoints")):
+        record = {"overrides": [], "weights": weights, "reproduce": f"train {name}", "arch": "rnn",
+                  "train_steps": 30, "train_seconds": 60.0, "train_precision": "fp32"}  # fmt: skip
+        (results / f"published_{name}.json").write_text(json.dumps(record))
+    written = {}
+    monkeypatch.setattr(published, "ROWS", rows)
+    monkeypatch.setattr(published, "RESULTS", results)
+    monkeypatch.setattr(published, "write_record", lambda name, record: written.update(record, name=name))
+    args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0])
+    published.ensemble_row(args, "both", rows["both"])
+    assert written["name"] == "published_both" and [g["alpha"] for g in written["dev_grid"]] == [0.0, 1.0]
+    alpha = float(written["search"].split("alpha ")[1])
+    ensemble = aligna.load_ensemble([a, b], ["best", "averaged"])
+    sources, references = zip(*[line.split("\t") for line in test.read_text().splitlines()])
+    expected = ensemble.evaluate(sources, [[r] for r in references], ["wer"], beam_size=2, alpha=alpha)
+    assert written["metrics"]["wer"] == pytest.approx(expected.values["wer"])
+    assert written["reproduce"].startswith("train m1 && train m2 && ")
+    assert written["train_steps"] == "30 + 30" and written["train_seconds"] == 120.0

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .attention import Attention
-from .model import Dropout, Reorderable, Seq2Seq
+from .model import Dropout, Reorderable, Seq2Seq, output_layer
 from .vocab import PAD_ID
 
 
@@ -225,7 +225,7 @@ class _Decoder(nn.Module):
     def project(self, features: Tensor) -> Tensor:
         """What `forward` gives, (..., F) -> logits (..., V): the model projects only the
         positions it needs (training skips padded targets)."""
-        return self.output(self.readout(self.dropout(features)))
+        return output_layer(self.output, self.readout(self.dropout(features)))
 
     def recur(self, inputs: Tensor, state: RNNState) -> tuple[Tensor, RNNState]:
         """Run the RNN over inputs (B, T, I) from `state` -> outputs (B, T, H), new state."""
@@ -356,7 +356,7 @@ class LuongDecoder(_Decoder):
 
     def project(self, features: Tensor) -> Tensor:
         """h~ (..., H), dropped out already in `attend` (input feeding reads it) -> logits (..., V)."""
-        return self.output(self.readout(features))
+        return output_layer(self.output, self.readout(features))
 
 
 class RNNSeq2Seq(Seq2Seq):

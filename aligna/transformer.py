@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention, additive_mask
-from .model import Dropout, Reorderable, Seq2Seq
+from .model import Dropout, Reorderable, Seq2Seq, output_layer
 from .vocab import PAD_ID
 
 
@@ -331,7 +331,7 @@ class Transformer(Seq2Seq):
             if need_weights != "none" and i == last:
                 summary = cross_w.mean(dim=1)  # (B, T, S)
         x = x if keep is None else x[keep]  # (N, d)
-        logits = (self.output if enc.output is None else enc.output)(self.decoder_norm(x))  # (B, T, V), or V' over a shortlist
+        logits = output_layer(self.output if enc.output is None else enc.output, self.decoder_norm(x))  # (B, T, V), or V' over a shortlist
         return logits, TransformerState(keys, values), summary, maps
 
     def decode_step(

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from conftest import reverse_pairs, write_tsv
 from safetensors.torch import load_file
 
@@ -248,6 +249,49 @@ def test_dropout_keeps_each_value_with_chance_one_minus_p_and_rescales_it():
     assert layer.eval()(x) is x
     with pytest.raises(ValueError, match="not in"):
         Dropout(1.5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_wide_output_layer_on_onednn_computes_what_linear_does(bias, monkeypatch):
+    """`model.output_layer`: forward, and every gradient, equal nn.Linear's to float rounding, for
+    a 3-D input, a tied weight that also gets another gradient, and without grad; narrow layers,
+    few rows, bf16 and autocast take nn.Linear itself."""
+    from aligna import model as model_module
+
+    if model_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    calls = []
+    real = model_module._ONEDNN_LINEAR
+    monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 5000, bias=bias)
+    embedding = nn.Embedding(5000, 24)
+    layer.weight = embedding.weight  # tied, as a model's output layer and target embedding
+    x = torch.randn(3, 20, 24, requires_grad=True)
+    ids = torch.randint(0, 5000, (7,))
+    target = torch.randn(3, 20, 5000)
+
+    def grads(fn):
+        out = fn(layer, x)
+        (out * target).sum().backward(inputs=[x, layer.weight, *([layer.bias] if bias else [])])
+        (embedding(ids).sum() * 0.5).backward()  # the tied weight's other use
+        result = [out.detach(), x.grad, layer.weight.grad, *([layer.bias.grad] if bias else [])]
+        x.grad = layer.weight.grad = None
+        if bias:
+            layer.bias.grad = None
+        return result
+
+    mine, theirs = grads(model_module.output_layer), grads(lambda m, v: m(v))
+    assert calls == [(60, 24), (60, 5000)]  # the forward product and the input's gradient
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model_module.output_layer(layer, x), layer(x), rtol=1e-4, atol=1e-4)
+    calls.clear()
+    model_module.output_layer(nn.Linear(24, 100), x)  # narrow
+    model_module.output_layer(layer, x[:1, :5])  # 5 rows
+    model_module.output_layer(layer.bfloat16(), x.bfloat16())
+    assert calls == []
 
 
 def test_a_training_step_scores_every_target_but_padding():

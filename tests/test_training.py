@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from conftest import reverse_pairs, write_tsv
 from safetensors.torch import load_file
+from torch import nn
 
 import aligna
 from aligna import modeldir, tensorfiles, training

@@ -388,7 +388,7 @@ def _load(args: argparse.Namespace):
     if len(checkpoints) not in (1, len(args.model_dirs)):
         raise ValueError(f"--checkpoint gives {len(checkpoints)} checkpoints for {len(args.model_dirs)} models: "
                          "give one for all, or one per model")  # fmt: skip
-    return load_ensemble(args.model_dirs, checkpoints * (len(args.model_dirs) // len(checkpoints)), args.device,
+    return load_ensemble(args.model_dirs, checkpoints[0] if len(checkpoints) == 1 else checkpoints, args.device,
                          args.precision)  # fmt: skip
 
 

@@ -75,9 +75,9 @@ class Ensemble(Seq2Seq):
             logits, s, attention = member.decode_step(prev_tokens, s, e, need_attention)  # (B, V), (B, S) or None
             log_probs.append(log_softmax_(logits))  # the member's logits are ours to overwrite
             states.append(s)
-            if attention is not None:
+            if attention is not None and need_attention:
                 maps.append(attention.float())
-        attention = torch.stack(maps).mean(0) if maps and need_attention else None
+        attention = torch.stack(maps).mean(0) if maps else None
         return mean_probabilities(log_probs), Members(tuple(states)), attention
 
     def restrict_output(self, encoder_output: Members, ids: Tensor) -> Members:  # type: ignore[override]

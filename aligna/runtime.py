@@ -88,7 +88,6 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
 
 _QUANTIZING = threading.Lock()
 
-
 # Outputs (rows x out_features) from which a call runs oneDNN's int8 kernel rather than fbgemm's.
 # Measured on a Zen 4 core (1 thread, per-row weight scales; microseconds fbgemm / oneDNN):
 # fbgemm is faster on a few rows (256 -> 768 at 5 rows: 19 / 52), but slows down once its int32

@@ -6,7 +6,7 @@ aligna translate MODEL_DIR [--input F] [--output F]
 aligna evaluate MODEL_DIR --src F --ref F [--ref F ...]
 aligna shortlist MODEL_DIR
 aligna prepare-cmudict OUT_DIR
-aligna serve MODEL_DIR [MODEL_DIR ...] [--port 8000]
+aligna serve MODEL_DIR[,MODEL_DIR ...] [MODEL_DIR ...] [--port 8000]
 """
 
 from __future__ import annotations
@@ -144,14 +144,18 @@ def _parser() -> argparse.ArgumentParser:
                        "POST /v1/translate, GET /v1/models, /healthz, /readyz, /docs, and a page at /. "
                        "Requests with the same search options that arrive together are decoded in one batch.")  # fmt: skip
     p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
-                   help="directories written by `aligna train` or `aligna export`")  # fmt: skip
+                   help="directories written by `aligna train` or `aligna export`; DIR,DIR,... serves an ensemble "
+                   "of those models as one (as `aligna translate DIR DIR`)")  # fmt: skip
     p.add_argument("--name", action="append", dest="names", metavar="NAME",
-                   help="a model's name in requests, once per MODEL_DIR in order (default: the directory's name)")  # fmt: skip
+                   help="a model's name in requests, once per MODEL_DIR in order (default: the directory's name; "
+                   "an ensemble's: its directories' names joined by +)")  # fmt: skip
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    _checkpoint_arg(p)
+    p.add_argument("--checkpoint", default="best",
+                   help="best (default), latest, averaged, or a checkpoint path; for an ensemble, one for all "
+                   "or a comma-separated list of one per model")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="as for translate (default: fp32, or an export's stored type)")  # fmt: skip
@@ -376,20 +380,33 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
-def _load(args: argparse.Namespace):
-    """The translator of MODEL_DIR, or the ensemble of several."""
+def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
+    """The translator of MODEL_DIR, or the ensemble of several (`model_dirs`, default the
+    command's MODEL_DIR arguments)."""
     from .translate import load, load_ensemble
 
-    if len(args.model_dirs) == 1:
-        return load(args.model_dirs[0], args.checkpoint, args.device, args.precision, args.engine)
+    model_dirs = args.model_dirs if model_dirs is None else model_dirs
+    if len(model_dirs) == 1:
+        return load(model_dirs[0], args.checkpoint, args.device, args.precision, args.engine)
     if args.engine == "ctranslate2":
         raise ValueError("--engine ctranslate2 decodes one model: an ensemble decodes with the aligna engine")
     checkpoints = args.checkpoint.split(",")
-    if len(checkpoints) not in (1, len(args.model_dirs)):
-        raise ValueError(f"--checkpoint gives {len(checkpoints)} checkpoints for {len(args.model_dirs)} models: "
+    if len(checkpoints) not in (1, len(model_dirs)):
+        raise ValueError(f"--checkpoint gives {len(checkpoints)} checkpoints for {len(model_dirs)} models: "
                          "give one for all, or one per model")  # fmt: skip
-    return load_ensemble(args.model_dirs, checkpoints[0] if len(checkpoints) == 1 else checkpoints, args.device,
+    return load_ensemble(model_dirs, checkpoints[0] if len(checkpoints) == 1 else checkpoints, args.device,
                          args.precision)  # fmt: skip
+
+
+def _served_dirs(argument: str) -> list[str]:
+    """A serve MODEL_DIR argument: one directory, or DIR,DIR,... for an ensemble (a directory
+    whose own name has a comma is taken whole)."""
+    if "," not in argument or Path(argument).is_dir():
+        return [argument]
+    dirs = argument.split(",")
+    if not all(dirs):
+        raise ValueError(f"MODEL_DIR {argument!r}: an ensemble is DIR,DIR,... with no empty entry")
+    return dirs
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -555,9 +572,10 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"serving needs fastapi and uvicorn ({e}): pip install 'aligna[serve]'") from None
     from .serve import Settings, create_app, read_api_key, setup_logging
-    from .translate import Translator, load
+    from .translate import Translator
 
-    names = args.names or [Path(m).resolve().name for m in args.model_dirs]
+    served = [_served_dirs(m) for m in args.model_dirs]
+    names = args.names or ["+".join(Path(d).resolve().name for d in dirs) for dirs in served]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--name given {len(names)} times for {len(args.model_dirs)} model directories")
     if len(set(names)) != len(names) or not all(names):
@@ -576,9 +594,9 @@ def _serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     setup_logging()
     models = {}
-    for name, model_dir in zip(names, args.model_dirs):
-        print(f"loading {name!r} from {model_dir}", file=sys.stderr)
-        models[name] = load(model_dir, args.checkpoint, args.device, args.precision, args.engine)
+    for name, dirs in zip(names, served):
+        print(f"loading {name!r} from {', '.join(dirs)}", file=sys.stderr)
+        models[name] = _load(args, dirs)
         if isinstance(models[name], Translator):
             models[name].search_model()  # the int8 copy is made now, not on the first request
     app = create_app(models, settings)

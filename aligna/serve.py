@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import BatchWorker, WorkerStopped
-from .config import ConfigError, config_to_dict
+from .config import Config, ConfigError, config_to_dict
 from .translate import TextTranslator
 
 log = logging.getLogger("aligna")
@@ -151,9 +151,17 @@ class TranslateResponse(BaseModel):
     results: list[TranslationResult]
 
 
+class MemberInfo(BaseModel):
+    architecture: str
+    attention: str
+    has_attention: bool
+    layers: dict[str, int]
+    heads: int | None
+
+
 class ModelInfo(BaseModel):
     name: str
-    architecture: str
+    architecture: str = Field(description="transformer, rnn, rnn+ATTENTION, or ensemble (see members)")
     attention: str
     src_lang: str
     tgt_lang: str
@@ -164,8 +172,9 @@ class ModelInfo(BaseModel):
     engine: str  # aligna (PyTorch) or ctranslate2 (an `aligna export` directory)
     device: str
     has_attention: bool
-    layers: dict[str, int]
+    layers: dict[str, int] | None = Field(description="None for an ensemble")
     heads: int | None
+    members: list[MemberInfo] | None = Field(description="an ensemble's models, in order; None for one model")
     max_len: int | None
     decode: dict[str, Any]
 
@@ -233,21 +242,36 @@ def _validation_error(exc: RequestValidationError, content_type: str) -> Respons
 # --------------------------------------------------------------------------- a served model
 
 
-def model_info(name: str, translator: TextTranslator) -> dict[str, Any]:
-    config, m = translator.config, translator.config.model
+def _architecture(config: Config) -> dict[str, Any]:
+    """What the page and clients show of one model: its architecture, attention and size."""
+    m = config.model
     if m.arch == "transformer":
         architecture, attention, heads = "transformer", "multi-head", m.transformer.heads
     else:
         attention, heads = m.rnn.attention, None
         architecture = f"rnn+{attention}" if attention != "none" else "rnn"
+    return {"architecture": architecture, "attention": attention, "has_attention": attention != "none",
+            "layers": {"encoder": m.encoder_layers, "decoder": m.decoder_layers}, "heads": heads}  # fmt: skip
+
+
+def model_info(name: str, translator: TextTranslator) -> dict[str, Any]:
+    """GET /v1/models's entry for a served model. An ensemble's architecture is "ensemble",
+    its attention the mean of its members' ("mean"; the search's map, no layers or heads of
+    its own), and "members" describes each member."""
+    config = translator.config
+    if translator.members:
+        members = [_architecture(c) for c in translator.members]
+        has_attention = any(m["has_attention"] for m in members)
+        shape: dict[str, Any] = {"architecture": "ensemble", "attention": "mean" if has_attention else "none",
+                                 "has_attention": has_attention, "layers": None, "heads": None, "members": members}  # fmt: skip
+    else:
+        shape = {**_architecture(config), "members": None}
     return {
-        "name": name, "architecture": architecture, "attention": attention,
+        "name": name, **shape,
         "src_lang": config.data.src_lang, "tgt_lang": config.data.tgt_lang,
         "src_tokenizer": config.data.src_tokenizer.type, "tgt_tokenizer": config.data.tgt_tokenizer.type,
         "parameters": translator.parameters, "precision": translator.precision, "engine": translator.engine,
-        "device": str(translator.device), "has_attention": attention != "none",
-        "layers": {"encoder": m.encoder_layers, "decoder": m.decoder_layers}, "heads": heads,
-        "max_len": translator.max_len, "decode": config_to_dict(config.decode),
+        "device": str(translator.device), "max_len": translator.max_len, "decode": config_to_dict(config.decode),
     }  # fmt: skip
 
 

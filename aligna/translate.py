@@ -61,6 +61,7 @@ class TextTranslator:
     model exported with `aligna export`)."""
 
     engine = "aligna"
+    members: tuple[Config, ...] = ()  # an ensemble's members' configs; () for one model
 
     def __init__(self, pipeline: Pipeline, config: Config, device: torch.device, precision: str) -> None:
         self.pipeline, self.config, self.device, self.precision = pipeline, config, device, precision
@@ -201,9 +202,11 @@ class Translator(TextTranslator):
         device: torch.device,
         precision: str = "fp32",
         shortlist: Path | None = None,
+        members: Sequence[Config] = (),
     ) -> None:
         super().__init__(pipeline, config, device, precision)  # precision: fp32, bf16 / fp16, int8
         self.model = model
+        self.members = tuple(members)  # an ensemble's: each member's config, in member order
         self.shortlist_file = shortlist  # for decode.shortlist, read on first use
         self._shortlist: Shortlist | None = None
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
@@ -388,7 +391,8 @@ def load_ensemble(
     precision = precision or "fp32"
     check_precision(first.device, precision)
     model = Ensemble([m.model for m in members]).eval()
-    return Translator(model, first.pipeline, first.config, first.device, precision, ModelDir(dirs[0]) / SHORTLIST)
+    return Translator(model, first.pipeline, first.config, first.device, precision, ModelDir(dirs[0]) / SHORTLIST,
+                      [m.config for m in members])  # fmt: skip
 
 
 def _check_same_pipeline(first: Path, other: Path) -> None:

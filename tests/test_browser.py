@@ -93,8 +93,10 @@ def models(browser_ready, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(models):
-    """The three models in one server; the driver fixture waits for it to be ready."""
-    with page.Server(list(models.values()), "--threads", "1") as served:
+    """The three models in one server, and the ensemble of two of them (served as
+    "bahdanau+transformer"); the driver fixture waits for it to be ready."""
+    ensemble = f"{models['bahdanau']},{models['transformer']}"
+    with page.Server([*models.values(), ensemble], "--threads", "1") as served:
         yield served
 
 
@@ -250,3 +252,15 @@ def test_model_without_attention(driver, server):
     assert text == api(server, "plain")["text"]
     assert grid(driver)["rows"] == [] and grid(driver)["cols"] == []
     assert "no attention" in driver.find_element("tag name", "body").text
+
+
+def test_an_ensemble_shows_its_members_and_their_mean_attention(driver, server):
+    text = page.translate(driver, SENTENCE, model="bahdanau+transformer")
+    record = api(server, "bahdanau+transformer")
+    assert text == record["text"] and record["attention"]["maps"] == {}
+    assert "ensemble of rnn+bahdanau + transformer" in driver.find_element("id", "model-info").text
+    attention = record["attention"]
+    assert_grid(grid(driver), attention["tgt_tokens"], attention["src_tokens"], attention["weights"])
+    for element_id in ("kind", "layer", "head"):  # no layers or heads of its own
+        assert len(page.options(driver, element_id)) == 1
+        assert driver.find_element("id", element_id).get_attribute("disabled")

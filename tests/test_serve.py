@@ -227,6 +227,36 @@ def test_attention_modes(client, translators):
     assert plain["weights"] is None and plain["maps"] == {}
 
 
+def test_an_ensemble_is_served_as_one_model(model_dirs):
+    """DIR,DIR: the ensemble's translations, scores and mean attention are the Python API's;
+    /v1/models describes it and its members."""
+    ensemble = aligna.load_ensemble([model_dirs["rnn"], model_dirs["tf"]], device="cpu")
+    without_attention = aligna.load_ensemble([model_dirs["plain"], model_dirs["plain"]], device="cpu")
+    with TestClient(create_app({"ens": ensemble, "blind": without_attention}, Settings(max_wait_ms=1))) as client:
+        body = client.get("/v1/models").json()
+        ModelsResponse.model_validate(body)
+        info = {m["name"]: m for m in body["models"]}
+        assert info["ens"]["architecture"] == "ensemble" and info["ens"]["attention"] == "mean"
+        assert info["ens"]["has_attention"] and info["ens"]["layers"] is None and info["ens"]["heads"] is None
+        assert [m["architecture"] for m in info["ens"]["members"]] == ["rnn+bahdanau", "transformer"]
+        assert info["ens"]["members"][1]["heads"] == 2 and info["ens"]["members"][0]["layers"] == {"encoder": 1, "decoder": 1}
+        assert info["ens"]["parameters"] == sum(p.numel() for p in ensemble.model.parameters())
+        assert info["blind"]["attention"] == "none" and not info["blind"]["has_attention"]
+
+        options = {"beam_size": 3, "nbest": 2}
+        results = post(client, {"model": "ens", "texts": TEXTS, "attention": "cross", **options}).json()["results"]
+        expected = ensemble.translate_detailed(TEXTS, **options)
+        for got, want in zip(results, expected):
+            assert got["text"] == want.text and got["score"] == pytest.approx(want.score, abs=1e-4)
+            assert [e["text"] for e in got["nbest"]] == [t for t, _ in want.nbest]
+            assert_same_record(got["attention"], ensemble.attention_record(want))
+            assert all(abs(sum(row) - 1) < 1e-3 for row in got["attention"]["weights"])  # a mean of distributions
+        every = post(client, {"model": "ens", "texts": ["a b c"], "attention": "all"}).json()["results"][0]["attention"]
+        assert every["maps"] == {} and every["weights"]  # no layers or heads of its own: the mean map only
+        blind = post(client, {"model": "blind", "texts": ["a b c"], "attention": "cross"}).json()["results"][0]
+        assert blind["attention"]["weights"] is None
+
+
 # --------------------------------------------------------------------------- errors and limits
 
 
@@ -659,6 +689,30 @@ def test_cli_serves_over_http(model_dirs, translators):
     assert process.returncode in (0, -signal.SIGTERM), log  # uvicorn shuts down, then re-raises the signal
     assert "Application shutdown complete" in log
     assert "serving 'toy'" in log and f"{url}/docs" in log
+
+
+def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
+    """`aligna serve DIR,DIR DIR`: the first is served as the ensemble of its models, named by
+    their directories joined with +, beside a single model."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    rnn, tf = str(model_dirs["rnn"]), str(model_dirs["tf"])
+    assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--checkpoint", "best,latest"]) == 1
+    assert "--checkpoint best,latest: no such file" in capsys.readouterr().err  # for the single model
+    assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu"]) == 0
+    with TestClient(served["app"]) as client:
+        info = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert set(info) == {"rnn+tf", "tf"} and info["rnn+tf"]["architecture"] == "ensemble"
+        got = post(client, {"model": "rnn+tf", "texts": TEXTS}).json()["results"]
+    ensemble = aligna.load_ensemble([rnn, tf], device="cpu")
+    assert [r["text"] for r in got] == ensemble.translate(TEXTS)
+    for bad, message in (([f"{rnn},", "--device", "cpu"], "no empty entry"),
+                         ([f"{rnn},{tf}", "--engine", "ctranslate2"], "an ensemble decodes with the aligna engine")):  # fmt: skip
+        assert main(["serve", *bad]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_cli_errors(model_dirs, capsys, monkeypatch):

@@ -79,8 +79,9 @@ async function loadModels() {
 function showModel() {
   const m = currentModel();
   if (!m) return;
-  const parts = [m.architecture, m.parameters.toLocaleString("en") + " parameters",
-    m.layers.encoder + "+" + m.layers.decoder + " layers"];
+  const parts = m.members
+    ? ["ensemble of " + m.members.map((x) => x.architecture).join(" + "), m.parameters.toLocaleString("en") + " parameters"]
+    : [m.architecture, m.parameters.toLocaleString("en") + " parameters", m.layers.encoder + "+" + m.layers.decoder + " layers"];
   if (m.heads) parts.push(m.heads + " heads");
   parts.push(m.precision + " on " + m.device);
   $("model-info").textContent = parts.join(" · ");
@@ -217,7 +218,10 @@ function currentGrid() {
   const m = currentModel();
   const r = state.results[state.selected];
   if (!r) return { grid: null, note: "" };
-  if (m && !m.has_attention) return { grid: null, note: "This model has no attention (model.rnn.attention: none)." };
+  if (m && !m.has_attention) {
+    const why = m.members ? "none of this ensemble's models has attention" : "model.rnn.attention: none";
+    return { grid: null, note: "This model has no attention (" + why + ")." };
+  }
   const record = r.attention;
   if (!record || !record.src_tokens.length) return { grid: null, note: "Nothing to show for an empty input." };
   const maps = record.maps;

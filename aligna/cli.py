@@ -153,9 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--checkpoint", default="best",
-                   help="best (default), latest, averaged, or a checkpoint path; for an ensemble, one for all "
-                   "or a comma-separated list of one per model")  # fmt: skip
+    _ensemble_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="as for translate (default: fp32, or an export's stored type)")  # fmt: skip
@@ -229,6 +227,22 @@ def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="best", help="best (default), latest, averaged, or a checkpoint path")
 
 
+def _ensemble_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="best",
+                   help="best (default), latest, averaged, or a checkpoint path; for an ensemble, one for all "
+                   "or a comma-separated list of one per model")  # fmt: skip
+    p.add_argument("--ensemble-weights", type=_weights, metavar="W,W,...",
+                   help="an ensemble's weight of each model's probabilities, in model order, normalized to sum 1 "
+                   "(default: equal)")  # fmt: skip
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def _engine_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="aligna (PyTorch) or ctranslate2 (an `aligna export` directory, or a model directory "
@@ -249,9 +263,7 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool =
     else:
         p.add_argument("model_dir", help="a directory written by `aligna train` or `aligna export`")
     if ensemble:
-        p.add_argument("--checkpoint", default="best",
-                       help="best (default), latest, averaged, or a checkpoint path; for an ensemble, one for all "
-                       "or a comma-separated list of one per model")  # fmt: skip
+        _ensemble_args(p)
     else:
         _checkpoint_arg(p)
     _engine_arg(p)
@@ -381,11 +393,15 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
-    """The translator of MODEL_DIR, or the ensemble of several (`model_dirs`, default the
-    command's MODEL_DIR arguments)."""
+    """The translator of MODEL_DIR, or the ensemble of several: `model_dirs` (serve's entries,
+    where --ensemble-weights is for those that are ensembles), by default the command's
+    MODEL_DIR arguments."""
     from .translate import load, load_ensemble
 
-    model_dirs = args.model_dirs if model_dirs is None else model_dirs
+    if model_dirs is None:
+        model_dirs = args.model_dirs
+        if len(model_dirs) == 1 and args.ensemble_weights is not None:
+            raise ValueError("--ensemble-weights weighs the models of an ensemble: give several models")
     if len(model_dirs) == 1:
         return load(model_dirs[0], args.checkpoint, args.device, args.precision, args.engine)
     if args.engine == "ctranslate2":
@@ -395,7 +411,7 @@ def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
         raise ValueError(f"--checkpoint gives {len(checkpoints)} checkpoints for {len(model_dirs)} models: "
                          "give one for all, or one per model")  # fmt: skip
     return load_ensemble(model_dirs, checkpoints[0] if len(checkpoints) == 1 else checkpoints, args.device,
-                         args.precision)  # fmt: skip
+                         args.precision, args.ensemble_weights)  # fmt: skip
 
 
 def _served_dirs(argument: str) -> list[str]:
@@ -575,6 +591,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .translate import Translator
 
     served = [_served_dirs(m) for m in args.model_dirs]
+    if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in served):
+        raise ValueError("--ensemble-weights weighs the models of an ensemble: serve one as DIR,DIR,...")
     names = args.names or ["+".join(Path(d).resolve().name for d in dirs) for dirs in served]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--name given {len(names)} times for {len(args.model_dirs)} model directories")

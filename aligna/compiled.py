@@ -122,7 +122,7 @@ def compile_decoding(model: Seq2Seq) -> Seq2Seq:
     else `model` itself. The model must not be trained afterwards: the program runs its modules
     in eval mode. An ensemble gets its members compiled."""
     if isinstance(model, Ensemble):
-        return Ensemble([compile_decoding(m) for m in model.members]).train(model.training)
+        return Ensemble([compile_decoding(m) for m in model.members], model.weights).train(model.training)
     if not isinstance(model, Transformer) or model.training:
         return model
     program = script(StepProgram(model), "the decoding step")

@@ -1,9 +1,10 @@
 """Ensembles: several models that share their vocabularies decode as one.
 
 At every step each member scores the next token, and the ensemble's distribution is the
-mean of the members' probabilities (fairseq's `EnsembleModel`, OpenNMT's `-models a b`)::
+mean of the members' probabilities (fairseq's `EnsembleModel`, OpenNMT's `-models a b`), or
+their weighted mean (Marian's `--weights`; weights w_m > 0, normalized to sum 1)::
 
-    p(y_t | y_<t, x) = 1/M * sum_m p_m(y_t | y_<t, x)
+    p(y_t | y_<t, x) = 1/M * sum_m p_m(y_t | y_<t, x)      or      sum_m w_m p_m(y_t | y_<t, x)
 
 so the searches rank hypotheses by the sum of these log-probabilities. Members may be of any
 architecture (a Transformer beside an attention LSTM): `Ensemble` is a `Seq2Seq`, driven by
@@ -42,22 +43,39 @@ class Members(Reorderable):
         return Members(tuple(p.repeat(k) for p in self.parts))
 
 
-def mean_probabilities(log_probs: Sequence[Tensor]) -> Tensor:
-    """log(1/M * sum_m exp(log_probs[m])), elementwise: M tensors of the same shape -> one."""
-    total = functools.reduce(torch.logaddexp, log_probs)
-    return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
+def mean_probabilities(log_probs: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """log(sum_m w_m * exp(log_probs[m])), elementwise: M tensors of the same shape -> one;
+    `weights` sum to 1 (None: 1/M each)."""
+    if weights is None:
+        total = functools.reduce(torch.logaddexp, log_probs)
+        return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
+    return functools.reduce(torch.logaddexp, [lp + math.log(w) for lp, w in zip(log_probs, weights)])
+
+
+def ensemble_weights(weights: Sequence[float], members: int) -> tuple[float, ...]:
+    """`weights`, one positive finite number per member, normalized to sum 1 (a ValueError
+    says what is wrong)."""
+    if len(weights) != members:
+        raise ValueError(f"{len(weights)} ensemble weights given for {members} models: give one per model")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"ensemble weights must be positive numbers, got {list(weights)}")
+    total = math.fsum(weights)
+    return tuple(w / total for w in weights)
 
 
 class Ensemble(Seq2Seq):
     """Members that share the source and target vocabularies, as one model whose next-token
-    distribution is the mean of theirs. Shapes as `Seq2Seq`'s; decode_step's "logits" are the
-    ensemble's log-probabilities (normalized: the searches' log-softmax leaves them as they are)."""
+    distribution is the mean of theirs, or with `weights` (one per member, normalized to sum
+    1) their weighted mean. Shapes as `Seq2Seq`'s; decode_step's "logits" are the ensemble's
+    log-probabilities (normalized: the searches' log-softmax leaves them as they are). The
+    attention is the plain mean of the members' that have attention."""
 
-    def __init__(self, members: Sequence[Seq2Seq]) -> None:
+    def __init__(self, members: Sequence[Seq2Seq], weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 models, not {len(members)}")
         self.members = nn.ModuleList(members)
+        self.weights = None if weights is None else ensemble_weights(weights, len(members))
         limits = [m.max_len for m in members if m.max_len is not None]
         self.max_len = min(limits) if limits else None  # every member must take the input
 
@@ -78,7 +96,7 @@ class Ensemble(Seq2Seq):
             if attention is not None and need_attention:
                 maps.append(attention.float())
         attention = torch.stack(maps).mean(0) if maps else None
-        return mean_probabilities(log_probs), Members(tuple(states)), attention
+        return mean_probabilities(log_probs, self.weights), Members(tuple(states)), attention
 
     def restrict_output(self, encoder_output: Members, ids: Tensor) -> Members:  # type: ignore[override]
         return Members(tuple(m.restrict_output(e, ids) for m, e in zip(self.members, encoder_output.parts)))
@@ -91,7 +109,7 @@ class Ensemble(Seq2Seq):
         """Teacher forcing: the ensemble's log-probabilities (B, T, V), or (N, V) with `keep`, as
         `Seq2Seq.forward` gives logits (a cross-entropy of them is the ensemble's)."""
         outputs = [torch.log_softmax(m(src, src_lengths, tgt_in, keep).float(), dim=-1) for m in self.members]
-        return mean_probabilities(outputs)
+        return mean_probabilities(outputs, self.weights)
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
         """{}: the members' layers and heads are not one model's. The map the searches give

@@ -152,6 +152,7 @@ class TranslateResponse(BaseModel):
 
 
 class MemberInfo(BaseModel):
+    weight: float = Field(description="its weight in the ensemble's mean of probabilities")
     architecture: str
     attention: str
     has_attention: bool
@@ -260,7 +261,7 @@ def model_info(name: str, translator: TextTranslator) -> dict[str, Any]:
     its own), and "members" describes each member."""
     config = translator.config
     if translator.members:
-        members = [_architecture(c) for c in translator.members]
+        members = [{**_architecture(c), "weight": w} for c, w in zip(translator.members, translator.member_weights)]
         has_attention = any(m["has_attention"] for m in members)
         shape: dict[str, Any] = {"architecture": "ensemble", "attention": "mean" if has_attention else "none",
                                  "has_attention": has_attention, "layers": None, "heads": None, "members": members}  # fmt: skip

@@ -22,7 +22,7 @@ from .build import build_model
 from .compiled import compile_decoding
 from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
 from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
-from .ensemble import Ensemble
+from .ensemble import Ensemble, ensemble_weights
 from .loss import corpus_loss
 from .metrics import Scores, perplexity, score
 from .model import Seq2Seq
@@ -62,6 +62,7 @@ class TextTranslator:
 
     engine = "aligna"
     members: tuple[Config, ...] = ()  # an ensemble's members' configs; () for one model
+    member_weights: tuple[float, ...] = ()  # an ensemble's weight of each member's probabilities, summing to 1
 
     def __init__(self, pipeline: Pipeline, config: Config, device: torch.device, precision: str) -> None:
         self.pipeline, self.config, self.device, self.precision = pipeline, config, device, precision
@@ -207,6 +208,8 @@ class Translator(TextTranslator):
         super().__init__(pipeline, config, device, precision)  # precision: fp32, bf16 / fp16, int8
         self.model = model
         self.members = tuple(members)  # an ensemble's: each member's config, in member order
+        if isinstance(model, Ensemble):
+            self.member_weights = model.weights or (1 / len(model.members),) * len(model.members)
         self.shortlist_file = shortlist  # for decode.shortlist, read on first use
         self._shortlist: Shortlist | None = None
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
@@ -369,20 +372,23 @@ def load(
 
 def load_ensemble(
     model_dirs: Sequence[str | Path], checkpoint: str | Sequence[str] = "best", device: str = "auto",
-    precision: str | None = None,
+    precision: str | None = None, weights: Sequence[float] | None = None,
 ) -> Translator:  # fmt: skip
     """Several model directories as one model (`ensemble.Ensemble`: the mean of their next-token
-    probabilities), on aligna's engine. They must share their tokenizers and vocabularies (trained
-    on the same data with the same data section; a ValueError names the file that differs); the
-    decode and eval settings are the first directory's. `checkpoint`: one for every directory, or
-    a list of one per directory; `precision` as `load`'s."""
+    probabilities, or with `weights`, one per directory, their weighted mean), on aligna's engine.
+    They must share their tokenizers and vocabularies (trained on the same data with the same
+    data section; a ValueError names the file that differs); the decode and eval settings are the
+    first directory's. `checkpoint`: one for every directory, or a list of one per directory;
+    `precision` as `load`'s."""
     dirs = [Path(d) for d in model_dirs]
     checkpoints = [checkpoint] * len(dirs) if isinstance(checkpoint, str) else list(checkpoint)
     if len(checkpoints) != len(dirs):
         raise ValueError(f"{len(checkpoints)} checkpoints given for an ensemble of {len(dirs)} models")
+    if weights is not None:
+        ensemble_weights(weights, len(dirs))  # before loading anything
     members = []
-    for model_dir, weights in zip(dirs, checkpoints):
-        member = load(model_dir, weights, device, "fp32", engine="aligna")  # quantized as one model, below
+    for model_dir, checkpoint_name in zip(dirs, checkpoints):
+        member = load(model_dir, checkpoint_name, device, "fp32", engine="aligna")  # quantized as one model, below
         assert isinstance(member, Translator)
         if members:
             _check_same_pipeline(dirs[0], model_dir)
@@ -390,7 +396,7 @@ def load_ensemble(
     first = members[0]
     precision = precision or "fp32"
     check_precision(first.device, precision)
-    model = Ensemble([m.model for m in members]).eval()
+    model = Ensemble([m.model for m in members], weights).eval()
     return Translator(model, first.pipeline, first.config, first.device, precision, ModelDir(dirs[0]) / SHORTLIST,
                       [m.config for m in members])  # fmt: skip
 

@@ -12,8 +12,9 @@ test set with beam search, and compare the score with the published anchor and o
 the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's metric on the dev set, and only then
 decodes the test set once, with that choice; every dev score is kept in the record. An ensemble
 row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as one model
-(`aligna.load_ensemble`), each with the weights its own row chose on dev, and --tune chooses
-only its length penalty.
+(`aligna.load_ensemble`), each with the checkpoints its own row chose on dev, and --tune
+chooses the members' weights in the ensemble (for two, the first's from 0.3 to 0.7) and the
+length penalty on dev.
 
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
 published number and what it measured, the target, whether it was met and by how much,
@@ -179,27 +180,39 @@ def member_run(name: str) -> tuple[Path, str, dict]:
     return model_dir, "averaged" if averaged else "best", record
 
 
+MEMBER_WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)  # --tune, a 2-model ensemble: the first model's weights tried
+
+
 def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
     """An ensemble of the member rows' recorded runs, each with the weights its row chose; with
-    --tune the length penalty is chosen on dev, as a single row's is."""
+    --tune the ensemble's weights of its members (`MEMBER_WEIGHTS`, for two) and the length
+    penalty are chosen on dev, as a single row's checkpoints and length penalty are."""
     config = load_config(ROOT / row.config, args.overrides)
     runs = [member_run(m) for m in row.members]
-    translator = aligna.load_ensemble([r[0] for r in runs], [r[1] for r in runs])
+    dirs, checkpoints = [r[0] for r in runs], [r[1] for r in runs]
+    mixes = [args.ensemble_weights] if args.ensemble_weights else [None]
     grid = []
     if args.tune and args.beam > 1:
+        if len(runs) == 2 and not args.ensemble_weights:
+            mixes = [[w, round(1 - w, 6)] for w in MEMBER_WEIGHTS]
         dev = read_parallel(config.data.dev, "dev")
         sources, references = reference_sets(dev, config.data.group_references)
-        for alpha in args.alphas:
-            hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
-            value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
-            print(f"dev {row.metric} {value:6.2f}  alpha {alpha}")
-            grid.append({"alpha": alpha, f"dev_{row.metric}": value})
-        best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))
-        args.alpha = best["alpha"]
+        for mix in mixes:
+            translator = aligna.load_ensemble(dirs, checkpoints, weights=mix)
+            for alpha in args.alphas:
+                hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
+                value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
+                print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}")
+                grid.append({"member_weights": mix, "alpha": alpha, f"dev_{row.metric}": value})
+        best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))  # first wins a tie
+        args.alpha, mixes = best["alpha"], [best["member_weights"]]
+    translator = aligna.load_ensemble(dirs, checkpoints, weights=mixes[0])
+    mix = translator.member_weights
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
-    members = [{"row": m, "model_dir": str(d), "weights": r["weights"], "reproduce": r["reproduce"]}
-               for m, (d, _, r) in zip(row.members, runs)]  # fmt: skip
+    members = [{"row": m, "model_dir": str(d), "weights": r["weights"], "member_weight": w, "reproduce": r["reproduce"]}
+               for m, (d, _, r), w in zip(row.members, runs, mix)]  # fmt: skip
+    fixed = "alpha fixed (--alpha), not looked up on any set"
     write_record(
         f"published_{name}",
         {
@@ -215,15 +228,15 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
             "metric": row.metric,
             "value": scores.values[row.metric],
             "verdicts": verdicts,
-            "weights": "ensemble (mean of the members' probabilities) of " + "; ".join(
-                f"{m['row']}: {m['weights']}" for m in members),
+            "weights": "ensemble (weighted mean of the members' probabilities) of " + "; ".join(
+                f"{m['row']} x {m['member_weight']:.2f}: {m['weights']}" for m in members),
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
             "chosen_by": (
-                f"each member's weights by its own row's choice; alpha by the dev set's {row.metric} (dev_grid); "
-                "the test set was decoded once, with that choice"
-                if grid
-                else "each member's weights by its own row's choice; alpha fixed (--alpha), not looked up on any set"
-            ),
+                "each member's checkpoints by its own row's choice; "
+                + (f"the member weights and alpha by the dev set's {row.metric} (dev_grid); "
+                   "the test set was decoded once, with that choice" if grid
+                   else f"member weights {'given (--ensemble-weights)' if args.ensemble_weights else 'equal'}, {fixed}")
+            ),  # fmt: skip
             "dev_grid": grid,
             "metrics": scores.values,
             "signatures": scores.signatures,
@@ -254,6 +267,11 @@ def main() -> None:
     parser.add_argument(
         "--alphas", type=float, nargs="+", default=list(ALPHAS),
         help=f"--tune: the length penalties tried (default {' '.join(map(str, ALPHAS))})",
+    )
+    parser.add_argument(
+        "--ensemble-weights", type=float, nargs="+", metavar="W",
+        help="an ensemble row: its members' weights (default: equal; for two members --tune tries the first "
+        f"at {', '.join(map(str, MEMBER_WEIGHTS))})",
     )
     args = parser.parse_args()
     if args.list or args.row is None:

@@ -61,11 +61,37 @@ def test_the_step_distribution_is_the_mean_of_the_members_probabilities():
     assert none is None
 
 
-@pytest.mark.parametrize("beam", [1, 3])
-def test_search_scores_are_the_ensembles_teacher_forced_scores(beam):
+def test_weights_mix_the_members_probabilities_in_those_proportions():
+    parts = members()
+    src, lengths, _ = random_batch([6, 3, 4], seed=5)
+    prev = torch.tensor([SOS_ID, 7, 9])
+    probs = []
+    for m in parts:
+        enc = m.encode(src, lengths)
+        probs.append(torch.softmax(m.decode_step(prev, m.init_state(enc), enc)[0], -1))
+    ensemble = Ensemble(parts, weights=[2, 1, 1]).eval()  # normalized: 0.5, 0.25, 0.25
+    assert ensemble.weights == (0.5, 0.25, 0.25)
+    log_probs, _, _ = ensemble.decode_step(prev, ensemble.init_state(e := ensemble.encode(src, lengths)), e)
+    torch.testing.assert_close(log_probs.exp(), 0.5 * probs[0] + 0.25 * probs[1] + 0.25 * probs[2])
+    equal = Ensemble(parts, weights=[1, 1, 1]).eval()
+    torch.testing.assert_close(equal.decode_step(prev, equal.init_state(e), e)[0],
+                               Ensemble(parts).eval().decode_step(prev, equal.init_state(e), e)[0])  # fmt: skip
+    tgt = random_batch([6, 3, 4], seed=5)[2]
+    with torch.no_grad():
+        forced = ensemble(src, lengths, tgt)
+    each = torch.stack([torch.softmax(m(src, lengths, tgt), -1) for m in parts])
+    torch.testing.assert_close(forced.exp(), (torch.tensor([0.5, 0.25, 0.25]).view(3, 1, 1, 1) * each).sum(0))
+    for bad, message in (([1, 1], "2 ensemble weights given for 3 models"), ([1, 0, 1], "positive"),
+                         ([1, float("nan"), 1], "positive")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Ensemble(parts, weights=bad)
+
+
+@pytest.mark.parametrize("beam,weights", [(1, None), (3, None), (3, [0.5, 0.2, 0.3])])
+def test_search_scores_are_the_ensembles_teacher_forced_scores(beam, weights):
     """Each hypothesis's log-probability is the ensemble's: the members' states, encoder outputs
     and beams stayed aligned through every reorder and repeat of the search."""
-    ensemble = Ensemble(members(eos_bias=0.4)).eval()
+    ensemble = Ensemble(members(eos_bias=0.4), weights).eval()
     src, lengths, _ = random_batch([7, 2, 5, 9], seed=6)
     if beam == 1:
         found = greedy_search(ensemble, src, lengths, 1.0, 3)
@@ -151,9 +177,13 @@ def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsy
     assert main(["evaluate", a, b, "--tsv", str(test), "--checkpoint", "best,latest", "--beam", "2"]) == 0
     assert "wer" in capsys.readouterr().out
     # int8: the members quantized and their decoding compiled, the same translations in nearly every case
-    int8 = aligna.load_ensemble([a, b], precision="int8")
+    int8 = aligna.load_ensemble([a, b], precision="int8", weights=[3, 1])
     assert len(int8.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)) == 2
     assert isinstance(int8.search_model().members[1], CompiledTransformer)
+    assert int8.search_model().weights == (0.75, 0.25)  # kept by the int8 copy and its compiled members
+    assert main(["translate", a, b, "-i", str(source), "--beam", "3", "--ensemble-weights", "0.75,0.25"]) == 0
+    weighted = aligna.load_ensemble([a, b], weights=[0.75, 0.25])
+    assert capsys.readouterr().out.splitlines() == weighted.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)
 
 
 def test_an_ensemble_of_models_with_other_vocabularies_is_refused(two_runs, tmp_path, capsys):
@@ -169,6 +199,14 @@ def test_an_ensemble_of_models_with_other_vocabularies_is_refused(two_runs, tmp_
     assert "3 checkpoints for 2 models" in capsys.readouterr().err
     assert main(["translate", a, a, "--engine", "ctranslate2"]) == 1
     assert "aligna engine" in capsys.readouterr().err
+    for weights, message in (("1,2,3", "3 ensemble weights given for 2 models"), ("1,-1", "must be positive")):
+        assert main(["translate", a, a, "-i", str(path), "--ensemble-weights", weights]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["translate", a, "-i", str(path), "--ensemble-weights", "1"]) == 1
+    assert "give several models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["translate", a, a, "--ensemble-weights", "half,half"])
+    assert "not a comma-separated list of numbers" in capsys.readouterr().err
 
 
 def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path, monkeypatch):
@@ -194,11 +232,16 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     monkeypatch.setattr(published, "ROWS", rows)
     monkeypatch.setattr(published, "RESULTS", results)
     monkeypatch.setattr(published, "write_record", lambda name, record: written.update(record, name=name))
-    args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0])
+    monkeypatch.setattr(published, "MEMBER_WEIGHTS", (0.3, 0.5))
+    args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0], ensemble_weights=None)
     published.ensemble_row(args, "both", rows["both"])
-    assert written["name"] == "published_both" and [g["alpha"] for g in written["dev_grid"]] == [0.0, 1.0]
+    assert written["name"] == "published_both"
+    assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [
+        ([0.3, 0.7], 0.0), ([0.3, 0.7], 1.0), ([0.5, 0.5], 0.0), ([0.5, 0.5], 1.0)]  # fmt: skip
+    best = min(written["dev_grid"], key=lambda g: g["dev_wer"])  # the first of equals
     alpha = float(written["search"].split("alpha ")[1])
-    ensemble = aligna.load_ensemble([a, b], ["best", "averaged"])
+    assert alpha == best["alpha"] and [m["member_weight"] for m in written["members"]] == pytest.approx(best["member_weights"])
+    ensemble = aligna.load_ensemble([a, b], ["best", "averaged"], weights=best["member_weights"])
     sources, references = zip(*[line.split("\t") for line in test.read_text().splitlines()])
     expected = ensemble.evaluate(sources, [[r] for r in references], ["wer"], beam_size=2, alpha=alpha)
     assert written["metrics"]["wer"] == pytest.approx(expected.values["wer"])

@@ -239,6 +239,7 @@ def test_an_ensemble_is_served_as_one_model(model_dirs):
         assert info["ens"]["architecture"] == "ensemble" and info["ens"]["attention"] == "mean"
         assert info["ens"]["has_attention"] and info["ens"]["layers"] is None and info["ens"]["heads"] is None
         assert [m["architecture"] for m in info["ens"]["members"]] == ["rnn+bahdanau", "transformer"]
+        assert [m["weight"] for m in info["ens"]["members"]] == [0.5, 0.5]
         assert info["ens"]["members"][1]["heads"] == 2 and info["ens"]["members"][0]["layers"] == {"encoder": 1, "decoder": 1}
         assert info["ens"]["parameters"] == sum(p.numel() for p in ensemble.model.parameters())
         assert info["blind"]["attention"] == "none" and not info["blind"]["has_attention"]
@@ -701,14 +702,17 @@ def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
     rnn, tf = str(model_dirs["rnn"]), str(model_dirs["tf"])
     assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--checkpoint", "best,latest"]) == 1
     assert "--checkpoint best,latest: no such file" in capsys.readouterr().err  # for the single model
-    assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu"]) == 0
+    assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--ensemble-weights", "3,1"]) == 0
     with TestClient(served["app"]) as client:
         info = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert set(info) == {"rnn+tf", "tf"} and info["rnn+tf"]["architecture"] == "ensemble"
+        assert [m["weight"] for m in info["rnn+tf"]["members"]] == [0.75, 0.25] and info["tf"]["members"] is None
         got = post(client, {"model": "rnn+tf", "texts": TEXTS}).json()["results"]
-    ensemble = aligna.load_ensemble([rnn, tf], device="cpu")
+    ensemble = aligna.load_ensemble([rnn, tf], device="cpu", weights=[3, 1])
     assert [r["text"] for r in got] == ensemble.translate(TEXTS)
     for bad, message in (([f"{rnn},", "--device", "cpu"], "no empty entry"),
+                         ([rnn, tf, "--ensemble-weights", "1,1"], "serve one as DIR,DIR"),
+                         ([f"{rnn},{tf}", "--ensemble-weights", "1,1,1"], "3 ensemble weights given for 2 models"),
                          ([f"{rnn},{tf}", "--engine", "ctranslate2"], "an ensemble decodes with the aligna engine")):  # fmt: skip
         assert main(["serve", *bad]) == 1
         err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -116,6 +117,30 @@ def decode_rows(record: dict) -> list[str]:
             f"| {Path(run['model_dir']).name} | {run.get('precision', 'fp32')} | {run['kv_cache']} | {search} | "
             f"{run['batch_size']} | "
             f"{run['sentences_per_s']:,.1f} | {run['target_tokens_per_s']:,.0f} | {bleu:.1f} |"
+        )
+    return rows
+
+
+def output_layer_rows(record: dict) -> list[str]:
+    """A decode_speed record with --torch-linear: per search and batch, the median sentences/s
+    of the output layer on oneDNN and on torch's nn.Linear, and the ratio of each round."""
+    rows = [
+        f"`{_command(record)}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
+        "",
+        "| model | search | batch | rows of the output layer | oneDNN sentences/s | nn.Linear sentences/s | speed-up (median) | speed-up by round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}
+    for run in record["runs"]:
+        key = (Path(run["model_dir"]).name, run["beam"], run["batch_size"])
+        groups.setdefault(key, {}).setdefault(run["output_layer"], {})[run["round"]] = run["sentences_per_s"]
+    for (model, beam, batch), by in groups.items():
+        fast, slow = by["onednn"], by["torch"]
+        ratios = [fast[k] / slow[k] for k in sorted(fast) if k in slow]
+        rows.append(
+            f"| {model} | {_search(beam)} | {batch} | {beam * batch} | {statistics.median(fast.values()):,.1f} | "
+            f"{statistics.median(slow.values()):,.1f} | {statistics.median(ratios):.2f}x | "
+            f"{' / '.join(f'{x:.2f}' for x in ratios)} |"
         )
     return rows
 
@@ -364,6 +389,11 @@ def render() -> str:
         parts += ["", f"Time to quality against JoeyNMT 2.3.0, same data and batches, dev BLEU by training "
                   f"time without validation (`bench/results/{r['name']}.json`):", "", *peer_curve_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "decode_speed"]:
+        if any(run.get("output_layer") == "torch" for run in r["runs"]):
+            parts += ["", f"fp32 search with a wide output layer (`aligna.model.output_layer`) on oneDNN against torch's "
+                      f"nn.Linear (MKL), interleaved rounds (`bench/results/{r['name']}.json`; {r['note']}):", "",
+                      *output_layer_rows(r)]  # fmt: skip
+            continue
         parts += ["", f"Translation speed (`bench/results/{r['name']}.json`; BLEU is tok BLEU where the "
                   "model scores tokenized text):", "", *decode_rows(r)]  # fmt: skip
     for r in [r for r in records if r.get("benchmark") == "engine_speed"]:

@@ -1,5 +1,5 @@
 /* aligna's native code (`aligna/kernels.py` is its Python side and its documentation): two
- * passes over float32 logits that torch's operators make slow on a CPU.
+ * passes over float32 logits that torch's operators make slow on a CPU, and dropout masks.
  *
  * log_softmax_rows, for the searches: each row is read from memory once: its maximum m, then
  * s = sum_j exp(x_j - m) while the row is still in the core's cache, then
@@ -267,6 +267,81 @@ static PyObject *cross_entropy_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Dropout masks. Value i of a mask is kept when hash(i) >= threshold (threshold = p * 2^32),
+ * where hash is murmur3's 32-bit finalizer applied twice: to a Weyl sequence i * 0x9E3779B9 +
+ * seed_lo, then to that xor seed_hi. The first alone would make every mask a shifted window of
+ * one sequence of 2^32 values; the second, keyed by the other half of the seed, does not. A
+ * counter-based hash (each value from its position, as Philox in torch's CUDA dropout) computes
+ * 8 values at a time with no state carried between them: the AVX2 and portable loops give the
+ * same bits. */
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline uint32_t mask_hash(uint32_t i, uint32_t seed_lo, uint32_t seed_hi) {
+    return fmix32(fmix32(i * 0x9E3779B9u + seed_lo) ^ seed_hi);
+}
+
+#ifdef ALIGNA_X86
+__attribute__((target("avx2"))) static inline __m256i fmix32_avx2(__m256i h) {
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+/* The first n - n % 8 values; returns how many it wrote. */
+__attribute__((target("avx2"))) static Py_ssize_t dropout_mask_avx2(float *out, Py_ssize_t n, uint32_t threshold,
+                                                                    float scale, uint32_t seed_lo, uint32_t seed_hi) {
+    const __m256i step = _mm256_set1_epi32(8), golden = _mm256_set1_epi32((int)0x9E3779B9u);
+    const __m256i lo = _mm256_set1_epi32((int)seed_lo), hi = _mm256_set1_epi32((int)seed_hi);
+    const __m256i flip = _mm256_set1_epi32((int)0x80000000u); /* unsigned compare as signed */
+    const __m256i below = _mm256_xor_si256(_mm256_set1_epi32((int)threshold), flip);
+    const __m256 keep = _mm256_set1_ps(scale);
+    __m256i i = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    Py_ssize_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i h = fmix32_avx2(_mm256_add_epi32(_mm256_mullo_epi32(i, golden), lo));
+        h = _mm256_xor_si256(fmix32_avx2(_mm256_xor_si256(h, hi)), flip);
+        __m256i dropped = _mm256_cmpgt_epi32(below, h); /* hash < threshold */
+        _mm256_storeu_ps(out + j, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), keep));
+        i = _mm256_add_epi32(i, step);
+    }
+    return j;
+}
+#endif
+
+/* dropout_mask(out, n, threshold, scale, seed): out (n,) float32 (an address) <- scale where
+ * the value is kept, 0 where dropped; threshold = p * 2^32 in [0, 2^32); seed: 64 bits. */
+static PyObject *dropout_mask(PyObject *self, PyObject *args) {
+    unsigned long long out_address, seed;
+    Py_ssize_t n;
+    unsigned long threshold;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KnkfK", &out_address, &n, &threshold, &scale, &seed)) return NULL;
+    if (n < 0 || n > (Py_ssize_t)UINT32_MAX + 1 || threshold > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "dropout_mask: n must be in [0, 2^32] and threshold in [0, 2^32)");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_address;
+    uint32_t lo = (uint32_t)seed, hi = (uint32_t)(seed >> 32), t = (uint32_t)threshold;
+    int wide = vector_code();
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t j = 0;
+#ifdef ALIGNA_X86
+    if (wide) j = dropout_mask_avx2(out, n, t, scale, lo, hi);
+#endif
+    for (; j < n; j++) out[j] = mask_hash((uint32_t)j, lo, hi) >= t ? scale : 0.0f;
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *vectorized(PyObject *self, PyObject *args) { return PyBool_FromLong(vector_code()); }
 
 /* set_portable(flag): the portable code even where AVX2 runs (for the tests of that code). */
@@ -282,6 +357,7 @@ static PyMethodDef methods[] = {
     {"vectorized", vectorized, METH_NOARGS, "Whether the AVX2 code runs on this processor."},
     {"cross_entropy_rows", cross_entropy_rows, METH_VARARGS, "Label-smoothed cross-entropy and its gradient, per row."},
     {"set_portable", set_portable, METH_VARARGS, "Run the portable code even where AVX2 runs (tests)."},
+    {"dropout_mask", dropout_mask, METH_VARARGS, "A dropout mask: scale where kept, 0 where dropped."},
     {NULL, NULL, 0, NULL},
 };
 

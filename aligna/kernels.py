@@ -1,5 +1,5 @@
 """Native code for what torch's operators make slow on a CPU: the log-softmax of a search
-step's logits, and the training loss over (tokens x vocabulary) logits.
+step's logits, the training loss over (tokens x vocabulary) logits, and dropout masks.
 
 A beam search step at batch 64, beam 5 normalizes 320 rows of 7,743 logits. torch's
 `log_softmax` spends about 4-5 ms on them on a Zen 3 core, nearly all in its exp (SLEEF's, to
@@ -17,6 +17,11 @@ The training loss (`loss._CrossEntropy`) is the same kind of computation: per ro
 the sum of exp, then the gradient softmax - eps / V - (1 - eps) [gold], written once. torch's
 operators take about ten passes over the (N, V) logits for it (120 MB for the tiny
 Transformer's 3,900-token batches): forward and backward 110 -> 46 ms on a Zen 3 core.
+
+Dropout's masks (`model.Dropout`): `torch.rand` draws its floats one at a time from a
+Mersenne Twister, then three more passes compare, convert and scale them; `dropout_mask` hashes
+each value's position with a 64-bit seed drawn from torch's generator (a counter-based hash, as
+torch's CUDA dropout uses Philox), 8 values at a time, and writes the scaled mask in one pass.
 """
 
 from __future__ import annotations
@@ -82,6 +87,21 @@ def cross_entropy(logits: Tensor, targets: Tensor, eps: float, ignore: int) -> t
     _kernels.cross_entropy_rows(logits.data_ptr(), rows, cols, targets.data_ptr(), eps, ignore, grad.data_ptr(),
                                 losses.data_ptr())  # fmt: skip
     return losses.sum(), grad
+
+
+def dropout_mask(like: Tensor, p: float) -> Tensor | None:
+    """A dropout mask shaped as `like` (float32, on a CPU): 1 / (1 - p) for a kept value (each
+    with chance 1 - p, to 2^-32), 0 for a dropped one. Its 64-bit seed is drawn from torch's
+    generator, so `torch.manual_seed` and a checkpoint's saved generator state make the masks
+    as reproducible as torch's own. None where the kernel does not run (the caller draws with
+    torch)."""
+    n = like.numel()
+    if not (USE and like.device.type == "cpu" and like.dtype == torch.float32 and 0.0 < p < 1.0 and n <= 1 << 32):
+        return None
+    mask = torch.empty(like.shape, dtype=torch.float32)
+    seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)
+    _kernels.dropout_mask(mask.data_ptr(), n, min(int(p * 2.0**32), (1 << 32) - 1), 1.0 / (1.0 - p), seed)
+    return mask
 
 
 def _takes(logits: Tensor, add: Tensor | None) -> bool:

@@ -122,3 +122,62 @@ def test_cross_entropy_and_its_gradient_equal_torch(code, eps):
 def test_cross_entropy_refuses_a_target_outside_the_vocabulary(code):
     with pytest.raises(IndexError, match="target 9 is out of range for 5 classes"):
         kernels.cross_entropy(torch.randn(2, 5), torch.tensor([1, 9]), 0.1, 0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_masks_keep_each_value_with_chance_one_minus_p(code, p):
+    """Kept values are 1 / (1 - p), the rest 0; the share kept, of single positions and of
+    neighbouring pairs, is (1 - p) and (1 - p)^2 to sampling error (a hash that correlated
+    neighbours, lanes or positions 8 apart would miss the pairs' share)."""
+    torch.manual_seed(int(p * 10))
+    x = torch.empty(1_000_003)  # not a multiple of 8: the vector loop's tail too
+    mask = kernels.dropout_mask(x, p)
+    kept = mask != 0
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    sd = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(float(kept.float().mean()) - (1 - p)) < 5 * sd
+    for gap in (1, 7, 8, 64):
+        both = float((kept[gap:] & kept[:-gap]).float().mean())
+        assert abs(both - (1 - p) ** 2) < 5 * sd, gap
+    lanes = kept[: 1_000_000].view(-1, 8).float().mean(0)  # each of the 8 lanes of the vector loop
+    assert float((lanes - (1 - p)).abs().max()) < 5 * (p * (1 - p) / 125_000) ** 0.5
+
+
+def test_dropout_masks_follow_torchs_generator_and_both_codes_agree():
+    """The seed comes from torch's generator: the same seed gives the same masks, the next call
+    another mask, unrelated to the first (no shifted copy of it either); the AVX2 and portable
+    loops give the same bits."""
+    if kernels._kernels is None or not kernels.native():
+        pytest.skip("the vectorized C kernel is not built or does not run here")
+    x = torch.empty(3, 1001)
+    masks = {}
+    for code in ("vector", "portable"):
+        kernels._kernels.set_portable(code == "portable")
+        try:
+            torch.manual_seed(7)
+            masks[code] = [kernels.dropout_mask(x, 0.5) for _ in range(2)]
+        finally:
+            kernels._kernels.set_portable(False)
+    assert all(torch.equal(a, b) for a, b in zip(masks["vector"], masks["portable"]))
+    assert not torch.equal(*masks["vector"])
+    # Seeds whose low halves differ by 5 steps of the Weyl sequence: hashed once, the second mask
+    # would be the first shifted by 5 positions; the high half, hashed in too, makes them unrelated.
+    raw = {}
+    for hi in (1, 2):
+        raw[hi] = torch.empty(4096)
+        low = (1234 + 5 * 0x9E3779B9 * (hi - 1)) % 2**32
+        kernels._kernels.dropout_mask(raw[hi].data_ptr(), 4096, 2**31, 2.0, hi << 32 | low)
+    first, second = raw[1] != 0, raw[2] != 0
+    agree = [float((first[k:] == second[: 4096 - k]).float().mean()) for k in range(0, 64)]
+    assert max(agree) < 0.56 and min(agree) > 0.44, agree  # ~0.5 at every shift (4,000 pairs: 3.5 sd)
+
+
+def test_dropout_masks_only_where_the_kernel_takes_the_tensor(monkeypatch):
+    monkeypatch.setattr(kernels, "USE", True)
+    if kernels._kernels is None:
+        pytest.skip("the C kernel is not built")
+    assert kernels.dropout_mask(torch.empty(4, dtype=torch.bfloat16), 0.3) is None  # torch draws those
+    assert kernels.dropout_mask(torch.empty(4), 0.0) is None and kernels.dropout_mask(torch.empty(4), 1.0) is None
+    assert kernels.dropout_mask(torch.empty(2, 0, 3), 0.3).shape == (2, 0, 3)
+    monkeypatch.setattr(kernels, "USE", False)
+    assert kernels.dropout_mask(torch.empty(4), 0.3) is None

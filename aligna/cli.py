@@ -252,9 +252,9 @@ def _engine_arg(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool = False) -> None:
     if many:
-        p.add_argument(
-            "model_dirs", nargs="+", metavar="MODEL_DIR", help="directories written by `aligna train`"
-        )
+        p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                       help="directories written by `aligna train` or `aligna export`, each a model; DIR,DIR,... "
+                       "is an ensemble of those models, as one (as `aligna translate DIR DIR`)")  # fmt: skip
     elif ensemble:
         p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                        help="a directory written by `aligna train` or `aligna export`; several: an ensemble of "
@@ -262,7 +262,7 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool =
                        "sharing tokenizers and vocabularies; aligna engine; search settings of the first)")  # fmt: skip
     else:
         p.add_argument("model_dir", help="a directory written by `aligna train` or `aligna export`")
-    if ensemble:
+    if ensemble or many:
         _ensemble_args(p)
     else:
         _checkpoint_arg(p)
@@ -393,12 +393,12 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
-    """The translator of MODEL_DIR, or the ensemble of several: `model_dirs` (serve's entries,
-    where --ensemble-weights is for those that are ensembles), by default the command's
-    MODEL_DIR arguments."""
+    """The translator of MODEL_DIR, or the ensemble of several: `model_dirs` (an entry of serve
+    or compare, where --ensemble-weights is for those that are ensembles), by default the
+    command's MODEL_DIR arguments."""
     from .translate import load, load_ensemble
 
-    if model_dirs is None:
+    if model_dirs is None:  # translate, evaluate: all MODEL_DIRs are one model
         model_dirs = args.model_dirs
         if len(model_dirs) == 1 and args.ensemble_weights is not None:
             raise ValueError("--ensemble-weights weighs the models of an ensemble: give several models")
@@ -414,9 +414,9 @@ def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
                          args.precision, args.ensemble_weights)  # fmt: skip
 
 
-def _served_dirs(argument: str) -> list[str]:
-    """A serve MODEL_DIR argument: one directory, or DIR,DIR,... for an ensemble (a directory
-    whose own name has a comma is taken whole)."""
+def _entry_dirs(argument: str) -> list[str]:
+    """A MODEL_DIR argument of serve or compare: one directory, or DIR,DIR,... for an ensemble
+    (a directory whose own name has a comma is taken whole)."""
     if "," not in argument or Path(argument).is_dir():
         return [argument]
     dirs = argument.split(",")
@@ -547,14 +547,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_by_length
-    from .translate import load
 
-    names = args.names.split(",") if args.names else [Path(m).name for m in args.model_dirs]
+    entries = [_entry_dirs(m) for m in args.model_dirs]
+    if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in entries):
+        raise ValueError("--ensemble-weights weighs the models of an ensemble: compare one as DIR,DIR,...")
+    names = args.names.split(",") if args.names else ["+".join(Path(d).name for d in dirs) for dirs in entries]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
-    translators = {
-        n: load(m, args.checkpoint, args.device, args.precision, args.engine) for n, m in zip(names, args.model_dirs)
-    }
+    translators = {n: _load(args, dirs) for n, dirs in zip(names, entries)}
     first = next(iter(translators.values()))
     sources, references = _test_set(args, first.config.data.group_references)
     edges = args.buckets  # increasing positive integers (`_buckets`)
@@ -566,8 +566,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"edges": result.edges, "models": {n: {"model_dir": m, **result.models[n]}
-                                                      for n, m in zip(names, args.model_dirs)}}  # fmt: skip
+        record = {"edges": result.edges, "models": {n: {"model_dir": dirs[0] if len(dirs) == 1 else dirs, **result.models[n]}
+                                                      for n, dirs in zip(names, entries)}}  # fmt: skip
         (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n", "utf-8")
         result.plot(out / "compare.png")
         print(f"\ntable and plot written to {out}/compare.json and {out}/compare.png", file=sys.stderr)
@@ -590,7 +590,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import Settings, create_app, read_api_key, setup_logging
     from .translate import Translator
 
-    served = [_served_dirs(m) for m in args.model_dirs]
+    served = [_entry_dirs(m) for m in args.model_dirs]
     if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in served):
         raise ValueError("--ensemble-weights weighs the models of an ensemble: serve one as DIR,DIR,...")
     names = args.names or ["+".join(Path(d).resolve().name for d in dirs) for dirs in served]

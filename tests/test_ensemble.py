@@ -186,6 +186,24 @@ def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsy
     assert capsys.readouterr().out.splitlines() == weighted.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)
 
 
+def test_compare_takes_an_ensemble_as_one_model(two_runs, tmp_path, capsys):
+    """`aligna compare A A,B`: the ensemble is a model of the table, named A+B, scored as
+    `load_ensemble` translates."""
+    import json
+
+    (a, b), test = two_runs
+    out = tmp_path / "compare"
+    assert main(["compare", a, f"{a},{b}", "--tsv", str(test), "--buckets", "5,10", "--ensemble-weights", "2,1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "run1+run2" in table
+    models = json.loads((out / "compare.json").read_text())["models"]
+    assert set(models) == {"run1", "run1+run2"} and models["run1+run2"]["model_dir"] == [a, b]
+    sources, references = zip(*[line.split("\t") for line in test.read_text().splitlines()])
+    expected = aligna.load_ensemble([a, b], weights=[2, 1]).evaluate(sources, [[r] for r in references], ["wer"])
+    assert models["run1+run2"]["all"] == pytest.approx(expected.values["wer"])
+
+
 def test_an_ensemble_of_models_with_other_vocabularies_is_refused(two_runs, tmp_path, capsys):
     (a, _), _ = two_runs
     path = toy_run(tmp_path, "other", reverse_pairs(300, seed=9, symbols=4), train={"max_steps": 2})

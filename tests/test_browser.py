@@ -94,9 +94,9 @@ def models(browser_ready, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(models):
     """The three models in one server, and the ensemble of two of them (served as
-    "bahdanau+transformer"); the driver fixture waits for it to be ready."""
+    "bahdanau+transformer", weighted 3:1); the driver fixture waits for it to be ready."""
     ensemble = f"{models['bahdanau']},{models['transformer']}"
-    with page.Server([*models.values(), ensemble], "--threads", "1") as served:
+    with page.Server([*models.values(), ensemble], "--threads", "1", "--ensemble-weights", "3,1") as served:
         yield served
 
 
@@ -258,7 +258,7 @@ def test_an_ensemble_shows_its_members_and_their_mean_attention(driver, server):
     text = page.translate(driver, SENTENCE, model="bahdanau+transformer")
     record = api(server, "bahdanau+transformer")
     assert text == record["text"] and record["attention"]["maps"] == {}
-    assert "ensemble of rnn+bahdanau + transformer" in driver.find_element("id", "model-info").text
+    assert "ensemble of rnn+bahdanau ×0.75 + transformer ×0.25" in driver.find_element("id", "model-info").text
     attention = record["attention"]
     assert_grid(grid(driver), attention["tgt_tokens"], attention["src_tokens"], attention["weights"])
     for element_id in ("kind", "layer", "head"):  # no layers or heads of its own

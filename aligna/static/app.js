@@ -79,8 +79,10 @@ async function loadModels() {
 function showModel() {
   const m = currentModel();
   if (!m) return;
+  const equal = m.members && m.members.every((x) => Math.abs(x.weight - m.members[0].weight) < 1e-9);
+  const member = (x) => x.architecture + (equal ? "" : " ×" + x.weight.toFixed(2));  // unequal weights shown
   const parts = m.members
-    ? ["ensemble of " + m.members.map((x) => x.architecture).join(" + "), m.parameters.toLocaleString("en") + " parameters"]
+    ? ["ensemble of " + m.members.map(member).join(" + "), m.parameters.toLocaleString("en") + " parameters"]
     : [m.architecture, m.parameters.toLocaleString("en") + " parameters", m.layers.encoder + "+" + m.layers.decoder + " layers"];
   if (m.heads) parts.push(m.heads + " heads");
   parts.push(m.precision + " on " + m.device);

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +94,18 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu" or self.p == 1.0:
             return nn.functional.dropout(x, self.p, True)
-        keep = kernels.dropout_mask(x, self.p)  # the C kernel's, for float32
+        keep: Optional[Tensor] = None  # noqa: UP045 - TorchScript (compiled decoding) reads this annotation
+        if not torch.jit.is_scripting():
+            keep = self._kernel_mask(x)  # the C kernel's, for float32
         if keep is None:
             keep = torch.rand(x.shape, device=x.device).ge_(self.p).to(x.dtype).div_(1.0 - self.p)  # float32 draws
         return x * keep
+
+    @torch.jit.unused
+    def _kernel_mask(self, x: Tensor) -> Optional[Tensor]:  # noqa: UP045
+        """`kernels.dropout_mask`, which TorchScript cannot compile (`aligna.compiled` scripts
+        the modules that decode, in eval mode, where no mask is drawn)."""
+        return kernels.dropout_mask(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -697,8 +697,11 @@ def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
     their directories joined with +, beside a single model."""
     import uvicorn
 
+    from aligna import serve
+
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    monkeypatch.setattr(serve, "setup_logging", lambda: None)  # no handler left on this test's captured stderr
     rnn, tf = str(model_dirs["rnn"]), str(model_dirs["tf"])
     assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--checkpoint", "best,latest"]) == 1
     assert "--checkpoint best,latest: no such file" in capsys.readouterr().err  # for the single model

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import aligna
-from aligna import modeldir, tensorfiles, training
+from aligna import kernels, modeldir, tensorfiles, training
 from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
 from aligna.modeldir import ModelDir
@@ -245,6 +245,11 @@ def test_dropout_keeps_each_value_with_chance_one_minus_p_and_rescales_it():
     (grad,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(grad, out.detach())  # the same mask, the same scale
     assert layer(x.bfloat16()).dtype == torch.bfloat16
+    if kernels.native():  # float32 masks come from the C kernel, seeded by torch's generator
+        torch.manual_seed(1)
+        out = layer(torch.ones(50, 40))
+        torch.manual_seed(1)
+        assert torch.equal(out, kernels.dropout_mask(torch.ones(50, 40), 0.3))
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and Dropout(0.0)(x) is x
     assert layer.eval()(x) is x
     with pytest.raises(ValueError, match="not in"):

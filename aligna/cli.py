@@ -414,15 +414,18 @@ def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
                          args.precision, args.ensemble_weights)  # fmt: skip
 
 
-def _entry_dirs(argument: str) -> list[str]:
-    """A MODEL_DIR argument of serve or compare: one directory, or DIR,DIR,... for an ensemble
-    (a directory whose own name has a comma is taken whole)."""
-    if "," not in argument or Path(argument).is_dir():
-        return [argument]
-    dirs = argument.split(",")
-    if not all(dirs):
-        raise ValueError(f"MODEL_DIR {argument!r}: an ensemble is DIR,DIR,... with no empty entry")
-    return dirs
+def _entries(args: argparse.Namespace) -> list[list[str]]:
+    """The MODEL_DIR arguments of serve or compare, each a model: one directory, or DIR,DIR,...
+    for an ensemble (a directory whose own name has a comma is taken whole)."""
+    entries = []
+    for argument in args.model_dirs:
+        dirs = [argument] if "," not in argument or Path(argument).is_dir() else argument.split(",")
+        if not all(dirs):
+            raise ValueError(f"MODEL_DIR {argument!r}: an ensemble is DIR,DIR,... with no empty entry")
+        entries.append(dirs)
+    if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in entries):
+        raise ValueError("--ensemble-weights weighs the models of an ensemble: give one as DIR,DIR,...")
+    return entries
 
 
 def _translate(args: argparse.Namespace) -> int:
@@ -548,9 +551,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_by_length
 
-    entries = [_entry_dirs(m) for m in args.model_dirs]
-    if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in entries):
-        raise ValueError("--ensemble-weights weighs the models of an ensemble: compare one as DIR,DIR,...")
+    entries = _entries(args)
     names = args.names.split(",") if args.names else ["+".join(Path(d).name for d in dirs) for dirs in entries]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
@@ -590,9 +591,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import Settings, create_app, read_api_key, setup_logging
     from .translate import Translator
 
-    served = [_entry_dirs(m) for m in args.model_dirs]
-    if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in served):
-        raise ValueError("--ensemble-weights weighs the models of an ensemble: serve one as DIR,DIR,...")
+    served = _entries(args)
     names = args.names or ["+".join(Path(d).resolve().name for d in dirs) for dirs in served]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--name given {len(names)} times for {len(args.model_dirs)} model directories")

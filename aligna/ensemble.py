@@ -45,8 +45,8 @@ class Members(Reorderable):
 
 def mean_probabilities(log_probs: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """log(sum_m w_m * exp(log_probs[m])), elementwise: M tensors of the same shape -> one;
-    `weights` sum to 1 (None: 1/M each)."""
-    if weights is None:
+    `weights` sum to 1 (None: 1/M each). Equal weights are one shift of the sum, not M."""
+    if weights is None or len(set(weights)) == 1:
         total = functools.reduce(torch.logaddexp, log_probs)
         return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
     return functools.reduce(torch.logaddexp, [lp + math.log(w) for lp, w in zip(log_probs, weights)])
@@ -75,7 +75,7 @@ class Ensemble(Seq2Seq):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 models, not {len(members)}")
         self.members = nn.ModuleList(members)
-        self.weights = None if weights is None else ensemble_weights(weights, len(members))
+        self.weights = ensemble_weights([1.0] * len(members) if weights is None else weights, len(members))
         limits = [m.max_len for m in members if m.max_len is not None]
         self.max_len = min(limits) if limits else None  # every member must take the input
 

@@ -208,8 +208,6 @@ class Translator(TextTranslator):
         super().__init__(pipeline, config, device, precision)  # precision: fp32, bf16 / fp16, int8
         self.model = model
         self.members = tuple(members)  # an ensemble's: each member's config, in member order
-        if isinstance(model, Ensemble):
-            self.member_weights = model.weights or (1 / len(model.members),) * len(model.members)
         self.shortlist_file = shortlist  # for decode.shortlist, read on first use
         self._shortlist: Shortlist | None = None
         self._int8: Seq2Seq | None = None  # the int8 copy of `model`, made on first use
@@ -220,6 +218,10 @@ class Translator(TextTranslator):
     @property
     def max_len(self) -> int | None:
         return self.model.max_len
+
+    @property
+    def member_weights(self) -> tuple[float, ...]:  # type: ignore[override]
+        return self.model.weights if isinstance(self.model, Ensemble) else ()
 
     @property
     def parameters(self) -> int:

@@ -127,7 +127,7 @@ def output_layer_rows(record: dict) -> list[str]:
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
         "",
-        "| model | search | batch | rows of the output layer | oneDNN sentences/s | nn.Linear sentences/s | speed-up (median) | speed-up by round |",
+        "| model | search | batch | rows of the output layer (a full batch) | oneDNN sentences/s | nn.Linear sentences/s | speed-up (median) | speed-up by round |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     groups: dict[tuple, dict[str, dict[int, float]]] = {}

@@ -264,3 +264,4 @@ def test_an_ensemble_shows_its_members_and_their_mean_attention(driver, server):
     for element_id in ("kind", "layer", "head"):  # no layers or heads of its own
         assert len(page.options(driver, element_id)) == 1
         assert driver.find_element("id", element_id).get_attribute("disabled")
+    assert page.options(driver, "head") == [["mean", "mean over heads and models"]]

@@ -714,7 +714,7 @@ def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
     ensemble = aligna.load_ensemble([rnn, tf], device="cpu", weights=[3, 1])
     assert [r["text"] for r in got] == ensemble.translate(TEXTS)
     for bad, message in (([f"{rnn},", "--device", "cpu"], "no empty entry"),
-                         ([rnn, tf, "--ensemble-weights", "1,1"], "serve one as DIR,DIR"),
+                         ([rnn, tf, "--ensemble-weights", "1,1"], "give one as DIR,DIR"),
                          ([f"{rnn},{tf}", "--ensemble-weights", "1,1,1"], "3 ensemble weights given for 2 models"),
                          ([f"{rnn},{tf}", "--engine", "ctranslate2"], "an ensemble decodes with the aligna engine")):  # fmt: skip
         assert main(["serve", *bad]) == 1

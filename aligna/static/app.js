@@ -208,9 +208,10 @@ function setupSelectors() {
     head.value = choice.head !== null && choice.head !== "mean" && Number(choice.head) < heads ? String(choice.head) : "mean";
     [kind, layer, head].forEach((s) => (s.disabled = false));
   } else {
+    const ensemble = currentModel() && currentModel().members;  // its map: the mean of its models' maps
     kind.replaceChildren(option("cross", KIND_NAMES.cross));
-    layer.replaceChildren(option(0, "layer 1"));
-    head.replaceChildren(option("mean", "mean over heads"));
+    layer.replaceChildren(option(0, ensemble ? "each model's last layer" : "layer 1"));
+    head.replaceChildren(option("mean", ensemble ? "mean over heads and models" : "mean over heads"));
     [kind, layer, head].forEach((s) => (s.disabled = true));
   }
 }

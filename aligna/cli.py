@@ -416,7 +416,9 @@ def _load(args: argparse.Namespace, model_dirs: Sequence[str] | None = None):
 
 def _entries(args: argparse.Namespace) -> list[list[str]]:
     """The MODEL_DIR arguments of serve or compare, each a model: one directory, or DIR,DIR,...
-    for an ensemble (a directory whose own name has a comma is taken whole)."""
+    for an ensemble (a directory whose own name has a comma is taken whole). --checkpoint and
+    --ensemble-weights apply to every entry, so a list of checkpoints, or the weights, must fit
+    each entry they apply to: checked here, before any model loads."""
     entries = []
     for argument in args.model_dirs:
         dirs = [argument] if "," not in argument or Path(argument).is_dir() else argument.split(",")
@@ -425,6 +427,14 @@ def _entries(args: argparse.Namespace) -> list[list[str]]:
         entries.append(dirs)
     if args.ensemble_weights is not None and all(len(dirs) == 1 for dirs in entries):
         raise ValueError("--ensemble-weights weighs the models of an ensemble: give one as DIR,DIR,...")
+    listed = "," in args.checkpoint and not Path(args.checkpoint).exists()
+    for argument, dirs in zip(args.model_dirs, entries):
+        if listed and len(args.checkpoint.split(",")) != len(dirs):
+            raise ValueError(f"--checkpoint {args.checkpoint}: a list names one checkpoint per model of each "
+                             f"ensemble, and MODEL_DIR {argument!r} has {len(dirs)}; give one checkpoint for all")
+        if args.ensemble_weights is not None and len(dirs) > 1 and len(args.ensemble_weights) != len(dirs):
+            raise ValueError(f"--ensemble-weights gives {len(args.ensemble_weights)} weights, and the ensemble "
+                             f"{argument!r} has {len(dirs)} models: each ensemble given needs one per model")
     return entries
 
 
@@ -539,6 +549,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         record = {
             "model_dir": args.model_dirs[0] if len(args.model_dirs) == 1 else args.model_dirs,
+            "checkpoint": args.checkpoint,
+            **({"ensemble_weights": list(translator.member_weights)} if translator.member_weights else {}),
             "src": args.src,
             "ref": args.ref,
             "tsv": args.tsv,
@@ -567,8 +579,10 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"edges": result.edges, "models": {n: {"model_dir": dirs[0] if len(dirs) == 1 else dirs, **result.models[n]}
-                                                      for n, dirs in zip(names, entries)}}  # fmt: skip
+        record = {"edges": result.edges, "models": {
+            n: {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "checkpoint": args.checkpoint,
+                **({"ensemble_weights": list(t.member_weights)} if t.member_weights else {}), **result.models[n]}
+            for (n, t), dirs in zip(translators.items(), entries)}}  # fmt: skip
         (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n", "utf-8")
         result.plot(out / "compare.png")
         print(f"\ntable and plot written to {out}/compare.json and {out}/compare.png", file=sys.stderr)

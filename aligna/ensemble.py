@@ -46,6 +46,8 @@ class Members(Reorderable):
 def mean_probabilities(log_probs: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """log(sum_m w_m * exp(log_probs[m])), elementwise: M tensors of the same shape -> one;
     `weights` sum to 1 (None: 1/M each). Equal weights are one shift of the sum, not M."""
+    if weights is not None and not math.isclose(math.fsum(weights), 1.0, rel_tol=1e-9):
+        raise ValueError(f"mean_probabilities: the weights must sum to 1, got {list(weights)}")
     if weights is None or len(set(weights)) == 1:
         total = functools.reduce(torch.logaddexp, log_probs)
         return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
@@ -54,13 +56,21 @@ def mean_probabilities(log_probs: Sequence[Tensor], weights: Sequence[float] | N
 
 def ensemble_weights(weights: Sequence[float], members: int) -> tuple[float, ...]:
     """`weights`, one positive finite number per member, normalized to sum 1 (a ValueError
-    says what is wrong)."""
+    says what is wrong). Scaled by the largest first, so that no sum overflows; a weight so
+    small beside the others that it normalizes to 0 is refused (its model would not count,
+    and log 0 has no place in the search's sums)."""
     if len(weights) != members:
         raise ValueError(f"{len(weights)} ensemble weights given for {members} models: give one per model")
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ValueError(f"ensemble weights must be positive numbers, got {list(weights)}")
-    total = math.fsum(weights)
-    return tuple(w / total for w in weights)
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    total = math.fsum(scaled)
+    normalized = tuple(w / total for w in scaled)
+    if min(normalized) < 1e-30:
+        raise ValueError(f"ensemble weights {list(weights)}: the smallest is negligible beside the largest; "
+                         "give each model a weight within 1e30 of the others, or leave the model out")
+    return normalized
 
 
 class Ensemble(Seq2Seq):

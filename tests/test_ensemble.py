@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import aligna
 from aligna.cli import main
 from aligna.compiled import CompiledTransformer
 from aligna.config import config_from_dict, config_to_dict
-from aligna.ensemble import Ensemble
+from aligna.ensemble import Ensemble, mean_probabilities
 from aligna.search import beam_search, greedy_search
 from aligna.vocab import EOS_ID, SOS_ID
 
@@ -82,9 +83,12 @@ def test_weights_mix_the_members_probabilities_in_those_proportions():
     each = torch.stack([torch.softmax(m(src, lengths, tgt), -1) for m in parts])
     torch.testing.assert_close(forced.exp(), (torch.tensor([0.5, 0.25, 0.25]).view(3, 1, 1, 1) * each).sum(0))
     for bad, message in (([1, 1], "2 ensemble weights given for 3 models"), ([1, 0, 1], "positive"),
-                         ([1, float("nan"), 1], "positive")):  # fmt: skip
+                         ([1, float("nan"), 1], "positive"), ([1e-300, 1e300, 1], "negligible")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             Ensemble(parts, weights=bad)
+    assert Ensemble(parts, weights=[1e308, 1e308, 5e307]).weights == pytest.approx((0.4, 0.4, 0.2))  # no overflow
+    with pytest.raises(ValueError, match="sum to 1"):
+        mean_probabilities([torch.zeros(2), torch.zeros(2)], [2, 2])
 
 
 @pytest.mark.parametrize("beam,weights", [(1, None), (3, None), (3, [0.5, 0.2, 0.3])])
@@ -174,8 +178,12 @@ def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsy
     ensemble = aligna.load_ensemble([a, b])
     assert lines == ensemble.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)
     assert (tmp_path / "maps" / "0001.png").is_file()  # the members' mean attention
-    assert main(["evaluate", a, b, "--tsv", str(test), "--checkpoint", "best,latest", "--beam", "2"]) == 0
+    record = tmp_path / "scores.json"
+    assert main(["evaluate", a, b, "--tsv", str(test), "--checkpoint", "best,latest", "--beam", "2",
+                 "--ensemble-weights", "1,3", "--json", str(record)]) == 0  # fmt: skip
     assert "wer" in capsys.readouterr().out
+    saved = json.loads(record.read_text())
+    assert saved["checkpoint"] == "best,latest" and saved["ensemble_weights"] == [0.25, 0.75]
     # int8: the members quantized and their decoding compiled, the same translations in nearly every case
     int8 = aligna.load_ensemble([a, b], precision="int8", weights=[3, 1])
     assert len(int8.translate(["3 1 4 1 5", "9 2 6"], beam_size=3)) == 2
@@ -189,7 +197,6 @@ def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsy
 def test_compare_takes_an_ensemble_as_one_model(two_runs, tmp_path, capsys):
     """`aligna compare A A,B`: the ensemble is a model of the table, named A+B, scored as
     `load_ensemble` translates."""
-    import json
 
     (a, b), test = two_runs
     out = tmp_path / "compare"
@@ -199,6 +206,8 @@ def test_compare_takes_an_ensemble_as_one_model(two_runs, tmp_path, capsys):
     assert "run1+run2" in table
     models = json.loads((out / "compare.json").read_text())["models"]
     assert set(models) == {"run1", "run1+run2"} and models["run1+run2"]["model_dir"] == [a, b]
+    assert models["run1+run2"]["ensemble_weights"] == pytest.approx([2 / 3, 1 / 3])  # the record says how it ran
+    assert "ensemble_weights" not in models["run1"] and models["run1"]["checkpoint"] == "best"
     sources, references = zip(*[line.split("\t") for line in test.read_text().splitlines()])
     expected = aligna.load_ensemble([a, b], weights=[2, 1]).evaluate(sources, [[r] for r in references], ["wer"])
     assert models["run1+run2"]["all"] == pytest.approx(expected.values["wer"])
@@ -231,7 +240,6 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     """bench.published's ensemble row: each member with the weights its row's record names, the
     length penalty chosen on dev, the test set scored once."""
     import argparse
-    import json
 
     from bench import published
 
@@ -265,3 +273,10 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     assert written["metrics"]["wer"] == pytest.approx(expected.values["wer"])
     assert written["reproduce"].startswith("train m1 && train m2 && ")
     assert written["train_steps"] == "30 + 30" and written["train_seconds"] == 120.0
+    assert "the member weights and alpha by the dev set's wer" in written["chosen_by"]
+    published.ensemble_row(argparse.Namespace(**{**vars(args), "beam": 1}), "both", rows["both"])  # greedy
+    assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [([0.3, 0.7], 0.0), ([0.5, 0.5], 0.0)]
+    assert "the member weights by the dev set's wer" in written["chosen_by"] and written["search"] == "greedy"
+    published.ensemble_row(argparse.Namespace(**{**vars(args), "ensemble_weights": [1.0, 3.0]}), "both", rows["both"])
+    assert [g["member_weights"] for g in written["dev_grid"]] == [[1.0, 3.0]] * 2
+    assert "member weights given (--ensemble-weights); alpha by the dev set's" in written["chosen_by"]

@@ -704,7 +704,7 @@ def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
     monkeypatch.setattr(serve, "setup_logging", lambda: None)  # no handler left on this test's captured stderr
     rnn, tf = str(model_dirs["rnn"]), str(model_dirs["tf"])
     assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--checkpoint", "best,latest"]) == 1
-    assert "--checkpoint best,latest: no such file" in capsys.readouterr().err  # for the single model
+    assert f"MODEL_DIR {tf!r} has 1; give one checkpoint for all" in capsys.readouterr().err  # before loading
     assert main(["serve", f"{rnn},{tf}", tf, "--device", "cpu", "--ensemble-weights", "3,1"]) == 0
     with TestClient(served["app"]) as client:
         info = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
@@ -715,7 +715,7 @@ def test_cli_serves_an_ensemble(model_dirs, monkeypatch, capsys):
     assert [r["text"] for r in got] == ensemble.translate(TEXTS)
     for bad, message in (([f"{rnn},", "--device", "cpu"], "no empty entry"),
                          ([rnn, tf, "--ensemble-weights", "1,1"], "give one as DIR,DIR"),
-                         ([f"{rnn},{tf}", "--ensemble-weights", "1,1,1"], "3 ensemble weights given for 2 models"),
+                         ([f"{rnn},{tf}", "--ensemble-weights", "1,1,1"], "gives 3 weights, and the ensemble"),
                          ([f"{rnn},{tf}", "--engine", "ctranslate2"], "an ensemble decodes with the aligna engine")):  # fmt: skip
         assert main(["serve", *bad]) == 1
         err = capsys.readouterr().err

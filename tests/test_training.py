@@ -256,6 +256,18 @@ def test_dropout_keeps_each_value_with_chance_one_minus_p_and_rescales_it():
         Dropout(1.5)
 
 
+def test_torch_compile_traces_dropout_in_one_graph():
+    """Under torch.compile (train.compile) the mask is torch.rand's, which Dynamo traces; the C
+    kernel's call would break the graph at every Dropout."""
+    import torch._dynamo
+
+    from aligna.model import Dropout
+
+    model = nn.Sequential(nn.Linear(8, 8), Dropout(0.1), nn.Linear(8, 8), Dropout(0.2)).train()
+    explained = torch._dynamo.explain(model)(torch.randn(4, 8))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_wide_output_layer_on_onednn_computes_what_linear_does(bias, monkeypatch):
     """`model.output_layer`: forward, and every gradient, equal nn.Linear's to float rounding, for

@@ -72,11 +72,19 @@ __attribute__((target("avx2,fma"))) static float hmax_avx2(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
-__attribute__((target("avx2,fma"))) static float hsum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
+/* Long sums: float lanes that each add V/8 terms round away the small ones added to a large
+ * partial sum (~1e-5 low, relative, at V = 32,000). So the float lanes add BLOCK floats (16 terms
+ * a lane, the fast inner loop) and each block's sum goes into double lanes. */
+#define BLOCK 128
+
+__attribute__((target("avx2,fma"))) static __m256d add_wide(__m256d sum, __m256 v) {
+    return _mm256_add_pd(_mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(v))),
+                         _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+__attribute__((target("avx2,fma"))) static double hsum_wide(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
 __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n, float add, Best *best, int64_t base) {
@@ -86,13 +94,20 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
     float m = hmax_avx2(vmax);
     for (; j < n; j++) m = x[j] > m ? x[j] : m;
     if (!isfinite(m)) m = 0.0f; /* -inf everywhere: log 0 below gives -inf, torch's nan aside */
-    __m256 vm = _mm256_set1_ps(m), s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (j = 0; j + 16 <= whole; j += 16) { /* two sums: two exps in flight */
-        s0 = _mm256_add_ps(s0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
-        s1 = _mm256_add_ps(s1, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm)));
+    __m256 vm = _mm256_set1_ps(m);
+    __m256d wide = _mm256_setzero_pd();
+    Py_ssize_t pairs = whole - whole % 16;
+    for (j = 0; j < pairs;) {
+        Py_ssize_t end = pairs - j > 2 * BLOCK ? j + 2 * BLOCK : pairs;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (; j < end; j += 16) { /* two sums: two exps in flight */
+            s0 = _mm256_add_ps(s0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+            s1 = _mm256_add_ps(s1, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm)));
+        }
+        wide = add_wide(wide, _mm256_add_ps(s0, s1));
     }
-    for (; j < whole; j += 8) s0 = _mm256_add_ps(s0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
-    double s = hsum_avx2(_mm256_add_ps(s0, s1));
+    for (; j < whole; j += 8) wide = add_wide(wide, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+    double s = hsum_wide(wide);
     for (; j < n; j++) s += expf(x[j] - m);
     float c = add - (m + (float)log(s));
     __m256 shift = _mm256_set1_ps(c);
@@ -117,25 +132,37 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
 __attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const float *x, float *grad, Py_ssize_t n,
                                                                         int64_t gold, float eps) {
     Py_ssize_t j = 0, whole = n - n % 8;
-    __m256 vmax = _mm256_set1_ps(-INFINITY), vsum = _mm256_setzero_ps();
-    for (; j < whole; j += 8) {
-        __m256 v = _mm256_loadu_ps(x + j);
-        vmax = _mm256_max_ps(vmax, v);
-        vsum = _mm256_add_ps(vsum, v);
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    __m256d wide = _mm256_setzero_pd();
+    while (j < whole) {
+        Py_ssize_t end = whole - j > BLOCK ? j + BLOCK : whole;
+        __m256 vsum = _mm256_setzero_ps();
+        for (; j < end; j += 8) {
+            __m256 v = _mm256_loadu_ps(x + j);
+            vmax = _mm256_max_ps(vmax, v);
+            vsum = _mm256_add_ps(vsum, v);
+        }
+        wide = add_wide(wide, vsum);
     }
     float m = hmax_avx2(vmax);
-    double total = hsum_avx2(vsum);
+    double total = hsum_wide(wide);
     for (; j < n; j++) {
         m = x[j] > m ? x[j] : m;
         total += x[j];
     }
-    __m256 vm = _mm256_set1_ps(m), s0 = _mm256_setzero_ps();
-    for (j = 0; j < whole; j += 8) {
-        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
-        _mm256_storeu_ps(grad + j, e);
-        s0 = _mm256_add_ps(s0, e);
+    __m256 vm = _mm256_set1_ps(m);
+    wide = _mm256_setzero_pd();
+    for (j = 0; j < whole;) {
+        Py_ssize_t end = whole - j > BLOCK ? j + BLOCK : whole;
+        __m256 s0 = _mm256_setzero_ps();
+        for (; j < end; j += 8) {
+            __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+            _mm256_storeu_ps(grad + j, e);
+            s0 = _mm256_add_ps(s0, e);
+        }
+        wide = add_wide(wide, s0);
     }
-    double s = hsum_avx2(s0);
+    double s = hsum_wide(wide);
     for (; j < n; j++) s += (grad[j] = expf(x[j] - m));
     float scale = (float)(1.0 / s), floor = eps / (float)n;
     __m256 vscale = _mm256_set1_ps(scale), vfloor = _mm256_set1_ps(floor);
@@ -143,7 +170,7 @@ __attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const f
         _mm256_storeu_ps(grad + j, _mm256_fmsub_ps(_mm256_loadu_ps(grad + j), vscale, vfloor));
     for (; j < n; j++) grad[j] = grad[j] * scale - floor;
     grad[gold] -= 1.0f - eps;
-    return m + log(s) - (1.0 - eps) * x[gold] - eps * total / (double)n;
+    return m + log(s) - (1.0 - eps) * x[gold] - (eps > 0.0f ? eps * total / (double)n : 0.0);
 }
 #endif
 
@@ -223,14 +250,14 @@ static double cross_entropy_row(const float *x, float *grad, Py_ssize_t n, int64
 #endif
     for (Py_ssize_t j = 0; j < n; j++) {
         m = x[j] > m ? x[j] : m;
-        total += x[j];
+        if (eps > 0.0f) total += x[j];
     }
     double s = 0.0;
     for (Py_ssize_t j = 0; j < n; j++) s += (grad[j] = expf(x[j] - m));
     float scale = (float)(1.0 / s), floor = eps / (float)n;
     for (Py_ssize_t j = 0; j < n; j++) grad[j] = grad[j] * scale - floor;
     grad[gold] -= 1.0f - eps;
-    return m + log(s) - (1.0 - eps) * x[gold] - eps * total / (double)n;
+    return m + log(s) - (1.0 - eps) * x[gold] - (eps > 0.0f ? eps * total / (double)n : 0.0);
 }
 
 /* cross_entropy_rows(logits, rows, cols, targets, eps, ignore, grad, losses): addresses of

@@ -82,6 +82,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, eps: float, ignore: int) -> t
     if not _takes(logits.detach(), None) or targets.dtype != torch.long or not targets.is_contiguous():
         return None
     rows, cols = logits.shape
+    if targets.device.type != "cpu" or targets.shape != (rows,):  # the C loop reads `rows` targets
+        raise ValueError(f"cross_entropy: {tuple(targets.shape)} targets on {targets.device} for {rows} rows of logits")
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     losses = torch.empty(rows, dtype=torch.float32)
     _kernels.cross_entropy_rows(logits.data_ptr(), rows, cols, targets.data_ptr(), eps, ignore, grad.data_ptr(),

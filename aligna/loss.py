@@ -53,22 +53,26 @@ class _CrossEntropy(torch.autograd.Function):
             return loss
         weight = (targets != PAD_ID).unsqueeze(1).to(logits.dtype)  # (N, 1): 0 for padding
         gold = targets.unsqueeze(1)  # (N, 1)
-        rows = -(1 - eps) * logits.gather(1, gold) - eps * logits.mean(-1, keepdim=True)
+        rows = -(1 - eps) * logits.gather(1, gold)
+        if eps:  # (not at 0: 0 * a -inf logit would be nan)
+            rows -= eps * logits.mean(-1, keepdim=True)
         top = logits.amax(-1, keepdim=True)  # (N, 1), so that exp cannot overflow
         grad = torch.sub(logits, top).mul_(LOG2E).exp2_()  # (N, V) exp(x - top)
         total = grad.sum(-1, keepdim=True)
         rows += top + total.log()  # + lse
+        rows = torch.where(weight.bool(), rows, 0.0)  # padding counts 0, whatever its logits
         if not ctx.needs_input_grad[0]:  # held-out loss
-            return (rows * weight).sum()
+            return rows.sum()
         grad.div_(total).sub_(eps / logits.size(-1))  # softmax - eps / V
         grad.scatter_add_(1, gold, torch.full_like(weight, -(1 - eps)))
         if not bool(weight.all()):  # training passes only the non-pad positions
-            grad.mul_(weight)
+            grad.masked_fill_(weight == 0, 0.0)
         ctx.save_for_backward(grad)
         ctx.spent = False
-        return (rows * weight).sum()
+        return rows.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its gradient is computed, not a graph
     def backward(ctx, scale: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         if ctx.spent:
             raise RuntimeError("aligna's CPU cross-entropy runs backward once: its gradient is scaled in place")

@@ -132,7 +132,8 @@ def output_layer(layer: nn.Module, x: Tensor) -> Tensor:
     ):  # fmt: skip
         return layer(x)
     flat = x.reshape(rows, x.size(-1)).contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+    bias_grad = layer.bias is not None and layer.bias.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad or bias_grad):
         out = _OneDNNLinear.apply(flat, layer.weight, layer.bias)
     else:
         out = _ONEDNN_LINEAR(flat, layer.weight, layer.bias, "none", [], "")
@@ -155,6 +156,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # type: ignore[misc]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's products are not a graph to differentiate again
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()

@@ -122,6 +122,33 @@ def test_cross_entropy_and_its_gradient_equal_torch(code, eps):
 def test_cross_entropy_refuses_a_target_outside_the_vocabulary(code):
     with pytest.raises(IndexError, match="target 9 is out of range for 5 classes"):
         kernels.cross_entropy(torch.randn(2, 5), torch.tensor([1, 9]), 0.1, 0)
+    with pytest.raises(ValueError, match=r"\(5,\) targets on cpu for 10 rows"):  # read past its end before
+        kernels.cross_entropy(torch.randn(10, 5), torch.tensor([1, 2, 3, 4, 1]), 0.1, 0)
+
+
+def test_long_rows_are_summed_without_bias(code):
+    """A 32,000-word vocabulary: the softmax's sum over a row in float lanes of V/8 terms each came
+    out ~1e-5 low, so every gradient row summed to ~1e-5, not 0. Now to float rounding."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 32000, generator=g) * 3
+    targets = torch.randint(1, 32000, (64,), generator=g)
+    loss, grad = kernels.cross_entropy(logits, targets, 0.1, 0)
+    assert float(grad.double().sum(1).abs().max()) < 1e-6
+    x = logits.double().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(x, targets, label_smoothing=0.1, reduction="sum")
+    assert abs(float(loss) - float(expected)) < 1e-6 * float(expected)
+    out = log_softmax_(logits.clone(), torch.zeros(64))
+    assert float((out.double().exp().sum(1) - 1).abs().max()) < 1e-6
+
+
+def test_cross_entropy_without_smoothing_ignores_a_minus_inf_logit(code):
+    """eps 0: no smoothing term, so a -inf logit elsewhere in the row leaves the loss finite, as
+    torch's (0 * -inf was nan, and the update would be skipped as non-finite)."""
+    logits = torch.randn(3, 20)
+    logits[:, 5] = float("-inf")
+    targets = torch.tensor([1, 2, 3])
+    loss, _ = kernels.cross_entropy(logits, targets, 0.0, 0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])

@@ -224,6 +224,23 @@ def test_the_cpu_loss_and_its_gradient_equal_torch_cross_entropy(eps):
     assert torch.all(grad[0, 5:] == 0) and torch.all(grad[2, 1:] == 0)  # padding gets no gradient
 
 
+def test_the_torch_loss_path_ignores_minus_inf_logits_where_torch_does(monkeypatch):
+    """Without the C kernel: a -inf logit in a padded row, or (no smoothing) beside the gold
+    token, leaves the loss and gradient finite, as torch's cross-entropy."""
+    monkeypatch.setattr(kernels, "USE", False)
+    logits = torch.randn(4, 9)
+    logits[1, 4] = float("-inf")  # in a padded row
+    logits[2, 5] = float("-inf")
+    targets = torch.tensor([1, 0, 3, 2])
+    x = logits.clone().requires_grad_(True)
+    ours = sequence_loss(x, targets)
+    (grad,) = torch.autograd.grad(ours, x)
+    y = logits.clone().requires_grad_(True)
+    theirs = torch.nn.functional.cross_entropy(y, targets, ignore_index=0, reduction="sum")
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad, torch.autograd.grad(theirs, y)[0])
+
+
 def test_the_cpu_loss_refuses_a_second_backward():
     logits = torch.randn(4, 9, requires_grad=True)
     loss = sequence_loss(logits, torch.tensor([1, 2, 3, 0]), 0.1)
@@ -309,6 +326,22 @@ def test_a_wide_output_layer_on_onednn_computes_what_linear_does(bias, monkeypat
     model_module.output_layer(layer, x[:1, :5])  # 5 rows
     model_module.output_layer(layer.bfloat16(), x.bfloat16())
     assert calls == []
+
+
+def test_the_onednn_output_layer_trains_a_bias_alone_and_refuses_a_second_derivative():
+    from aligna import model as model_module
+
+    if model_module._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    layer = nn.Linear(16, 5000)
+    layer.weight.requires_grad_(False)  # only the bias trains: its gradient was dropped
+    x = torch.randn(40, 16)
+    model_module.output_layer(layer, x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((5000,), 40.0))
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(model_module.output_layer(layer, x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # it came out 0 before
+        grad.sum().backward()
 
 
 def test_a_training_step_scores_every_target_but_padding():

@@ -129,6 +129,17 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
     }
 }
 
+#endif
+
+/* A row's loss, lse - (1 - eps) x_g - eps mean(x), from the sum of its logits: NaN where a logit
+ * is (as torch's; the vector exp would clamp it away), and no smoothing term at eps 0 (where
+ * 0 * a -inf logit would be NaN). */
+static double row_loss(double lse, float gold, double total, float eps, Py_ssize_t n) {
+    if (isnan(total)) return NAN;
+    return lse - (1.0 - eps) * gold - (eps > 0.0f ? eps * total / (double)n : 0.0);
+}
+
+#ifdef ALIGNA_X86
 __attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const float *x, float *grad, Py_ssize_t n,
                                                                         int64_t gold, float eps) {
     Py_ssize_t j = 0, whole = n - n % 8;
@@ -170,7 +181,7 @@ __attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const f
         _mm256_storeu_ps(grad + j, _mm256_fmsub_ps(_mm256_loadu_ps(grad + j), vscale, vfloor));
     for (; j < n; j++) grad[j] = grad[j] * scale - floor;
     grad[gold] -= 1.0f - eps;
-    return m + log(s) - (1.0 - eps) * x[gold] - (eps > 0.0f ? eps * total / (double)n : 0.0);
+    return row_loss(m + log(s), x[gold], total, eps, n);
 }
 #endif
 
@@ -250,14 +261,14 @@ static double cross_entropy_row(const float *x, float *grad, Py_ssize_t n, int64
 #endif
     for (Py_ssize_t j = 0; j < n; j++) {
         m = x[j] > m ? x[j] : m;
-        if (eps > 0.0f) total += x[j];
+        total += x[j];
     }
     double s = 0.0;
     for (Py_ssize_t j = 0; j < n; j++) s += (grad[j] = expf(x[j] - m));
     float scale = (float)(1.0 / s), floor = eps / (float)n;
     for (Py_ssize_t j = 0; j < n; j++) grad[j] = grad[j] * scale - floor;
     grad[gold] -= 1.0f - eps;
-    return m + log(s) - (1.0 - eps) * x[gold] - (eps > 0.0f ? eps * total / (double)n : 0.0);
+    return row_loss(m + log(s), x[gold], total, eps, n);
 }
 
 /* cross_entropy_rows(logits, rows, cols, targets, eps, ignore, grad, losses): addresses of

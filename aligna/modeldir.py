@@ -190,6 +190,12 @@ class ModelDir:
                 f"{self.path} already holds a run: use --resume to continue it, "
                 "--overwrite to start over, or another model_dir"
             )
+        elif kept := self._trained_files():
+            raise FileExistsError(
+                f"{self.path} holds a trained model ({', '.join(kept)}) but no checkpoint to "
+                f"{'resume from' if resume else 'continue'}: nothing was deleted; use --overwrite to start over, "
+                "or another model_dir"
+            )
         elif self._entries(ignore=(MARKER, LOCK, CORPUS, CORPUS_LOCK)):
             why = "--resume: no checkpoint to resume from" if resume else "no checkpoint yet"
             log.info("%s in %s (the run stopped before its first one): starting from the beginning", why, self.path)
@@ -198,6 +204,14 @@ class ModelDir:
             log.info("--resume: %s holds no run yet: starting a new one", self.path)
         self._write_marker()
         return False
+
+    def _trained_files(self) -> list[str]:
+        """What a run leaves once it has trained (weights, checkpoints set aside): a directory
+        that holds any is never cleared without --overwrite."""
+        found = [name for name in (BEST, BEST_SCORES, AVERAGED) if (self / name).exists()]
+        if (self / CHECKPOINTS).is_dir():
+            found += sorted(f"{CHECKPOINTS}/{p.name}" for p in (self / CHECKPOINTS).glob(f"{DAMAGED}*"))
+        return found
 
     def _check_clearable(self) -> None:
         """Refuse to clear a directory aligna did not make, or one that holds the caller."""
@@ -310,8 +324,10 @@ class ModelDir:
                 f"cannot write checkpoint {name} in {root}: {e.strerror or e} ({kept}); "
                 "free space and continue with --resume"
             ) from None
-        for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self.checkpoints()[:-keep]:  # renamed first: a crash mid-delete leaves no half step-N
+            doomed = old.with_name(f"{TMP}{old.name}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         return final
 
     def verify(self, checkpoint: Path) -> None:
@@ -342,17 +358,28 @@ class ModelDir:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, make_state: Callable[[dict[str, Any]], T]
     ) -> tuple[Path, T]:
         """Load the newest intact checkpoint into `model` and `optimizer` (and the RNG);
-        returns its path and `make_state(trainer.json)`. Damaged checkpoints are named, set
-        aside as checkpoints/damaged-step-N, and skipped; none intact is an error."""
+        returns its path and `make_state(trainer.json)`. Damaged checkpoints (files that fail
+        their manifest, or unreadable ones) are named, set aside as checkpoints/damaged-step-N,
+        and skipped; none intact is an error. A checkpoint whose files match its manifest but
+        that does not fit this run (another model, another aligna's trainer state) is not
+        damaged: an error names it, and nothing is moved."""
         damaged: list[str] = []
         for path in reversed(self.checkpoints()):
+            intact = False
             try:
-                made = self.load_checkpoint(path, model, optimizer, make_state)
+                self.verify(path)
+                intact = (path / MANIFEST).is_file()  # its files are as written (older ones: unknown)
+                made = self.load_checkpoint(path, model, optimizer, make_state, verified=True)
             except DamagedFileError as e:
+                if intact:
+                    raise ModelDirError(
+                        f"{e}; its files are intact (they match its manifest), so it was left as it is: resume "
+                        "with the config and aligna version that wrote it, or start over with --overwrite"
+                    ) from None
                 damaged.append(str(e))
-                aside = path.with_name(DAMAGED + path.name)
-                if aside.exists():
-                    shutil.rmtree(aside)
+                aside, n = path.with_name(DAMAGED + path.name), 1
+                while aside.exists():  # an earlier one set aside is kept too
+                    aside, n = path.with_name(f"{DAMAGED}{path.name}.{n}"), n + 1
                 log.warning("%s; setting it aside as %s and trying the checkpoint before it", e, aside.name)
                 os.replace(path, aside)
                 continue
@@ -367,11 +394,13 @@ class ModelDir:
 
     def load_checkpoint(
         self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-        make_state: Callable[[dict[str, Any]], T], rank: int = 0,
+        make_state: Callable[[dict[str, Any]], T], rank: int = 0, verified: bool = False,
     ) -> T:  # fmt: skip
-        """Load one checkpoint, verified, into `model` and `optimizer`, with the random stream
-        of process `rank` of the run that saved it; a damaged one is a DamagedFileError."""
-        self.verify(path)
+        """Load one checkpoint, verified (unless the caller just did), into `model` and
+        `optimizer`, with the random stream of process `rank` of the run that saved it; a
+        damaged one, or one that does not fit, is a DamagedFileError."""
+        if not verified:
+            self.verify(path)
         load_weights(model, path / MODEL)
         tensors = load_tensors(path / OPTIMIZER)
         state = read_json(path / TRAINER)

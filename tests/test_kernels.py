@@ -149,6 +149,9 @@ def test_cross_entropy_without_smoothing_ignores_a_minus_inf_logit(code):
     targets = torch.tensor([1, 2, 3])
     loss, _ = kernels.cross_entropy(logits, targets, 0.0, 0)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    logits[1, 7] = float("nan")  # a NaN logit: a NaN loss, as torch's (the trainer then skips the update)
+    for eps in (0.0, 0.1):
+        assert kernels.cross_entropy(logits, targets, eps, 0)[0].isnan()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,59 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(toy_config, aligna_log, f
     assert trainer.state.step == 20
     assert f"step-000030/{file}" in aligna_log.text and "resuming from" in aligna_log.text
     assert (md / modeldir.CHECKPOINTS / "damaged-step-000030").is_dir()  # set aside, not deleted
+
+
+def rewrite_trainer_state(checkpoint: Path, **fields) -> None:
+    """Change trainer.json as another aligna version might write it, and its manifest with it
+    (so the checkpoint's files are intact)."""
+    state = json.loads((checkpoint / modeldir.TRAINER).read_text())
+    (checkpoint / modeldir.TRAINER).write_text(json.dumps({**state, **fields}))
+    manifest = json.loads((checkpoint / modeldir.MANIFEST).read_text())
+    path = checkpoint / modeldir.TRAINER
+    manifest["files"][modeldir.TRAINER] = {"bytes": path.stat().st_size, "sha256": modeldir.file_sha256(path)}
+    (checkpoint / modeldir.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_left_where_it_is(toy_config):
+    """A checkpoint whose files match its manifest but that this aligna cannot read (a trainer
+    state from a newer version) is not damaged: it is neither set aside nor, at the next try,
+    deleted with the whole run (which a second --resume did, once both were set aside)."""
+    config, md = trained(toy_config)
+    for checkpoint in md.checkpoints():
+        rewrite_trainer_state(checkpoint, from_the_future=1)
+    before = sorted(str(p.relative_to(md.path)) for p in md.path.rglob("*"))
+    for _ in range(2):
+        with pytest.raises(ModelDirError, match=r"step-000030: not a checkpoint of this run .*from_the_future.*"
+                                                r"its files are intact .*left as it is"):  # fmt: skip
+            Trainer(config, resume=True, progress=False)
+    assert sorted(str(p.relative_to(md.path)) for p in md.path.rglob("*")) == before
+
+
+def test_a_trained_model_without_checkpoints_is_never_cleared_without_overwrite(toy_config):
+    """A user who deleted checkpoints/ to save space keeps best.safetensors: a new run into the
+    directory, or --resume, is refused (it used to be taken for a run killed before its first
+    checkpoint, and cleared)."""
+    config, md = trained(toy_config)
+    for checkpoint in md.checkpoints():
+        shutil.rmtree(checkpoint)
+    for flags in ({}, {"resume": True}):
+        with pytest.raises(FileExistsError, match=r"holds a trained model \(best.safetensors, best.json\) but no "
+                                                  r"checkpoint .*nothing was deleted"):  # fmt: skip
+            Trainer(config, progress=False, **flags)
+    assert (md / modeldir.BEST).is_file() and (md / modeldir.CONFIG).is_file()
+    Trainer(config, overwrite=True, progress=False).close()  # --overwrite still starts over
+    assert not (md / modeldir.BEST).exists()
+
+
+def test_a_checkpoint_set_aside_twice_keeps_both_copies(toy_config, aligna_log):
+    config, md = trained(toy_config)
+    damage(md.latest() / modeldir.MODEL, "overwrite64")
+    first = (md.latest() / modeldir.MODEL).read_bytes()
+    shutil.copytree(md.latest(), md / modeldir.CHECKPOINTS / "damaged-step-000030")  # set aside before
+    Trainer(config, resume=True, progress=False).close()
+    kept = sorted(p.name for p in (md / modeldir.CHECKPOINTS).glob("damaged-*"))
+    assert kept == ["damaged-step-000030", "damaged-step-000030.1"]
+    assert (md / modeldir.CHECKPOINTS / "damaged-step-000030.1" / modeldir.MODEL).read_bytes() == first
 
 
 def test_resume_stops_when_no_checkpoint_is_intact(toy_config):

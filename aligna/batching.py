@@ -48,13 +48,16 @@ class WorkerStopped(RuntimeError):
     """The worker is not running (not started yet, or stopped): no job can be decoded."""
 
 
+MAX_WAIT_MS = 60_000.0  # a batch waits at most a minute for more requests
+
+
 class BatchWorker:
     def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 10.0,
                  name: str = "model") -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch: {max_batch} is out of range; allowed: integers >= 1")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms: {max_wait_ms} is out of range; allowed: >= 0")
+        if not 0 <= max_wait_ms <= MAX_WAIT_MS:  # (nan fails too)
+            raise ValueError(f"max_wait_ms: {max_wait_ms} is out of range; allowed: 0 to {MAX_WAIT_MS}")
         self.run_batch, self.max_batch, self.max_wait, self.name = (
             run_batch,
             max_batch,
@@ -126,12 +129,16 @@ class BatchWorker:
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                self._decode(batch)
+        try:
+            with torch.inference_mode():
+                while True:
+                    batch = self._next_batch()
+                    if batch is None:
+                        return
+                    self._decode(batch)
+        except Exception:  # a bug here: fail the waiting jobs rather than leave them waiting forever
+            log.critical("model %r: the batch worker stopped", self.name, exc_info=True)
+            self.stop(timeout=0)
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest live job and the live jobs with its key behind it, up to max_batch

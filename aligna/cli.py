@@ -530,6 +530,8 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
         references = [
             [streams[0][i]] + [s[i] for s in streams[1:] if s[i].strip()] for i in range(len(sources))
         ]
+    if not sources:
+        raise DataError(f"{args.tsv or args.src}: the test set is empty; there is nothing to score")
     if group:  # e.g. a word listed once per pronunciation
         sources, references = group_references(sources, references)
     return sources, references
@@ -567,6 +569,8 @@ def _compare(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else ["+".join(Path(d).name for d in dirs) for dirs in entries]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
+    if len(set(names)) != len(names):
+        raise ValueError(f"the models' names must be distinct, got {', '.join(names)}: give --names a,b,...")
     translators = {n: _load(args, dirs) for n, dirs in zip(names, entries)}
     first = next(iter(translators.values()))
     sources, references = _test_set(args, first.config.data.group_references)

@@ -102,8 +102,15 @@ class CT2Translator(TextTranslator):
                 "(`aligna shortlist MODEL_DIR`) before exporting it"
             )
 
-    def options(self, decode: DecodeConfig, attention: bool = True) -> dict[str, Any]:
-        """CTranslate2's translate_batch options for aligna's decode settings."""
+    def decode_config(self, **options: object) -> DecodeConfig:
+        """As the aligna engine's, and refusing what CTranslate2 decodes otherwise (a
+        ConfigError, which the server answers with 422, before any job is queued)."""
+        decode = super().decode_config(**options)
+        self.check_options(decode)
+        return decode
+
+    def check_options(self, decode: DecodeConfig) -> None:
+        """A ConfigError for a decode setting that CTranslate2 cannot keep as aligna means it."""
         if decode.coverage:
             raise ConfigError(
                 "decode.coverage: CTranslate2's coverage penalty is not aligna's (GNMT's); "
@@ -119,6 +126,10 @@ class CT2Translator(TextTranslator):
                 f"decode.seed: CTranslate2 seeds its sampler once, when the model loads (with seed {self.seed}, "
                 "the config's decode.seed), so a seed per request cannot be kept"
             )
+
+    def options(self, decode: DecodeConfig, attention: bool = True) -> dict[str, Any]:
+        """CTranslate2's translate_batch options for aligna's decode settings."""
+        self.check_options(decode)
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import BatchWorker, WorkerStopped
+from .batching import MAX_WAIT_MS, BatchWorker, WorkerStopped
 from .config import Config, ConfigError, config_to_dict
 from .translate import TextTranslator
 
@@ -66,8 +66,10 @@ class Settings:
         for key in ("max_batch", "max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms: {self.max_wait_ms} is out of range; allowed: >= 0")
+        if not 0 <= self.max_wait_ms <= MAX_WAIT_MS:  # (nan fails too)
+            raise ValueError(f"max_wait_ms: {self.max_wait_ms} is out of range; allowed: 0 to {MAX_WAIT_MS:g}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is out of range; allowed: 0 to 65535")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")
 
@@ -79,7 +81,10 @@ class Settings:
 def read_api_key(path: str | None) -> str | None:
     """The key from `path` (surrounding whitespace removed), else $ALIGNA_API_KEY, else None."""
     if path is not None:
-        key = Path(path).read_text("utf-8").strip()
+        try:
+            key = Path(path).read_text("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"--api-key-file {path}: not UTF-8 text") from None
         if not key:
             raise ValueError(f"--api-key-file {path}: the file is empty")
         return key

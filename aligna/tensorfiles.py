@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,24 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _writing(tmp: Path, path: Path) -> Iterator[None]:
+    """A failed write (a full disk) removes its temporary file and is an OSError naming `path`
+    (safetensors raises its own error type, which callers that handle OSError would miss)."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        errno, message = getattr(e, "errno", None), f"cannot write {path}: {getattr(e, 'strerror', None) or e}"
+        raise (OSError(errno, message) if errno else OSError(message)) from None
+
+
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """A flat name -> tensor file with its digest, written atomically."""
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata={DIGEST_KEY: tensor_digest(tensors)})
-    _fsync(tmp)
+    with _writing(tmp, path):
+        save_file(tensors, str(tmp), metadata={DIGEST_KEY: tensor_digest(tensors)})
+        _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -112,8 +126,9 @@ def save_weights(model: nn.Module, path: Path) -> None:
     """A model's weights (tied weights stored once) with their digest, written atomically."""
     model = unwrap(model)
     tmp = path.with_name(f".tmp-{path.name}")
-    save_model(model, str(tmp), metadata={DIGEST_KEY: tensor_digest(model.state_dict())})
-    _fsync(tmp)
+    with _writing(tmp, path):
+        save_model(model, str(tmp), metadata={DIGEST_KEY: tensor_digest(model.state_dict())})
+        _fsync(tmp)
     os.replace(tmp, path)
 
 

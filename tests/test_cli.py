@@ -151,6 +151,13 @@ def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
     result = json.loads((out / "compare.json").read_text())
     assert sum(b["sentences"] for b in result["models"]["plain"]["buckets"]) == 40
     assert (out / "compare.png").stat().st_size > 1000
+    assert main(["compare", plain.model_dir, attentive.model_dir, "--tsv", str(test), "--names", "a,a"]) == 1
+    assert "names must be distinct" in capsys.readouterr().err  # one of them was dropped silently
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["evaluate", plain.model_dir, "--src", str(empty), "--ref", str(empty), "--metrics", "bleu"]) == 1
+    err = capsys.readouterr().err
+    assert "the test set is empty" in err and "Traceback" not in err
 
 
 def test_transformer_attention_maps_per_layer_and_head(toy_config, tmp_path):

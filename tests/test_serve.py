@@ -580,6 +580,20 @@ def test_worker_async_cancel_and_stop():
     worker.stop()
 
 
+def test_a_worker_that_dies_fails_its_waiting_jobs(monkeypatch):
+    """A bug in the worker thread stops it; the jobs queued behind it fail with WorkerStopped
+    (the server's 503) instead of waiting forever, and no new job is taken."""
+    model, worker, gate = gated()  # decoding, held at the gate
+    queued = worker.submit(["q"], "B")
+    monkeypatch.setattr(worker, "_next_batch", lambda: 1 / 0)
+    model.release.set()
+    with pytest.raises(WorkerStopped):
+        queued.future.result(10)
+    assert gate.future.result(10) == ["gate:x"]
+    with pytest.raises(WorkerStopped):
+        worker.submit(["late"], "A")
+
+
 def test_worker_with_a_real_model_makes_one_call(translators, monkeypatch):
     translator = translators["tf"]
     calls = []
@@ -730,6 +744,12 @@ def test_cli_errors(model_dirs, capsys, monkeypatch):
     assert "--name given 2 times for 1 model" in capsys.readouterr().err
     assert main(["serve", rnn, "--max-batch", "0"]) == 1
     assert "max_batch" in capsys.readouterr().err
+    for flag, value, message in (("--max-wait-ms", "inf", "max_wait_ms: inf is out of range"),
+                                 ("--max-wait-ms", "nan", "max_wait_ms: nan is out of range"),
+                                 ("--port", "70000", "port: 70000 is out of range")):  # fmt: skip
+        assert main(["serve", rnn, flag, value]) == 1  # inf killed the batch worker; requests then hung
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
     assert main(["serve", rnn]) == 1
     assert "pip install 'aligna[serve]'" in capsys.readouterr().err

@@ -102,15 +102,20 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(toy_config, tmp
     assert [h["train_seconds"] > 0 for h in history] == [True] * len(history)
 
 
-def test_a_crash_mid_save_leaves_the_previous_checkpoint(toy_config, monkeypatch):
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # the latter is safetensors' own
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(toy_config, monkeypatch, error):
+    from safetensors import SafetensorError
+
     config = toy_config(train={"max_steps": 20, "validate_every": 10})
     real_save, calls = tensorfiles.save_file, []
 
-    def disk_full_on_second_save(*args, **kwargs):
+    def disk_full_on_second_save(tensors, path, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_save(*args, **kwargs)
+            Path(path).write_bytes(b"half")  # a partial file
+            raise OSError(28, "No space left on device") if error == "OSError" else SafetensorError(
+                "No space left on device (os error 28)")
+        return real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(tensorfiles, "save_file", disk_full_on_second_save)
     with pytest.raises(modeldir.ModelDirError, match=r"step-000020 .*No space left on device .*step-000010, is intact"):

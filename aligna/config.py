@@ -378,6 +378,11 @@ class Config(_Section):
             )
         if self.model.share_embeddings and not self.data.shared_vocab:
             raise ConfigError("model.share_embeddings: needs data.shared_vocab: true (one vocabulary)")
+        for key in ("min_freq", "max_size"):  # one vocabulary is built by one rule
+            src, tgt = getattr(self.data.src_tokenizer, key), getattr(self.data.tgt_tokenizer, key)
+            if self.data.shared_vocab and src != tgt:
+                raise ConfigError(f"data.tgt_tokenizer.{key}: {tgt}, but the shared vocabulary (data.shared_vocab) "
+                                  f"is built with one rule: set it as data.src_tokenizer.{key} ({src})")
         if self.data.dev is None and (
             self.train.early_stopping_patience > 0 or self.train.schedule == "plateau"
         ):

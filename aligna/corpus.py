@@ -205,17 +205,23 @@ def open_corpus(directory: str | Path, data: DataConfig | None = None, verify: b
     changed = _changed_source(manifest, data) if data is not None else None
     if changed:
         raise StaleCorpus(f"{directory}: {changed} has changed since the corpus was prepared")
-    for name, expected in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CorpusError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise CorpusError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-        if verify and file_sha256(path) != expected["sha256"]:
-            raise CorpusError(f"{path}: checksum mismatch, the file was changed or damaged")
-    pipeline = Pipeline.load(directory)
-    return PreparedCorpus(directory, pipeline, MappedExamples(directory, manifest), manifest)
+    try:
+        for name, expected in manifest["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise CorpusError(f"{path}: missing")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise CorpusError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
+            if verify and file_sha256(path) != expected["sha256"]:
+                raise CorpusError(f"{path}: checksum mismatch, the file was changed or damaged")
+        pipeline = Pipeline.load(directory)
+        sizes = {"src": len(pipeline.src_vocab), "tgt": len(pipeline.tgt_vocab)}
+        if manifest["vocab"] != sizes:
+            raise CorpusError(f"{directory}: vocabularies of {sizes} tokens, the manifest says {manifest['vocab']}")
+        return PreparedCorpus(directory, pipeline, MappedExamples(directory, manifest), manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest that lacks a field
+        raise CorpusError(f"{manifest_path}: not a complete corpus manifest ({type(e).__name__}: {e!s:.100})") from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -321,7 +327,7 @@ def prepare(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
         "fingerprint": fingerprint(data),
         "sources": sources,
         "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-                  for name in _data_files()},  # fmt: skip
+                  for name in [*_data_files(), *_pipeline_files(tmp)]},  # fmt: skip
     }
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     fsync_dir(tmp)
@@ -333,24 +339,27 @@ def prepare(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
 
 
 def prepared(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
-             workers: int | None = None) -> PreparedCorpus:  # fmt: skip
+             workers: int | None = None, repair: bool = False) -> PreparedCorpus:  # fmt: skip
     """The corpus in `directory` if it was prepared from `data` (and, given `pipeline`, with
     its vocabularies); otherwise prepare it now. A damaged corpus is a CorpusError naming the
-    file (delete the directory or run `aligna prepare` again). Safe to call from several
+    file, or with `repair` (`aligna prepare`) is encoded again. Safe to call from several
     processes at once (the ranks of a distributed run): one prepares, the others wait for
     it and then map the same files."""
     with _exclusive(directory.parent / CORPUS_LOCK):  # one prepares; the others wait, then reuse it
-        return _prepared(data, directory, pipeline, workers)
+        return _prepared(data, directory, pipeline, workers, repair)
 
 
-def _prepared(data: DataConfig, directory: Path, pipeline: Pipeline | None, workers: int | None) -> PreparedCorpus:
+def _prepared(data: DataConfig, directory: Path, pipeline: Pipeline | None, workers: int | None,
+              repair: bool) -> PreparedCorpus:  # fmt: skip
     if (directory / MANIFEST).is_file():
         try:
             corpus = open_corpus(directory, data)
         except StaleCorpus as e:
             log.info("%s; preparing it again", e)
         except CorpusError as e:
-            raise CorpusError(f"{e}; run `aligna prepare CONFIG` to encode the corpus again") from None
+            if not repair:
+                raise CorpusError(f"{e}; run `aligna prepare CONFIG` to encode the corpus again") from None
+            log.warning("%s; encoding the corpus again", e)
         else:
             if pipeline is None or _same_vocabularies(pipeline, corpus.pipeline):
                 log.info("using the prepared corpus in %s (%d pairs)", directory, len(corpus.examples))
@@ -369,7 +378,7 @@ def prepare_model_dir(config: Config, workers: int | None = None) -> PreparedCor
         pipeline = None
         if md.checkpoints() and load_config(md / CONFIG).data == config.data:
             pipeline = Pipeline.load(md.path)
-        return prepared(config.data, md / CORPUS, pipeline, workers)
+        return prepared(config.data, md / CORPUS, pipeline, workers, repair=True)
     finally:
         lock.release()
 
@@ -394,6 +403,12 @@ def _cores() -> int:
 
 def _same_vocabularies(a: Pipeline, b: Pipeline) -> bool:
     return a.src_vocab.itos == b.src_vocab.itos and a.tgt_vocab.itos == b.tgt_vocab.itos
+
+
+def _pipeline_files(directory: Path) -> list[str]:
+    """The vocabularies and tokenizers `Pipeline.save` wrote: checked with the ids, which
+    they must match (a changed vocabulary file would decode every id to another word)."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in (*_data_files(), DATA_REPORT, MANIFEST))
 
 
 def _data_files() -> list[str]:

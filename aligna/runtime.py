@@ -190,7 +190,8 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         # M_MMAP_MAX 0: no allocation is mmapped; M_TRIM_THRESHOLD: freed heap never trimmed
-        _KEPT = bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
+        no_mmap, no_trim = bool(libc.mallopt(-4, 0)), bool(libc.mallopt(-1, 2**31 - 1))  # both tried
+        _KEPT = no_mmap and no_trim
     except (OSError, AttributeError):  # not glibc: its allocator's own behaviour stays
         pass
     return _KEPT

@@ -57,7 +57,7 @@ class Shortlist:
     def write(self, path: Path, src_vocab: Vocabulary, tgt_vocab: Vocabulary) -> None:
         """CTranslate2's vocabulary map, token strings: `src<TAB>tgt tgt ...`; an empty source
         first, for the tokens that are always candidates."""
-        lines = ["\t" + " ".join(tgt_vocab.itos[t] for t in self.always.tolist())]
+        lines = ["\t" + " ".join(tgt_vocab.itos[t] for t in self.always.tolist())]  # specials by name (CTranslate2's)
         for src_id, row in enumerate(self.table.tolist()):
             row = [t for t in row if t >= 0]
             if row and src_id >= len(SPECIALS):
@@ -75,6 +75,8 @@ class Shortlist:
                 raise DataError(f"{path}:{number}: expected source<TAB>targets")
             ids = []
             for token in targets.split():
+                if not source and token in SPECIALS:  # the always line names the specials (kept anyway)
+                    continue
                 if token not in tgt_vocab.stoi:
                     raise DataError(f"{path}:{number}: target token {token[:40]!r} is not in the target vocabulary")
                 ids.append(tgt_vocab.stoi[token])

@@ -322,8 +322,8 @@ class Translator(TextTranslator):
         examples = encode_pairs(
             self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
         )
-        if examples.report.empty:
-            log.info("%s (left out of loss and perplexity)", examples.report)
+        if examples.report.empty or examples.report.truncated or examples.report.too_long:
+            log.info("%s (for loss and perplexity)", examples.report)
         return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
 
 

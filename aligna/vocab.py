@@ -144,23 +144,25 @@ def load_tokenizer(directory: Path, prefix: str) -> Tokenizer:
 
 
 class Vocabulary:
-    """Token <-> id map. Ids 0-3 are `<pad>`, `<unk>`, `<sos>`, `<eos>`."""
+    """Token <-> id map. Ids 0-3 are `<pad>`, `<unk>`, `<sos>`, `<eos>`; text never maps to
+    them: a token spelled like one in the user's data (the word "<eos>") is an ordinary token
+    of its own id, so it neither ends a sentence nor hides as padding, and decodes as written.
+    `stoi` is the text lookup (ordinary tokens only)."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
         if tuple(tokens[:4]) != SPECIALS:
             raise ValueError(f"a vocabulary must start with {SPECIALS}")
         self.itos = list(tokens)
-        self.stoi = {t: i for i, t in enumerate(self.itos)}
-        if len(self.stoi) != len(self.itos):
+        self.stoi = {t: i for i, t in enumerate(self.itos) if i >= len(SPECIALS)}
+        if len(self.stoi) != len(self.itos) - len(SPECIALS):
             raise ValueError("a vocabulary must not repeat a token")
+        if any("\n" in t for t in self.itos):
+            raise ValueError("a vocabulary token must not contain a line break (the file holds one a line)")
 
     @classmethod
     def build(cls, counts: Counter[str], min_freq: int = 1, max_size: int = 0) -> Vocabulary:
         """Most frequent first, ties broken alphabetically so the result is deterministic."""
-        ranked = sorted(
-            (t for t, c in counts.items() if c >= min_freq and t not in SPECIALS),
-            key=lambda t: (-counts[t], t),
-        )
+        ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
         return cls(list(SPECIALS) + (ranked[:max_size] if max_size else ranked))
 
     def __len__(self) -> int:
@@ -194,7 +196,8 @@ class Vocabulary:
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
         try:
-            return cls(path.read_bytes().decode("utf-8").split("\n")[:-1])
+            lines = path.read_bytes().decode("utf-8").split("\n")
+            return cls(lines[:-1] if lines[-1] == "" else lines)  # the last line may lack its newline
         except (UnicodeDecodeError, ValueError) as e:
             raise ValueError(f"{path}: not a vocabulary ({e!s:.100})") from None
 

@@ -132,6 +132,16 @@ def test_values_that_make_no_sense_are_refused(tmp_path, line, message):
     assert re.search(message, str(e.value)), str(e.value)
 
 
+def test_a_shared_vocabulary_has_one_rule(tmp_path):
+    """With shared_vocab the source side's min_freq and max_size built the one vocabulary, and the
+    target's were ignored without a word: a config that sets them apart is refused."""
+    text = ("model_dir: x\ndata: {train: {tsv: t.tsv}, shared_vocab: true, src_tokenizer: {min_freq: 1},"
+            " tgt_tokenizer: {min_freq: 3}}\n")
+    with pytest.raises(ConfigError, match=r"data\.tgt_tokenizer\.min_freq: 3, but the shared vocabulary .*\(1\)"):
+        load_text(tmp_path, text)
+    load_text(tmp_path, text.replace("shared_vocab: true", "shared_vocab: false"))
+
+
 def test_empty_model_dir_is_refused():
     # '' is the current directory: `train --overwrite` would delete it.
     for model_dir in ("", "  "):

@@ -150,6 +150,29 @@ def test_a_damaged_ids_file_is_an_error_naming_it(toy_config, damage):
         Trainer(config, overwrite=True, progress=False)
     with pytest.raises(CorpusError, match=f"{ids}: .*{why}"):
         open_corpus(config.model_dir + "/" + CORPUS)
+    path = config.model_dir + ".yaml"
+    save_config(config, path)
+    assert main(["prepare", path]) == 0  # as the error says: prepare encodes it again (it failed the same way)
+    assert open_corpus(config.model_dir + "/" + CORPUS).manifest["pairs"] == 2000
+
+
+def test_a_changed_vocabulary_file_is_not_reused(toy_config):
+    """The corpus's vocabularies are checked with its ids: two lines of tgt_vocab.txt swapped
+    decoded every id to another word, and the corpus was used all the same."""
+    config = toy_config(train={"max_steps": 2, "validate_every": 0})
+    Trainer(config, progress=False).train()
+    vocab = config.model_dir + f"/{CORPUS}/tgt_vocab.txt"
+    lines = open(vocab, encoding="utf-8").read().split("\n")
+    lines[4], lines[5] = lines[5], lines[4]
+    open(vocab, "w", encoding="utf-8").write("\n".join(lines))
+    with pytest.raises(CorpusError, match="tgt_vocab.txt: checksum mismatch"):
+        open_corpus(config.model_dir + "/" + CORPUS)
+    manifest = config.model_dir + f"/{CORPUS}/{MANIFEST}"
+    data = json.loads(open(manifest).read())
+    del data["vocab"]
+    open(manifest, "w").write(json.dumps(data))
+    with pytest.raises(CorpusError, match="not a complete corpus manifest"):  # was a KeyError traceback
+        open_corpus(config.model_dir + "/" + CORPUS, verify=False)
 
 
 def test_multiprocess_encoding_writes_the_same_files(toy_config, tmp_path):

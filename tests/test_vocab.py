@@ -29,9 +29,28 @@ def test_vocabulary_save_load(tmp_path):
     assert Vocabulary.load(tmp_path / "v.txt").itos == v.itos
 
 
-def test_vocabulary_rejects_bad_lists():
+def test_vocabulary_rejects_bad_lists(tmp_path):
     with pytest.raises(ValueError):
         Vocabulary(["a", "b"])
+    with pytest.raises(ValueError, match="repeat"):
+        Vocabulary([*SPECIALS, "a", "a"])
+    with pytest.raises(ValueError, match="line break"):
+        Vocabulary([*SPECIALS, "a\nb"])  # it would reload as two tokens
+    (tmp_path / "v.txt").write_text("\n".join([*SPECIALS, "a", "b"]))  # no final newline: b is kept
+    assert Vocabulary.load(tmp_path / "v.txt").itos == [*SPECIALS, "a", "b"]
+
+
+def test_text_spelled_like_a_special_is_an_ordinary_token(tmp_path):
+    """The word "<eos>" in a sentence got <eos>'s id (ending the sentence in training), "<pad>"
+    got padding's (masked out of attention and the loss): text now never maps to ids 0-3."""
+    counts = Counter("a <eos> b <pad> c <unk> <sos> a".split())
+    v = Vocabulary.build(counts)
+    ids = v.encode("a <eos> b <pad> <sos> <unk>".split())
+    assert all(i >= len(SPECIALS) for i in ids)
+    assert v.decode(ids) == "a <eos> b <pad> <sos> <unk>".split()  # decoded as written
+    assert Vocabulary.build(Counter(["a"])).encode(["<pad>", "<eos>"]) == [UNK_ID, UNK_ID]  # unseen: unknown
+    v.save(tmp_path / "v.txt")
+    assert Vocabulary.load(tmp_path / "v.txt").encode(["<eos>"]) == v.encode(["<eos>"])
 
 
 def test_word_and_char_tokenizers(tmp_path):

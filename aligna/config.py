@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import reprlib
 import types
@@ -261,7 +262,7 @@ class TrainConfig(_Section):
     betas: tuple[Rate, Rate] = (0.9, 0.999)
     weight_decay: Probability = 0.0
     # constant | inverse_sqrt (linear warmup, then lr * sqrt(warmup / step)) | plateau |
-    # linear (warmup, then straight down to 0 at the run's last update: for a fixed budget)
+    # linear (warmup, then straight down to lr / (total - warmup + 1) at the run's last update: for a fixed budget)
     schedule: Literal["constant", "inverse_sqrt", "plateau", "linear"] = "constant"
     warmup_steps: Annotated[int, Range(0, MAX_STEPS)] = 0
     # plateau: lr *= factor after `plateau_patience` validations without improvement, down to min_lr
@@ -470,7 +471,12 @@ def replace_validated(section: Any, where: str, **changes: Any) -> Any:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")
+    """Written to a temporary name and renamed: a reader (another process of a distributed run
+    checking its resume) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")
+    os.replace(tmp, path)
 
 
 def field_type(section: type, name: str) -> Any:

@@ -13,8 +13,8 @@ one process and nothing here is used.
 How an update is split (`Trainer` applies it): every rank computes the same deterministic
 batch order for an epoch; an update takes the next `world * accumulate` batches and rank r
 the `accumulate` of them at r * accumulate. The loss is summed over tokens and divided by
-the target tokens of the whole update, summed over all ranks (one all-reduce of an integer
-before the forward pass), so an update is the same whatever the world size: 2 processes
+the target tokens of the whole update, summed over all ranks (each rank counts them itself:
+it knows every batch of the update), so an update is the same whatever the world size: 2 processes
 equal 1 process with `train.accumulate: 2`. Rank 0 alone validates, logs, writes TensorBoard
 and checkpoints; the others wait for its decisions (`broadcast`).
 

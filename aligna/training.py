@@ -52,7 +52,8 @@ class TrainingDiverged(ValueError):
     """The loss or the weights stopped being finite; the message says what is kept."""
 
 
-GREEDY = {"beam_size": 1, "nbest": 1, "sample": False}  # validation search, whatever decode says
+# validation search, whatever decode says (a shortlist is made from a trained model: none yet)
+GREEDY = {"beam_size": 1, "nbest": 1, "sample": False, "shortlist": False}
 
 
 # --------------------------------------------------------------------------- schedules
@@ -77,8 +78,10 @@ def learning_rate(step: int, cfg: TrainConfig, plateau_scale: float = 1.0, total
         if step < cfg.warmup_steps:
             return cfg.lr * step / cfg.warmup_steps
         return cfg.lr * max(total - step + 1, 1) / max(total - cfg.warmup_steps + 1, 1)
-    lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-    return max(lr * plateau_scale, cfg.min_lr) if cfg.schedule == "plateau" else lr
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "plateau":  # the floor is the decayed rate's, not the warmup's
+        return warm * max(cfg.lr * plateau_scale, cfg.min_lr)
+    return warm * cfg.lr
 
 
 def teacher_forcing_ratio(step: int, cfg: TrainConfig) -> float:
@@ -277,6 +280,7 @@ class Trainer:
             keep_freed_memory()  # large tensors reuse freed memory instead of faulting fresh pages in
         distributed.join(self.world, self.device)
         try:
+            _check_same_settings(config)
             resuming = False
             if self.world.main:
                 self.lock, resuming = self.md.claim(resume, overwrite)
@@ -287,7 +291,9 @@ class Trainer:
                 setup_logging(self.md / TRAIN_LOG)
             torch.manual_seed(self.cfg.seed)
             self._setup_data(resuming)
-            self._setup_model()
+            self._setup_model()  # the same initial weights on every process
+            if self.world.size > 1:  # then each its own dropout masks (its stream is saved per process)
+                torch.manual_seed(self.cfg.seed + self.world.rank)
             if resuming:
                 self._resume()
         except BaseException:
@@ -364,8 +370,10 @@ class Trainer:
                 f"{self.world.size}; resume with the same number (torchrun --nproc_per_node / --nnodes), since "
                 "each process's share of the batches and its random stream are saved per process"
             )
-        if self.state.plateau:
-            self.plateau = Plateau(**self.state.plateau)
+        if self.state.plateau:  # its progress; factor and patience are the config's (a changed one applies)
+            saved = self.state.plateau
+            self.plateau = Plateau(self.cfg.plateau_factor, self.cfg.plateau_patience, saved["best"], saved["bad"],
+                                   saved["scale"])  # fmt: skip
         if self.scaler is not None and self.state.scaler:
             self.scaler.load_state_dict(self.state.scaler)
         log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
@@ -426,6 +434,10 @@ class Trainer:
         window = _Window(self.device)
         validated_at = st.step if st.step else -1
         stop = st.step >= total
+        if cfg.early_stopping_patience and st.bad_validations >= cfg.early_stopping_patience:
+            log.info("the run stopped early (no improvement in %d validations): nothing to train; raise "
+                     "train.early_stopping_patience to continue it", st.bad_validations)  # fmt: skip
+            stop = True
         while not stop and st.epoch < cfg.epochs:
             batches = epoch_batches(self.train_data, cfg.batch_tokens, cfg.seed, st.epoch)
             end = len(batches) - len(batches) % per_update
@@ -559,7 +571,8 @@ class Trainer:
             if cfg.schedule == "plateau":
                 self.plateau.update(value, higher)
             # train_seconds: the time-to-quality curve (update time, validation not counted)
-            checkpoint = {"step": st.step, "epoch": st.epoch + 1, "train_seconds": st.train_seconds}
+            epoch = st.epoch + (1 if st.batch else 0)  # at an epoch's end st.epoch already counts it
+            checkpoint = {"step": st.step, "epoch": epoch, "train_seconds": st.train_seconds}
             st.history = (st.history or []) + [checkpoint | scores.values]
             self._log_scalars("dev", scores.values)
             log.info(
@@ -596,6 +609,20 @@ class Trainer:
                 self._writer.add_scalar(f"{prefix}/{key}", value, self.state.step)
 
 
+def _check_same_settings(config: Config) -> None:
+    """Every process of a distributed run must train with the same model and train settings:
+    they decide each rank's batches and the order of the collective calls, and a mismatch
+    would hang the job until its timeout. (Threads and device may differ between nodes.)"""
+    settings = config_to_dict(config)
+    mine = json.dumps({"model": settings["model"], "train": {k: v for k, v in settings["train"].items()
+                                                             if k not in ("num_threads", "device")}}, sort_keys=True)  # fmt: skip
+    every = distributed.gather(mine)
+    if len(set(every)) > 1:
+        ranks = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+        raise ValueError(f"the processes of this run have other model or train settings than rank 0 (rank(s) "
+                         f"{', '.join(map(str, ranks))}): give every node the same config and --set options")  # fmt: skip
+
+
 def train(config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train, then score the best weights on the test set if one is configured."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
@@ -606,7 +633,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, progres
             trainer.model.eval()
             test = read_parallel(config.data.test, "test")
             sources, references = reference_sets(test, config.data.group_references)
-            scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics])
+            options = {"shortlist": False} if config.decode.shortlist else {}  # made from the trained model, later
+            scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics], **options)
             log.info("test (%s): %s", test.origin, scores)
             for name, signature in scores.signatures.items():
                 log.info("  %s signature: %s", name, signature)

@@ -137,6 +137,32 @@ def test_two_nodes_on_loopback_train_to_the_end(config_file, tmp_path):
     assert (tmp_path / "nodes" / "checkpoints" / "step-000006").is_dir()
 
 
+def test_nodes_given_other_settings_stop_at_once_and_say_so(config_file, tmp_path):
+    """A node started with other train settings would take other batches and call the
+    collectives in another order: a hang until the timeout. It is refused at the start."""
+    path = config_file("mixed")
+    rendezvous = ("--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
+                  "--rdzv_id", "aligna-mixed")  # fmt: skip
+    nodes = [torchrun("train", str(path), *extra, nproc=1, extra=rendezvous)
+             for extra in ((), ("--set", "train.batch_tokens=256"))]  # fmt: skip
+    results = [finish(node, timeout=120) for node in nodes]
+    assert all(code != 0 for code, _ in results)
+    assert any("other model or train settings than rank 0 (rank(s) 1)" in err for _, err in results)
+
+
+def test_each_rank_draws_its_own_dropout_masks(config_file, tmp_path):
+    """The weights start equal on every rank; the random streams after that do not (every rank
+    drew the same dropout masks)."""
+    path = config_file("masks", max_steps=3, validate_every=3)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["dropout"] = 0.3
+    path.write_text(yaml.safe_dump(raw))
+    code, err = finish(torchrun("train", str(path)))
+    assert code == 0, err
+    streams = load_file(str(tmp_path / "masks" / "checkpoints" / "step-000003" / "optimizer.safetensors"))
+    assert not torch.equal(streams["rng.cpu"], streams["rng.rank1.cpu"])
+
+
 def test_resuming_with_another_world_size_says_why(config_file, tmp_path):
     code, err = finish(torchrun("train", str(config_file("pair", max_steps=6, epochs=2))))
     assert code == 0, err

@@ -154,10 +154,25 @@ def test_existing_run_needs_resume_or_overwrite(toy_config):
     Trainer(config, overwrite=True, progress=False)
 
 
-def test_early_stopping_stops(toy_config):
+def test_early_stopping_stops(toy_config, aligna_log):
     config = toy_config(train={"epochs": 50, "validate_every": 5, "early_stopping_patience": 2, "lr": 1e-9})
     state = Trainer(config, progress=False).train()
     assert state.step < 100 and state.bad_validations == 2
+    latest = ModelDir(config.model_dir).latest()
+    again = Trainer(config, resume=True, progress=False).train()  # trained on by one window before
+    assert again.step == state.step and ModelDir(config.model_dir).latest() == latest
+    assert "the run stopped early" in aligna_log.text
+    more = toy_config(train={"epochs": 50, "validate_every": 5, "early_stopping_patience": 3, "lr": 1e-9})
+    assert Trainer(more, resume=True, progress=False).train().step == state.step + 5  # more patience: on
+
+
+def test_validation_ignores_a_decode_shortlist_and_numbers_epochs_from_1(toy_config):
+    """decode.shortlist (made from a trained model, after training) stopped the first validation
+    with an error, before any checkpoint; and a validation at an epoch's end was numbered as the
+    next epoch."""
+    config = toy_config(train={"max_steps": 200, "epochs": 2, "validate_every": 0}, decode={"shortlist": True})
+    state = Trainer(config, progress=False).train()
+    assert [h["epoch"] for h in state.history] == [1, 2] and ModelDir(config.model_dir).latest() is not None
 
 
 def test_learning_rate_schedules():
@@ -170,6 +185,9 @@ def test_learning_rate_schedules():
     plateau = TrainConfig(schedule="plateau", lr=1e-3, min_lr=1e-4)
     assert learning_rate(10, plateau, 0.5) == pytest.approx(5e-4)
     assert learning_rate(10, plateau, 0.01) == pytest.approx(1e-4)
+    warm = TrainConfig(schedule="plateau", lr=1e-3, min_lr=1e-4, warmup_steps=4000)
+    assert learning_rate(40, warm) == pytest.approx(1e-5)  # warmup is not floored at min_lr (was 1e-4)
+    assert learning_rate(2000, warm, 0.01) == pytest.approx(5e-5)
     linear = TrainConfig(schedule="linear", lr=1e-3, warmup_steps=100)
     assert learning_rate(50, linear, total=1000) == pytest.approx(5e-4)
     assert learning_rate(100, linear, total=1000) == pytest.approx(1e-3)

@@ -206,9 +206,12 @@ class ModelDir:
         return False
 
     def _trained_files(self) -> list[str]:
-        """What a run leaves once it has trained (weights, checkpoints set aside): a directory
-        that holds any is never cleared without --overwrite."""
-        found = [name for name in (BEST, BEST_SCORES, AVERAGED) if (self / name).exists()]
+        """What a run leaves once it has written a checkpoint (latest.json, written after the
+        first one, and the best weights; averaged weights; checkpoints set aside): a directory
+        that holds any is never cleared without --overwrite. (A run killed between its first
+        best.safetensors and its first checkpoint has no latest.json: it starts over.)"""
+        found = [name for name in (BEST, BEST_SCORES) if (self / name).exists() and (self / LATEST).exists()]
+        found += [AVERAGED] if (self / AVERAGED).exists() else []
         if (self / CHECKPOINTS).is_dir():
             found += sorted(f"{CHECKPOINTS}/{p.name}" for p in (self / CHECKPOINTS).glob(f"{DAMAGED}*"))
         return found

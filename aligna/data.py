@@ -45,13 +45,16 @@ class DataError(ValueError):
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 text file (plain or .gz), without line endings."""
+    """All lines of a UTF-8 text file (plain or gzip: told by its first bytes, whatever its
+    name), without line endings."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        with open(path, "rb") as f:
             raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic number
+            raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     return decode_lines(raw, str(path))
@@ -127,6 +130,14 @@ def reference_sets(text: ParallelText, grouped: bool) -> tuple[list[str], list[l
 # --------------------------------------------------------------------------- text <-> ids
 
 
+def _tokenizer(key: str, config: TokenizerConfig, lines: list[str]) -> Tokenizer:
+    """`build_tokenizer`, its error naming the config key of the side that failed."""
+    try:
+        return build_tokenizer(config, lines)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 @dataclass
 class Pipeline:
     """Tokenizers and vocabularies of both sides: raw text in, ids out, and back."""
@@ -141,10 +152,10 @@ class Pipeline:
         src_cfg, tgt_cfg = config.src_tokenizer, config.tgt_tokenizer
         joint = config.shared_vocab and src_cfg == tgt_cfg and src_cfg.type in ("bpe", "unigram")
         if joint:  # one subword model trained on both sides
-            src_tok = tgt_tok = build_tokenizer(src_cfg, train.src + train.tgt)
+            src_tok = tgt_tok = _tokenizer("data.src_tokenizer (shared)", src_cfg, train.src + train.tgt)
         else:
-            src_tok = build_tokenizer(src_cfg, train.src)
-            tgt_tok = build_tokenizer(tgt_cfg, train.tgt)
+            src_tok = _tokenizer("data.src_tokenizer", src_cfg, train.src)
+            tgt_tok = _tokenizer("data.tgt_tokenizer", tgt_cfg, train.tgt)
         src_counts = Counter(t for line in train.src for t in src_tok.encode(line))
         tgt_counts = Counter(t for line in train.tgt for t in tgt_tok.encode(line))
         if config.shared_vocab:

@@ -30,6 +30,10 @@ def write(path, text, gz=False):
 def test_reads_plain_gzip_crlf_and_bom(tmp_path):
     assert read_lines(write(tmp_path / "a.txt", "\ufeffone\r\ntwo\n")) == ["one", "two"]
     assert read_lines(write(tmp_path / "a.gz", "ein\nzwei", gz=True)) == ["ein", "zwei"]
+    assert read_lines(write(tmp_path / "a.GZ", "drei", gz=True)) == ["drei"]  # told by content, not name
+    assert read_lines(write(tmp_path / "gzipped", "vier", gz=True)) == ["vier"]
+    with pytest.raises(DataError, match=r"cut\.gz: cannot read"):
+        read_lines(write(tmp_path / "cut.gz", gzip.compress(b"a\nb\n" * 100)[:-10]))  # a truncated gzip
     assert read_lines(write(tmp_path / "e.txt", "")) == []
 
 

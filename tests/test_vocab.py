@@ -77,3 +77,9 @@ def test_sentencepiece_trains_saves_and_detokenizes(tmp_path, kind):
 def test_sentencepiece_too_large_vocab_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab_size=5000"):
         SentencePieceTokenizer.train(["tiny corpus"] * 3, TokenizerConfig(type="bpe", vocab_size=5000))
+    from aligna.config import CorpusConfig, DataConfig
+    from aligna.data import ParallelText, Pipeline
+
+    data = DataConfig(train=CorpusConfig(tsv="t.tsv"), tgt_tokenizer=TokenizerConfig(type="bpe", vocab_size=5000))
+    with pytest.raises(ValueError, match=r"^data\.tgt_tokenizer: sentencepiece could not train"):  # which side
+        Pipeline.build(data, ParallelText(["a b c"] * 3, ["tiny corpus"] * 3, "t.tsv"))

@@ -51,13 +51,18 @@ class WorkerStopped(RuntimeError):
 MAX_WAIT_MS = 60_000.0  # a batch waits at most a minute for more requests
 
 
+def check_max_wait(ms: float) -> None:
+    """A ValueError unless `ms` is a wait a batch can take: 0 to MAX_WAIT_MS (nan fails too)."""
+    if not 0 <= ms <= MAX_WAIT_MS:
+        raise ValueError(f"max_wait_ms: {ms} is out of range; allowed: 0 to {MAX_WAIT_MS:g}")
+
+
 class BatchWorker:
     def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 10.0,
                  name: str = "model") -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch: {max_batch} is out of range; allowed: integers >= 1")
-        if not 0 <= max_wait_ms <= MAX_WAIT_MS:  # (nan fails too)
-            raise ValueError(f"max_wait_ms: {max_wait_ms} is out of range; allowed: 0 to {MAX_WAIT_MS}")
+        check_max_wait(max_wait_ms)
         self.run_batch, self.max_batch, self.max_wait, self.name = (
             run_batch,
             max_batch,

@@ -205,23 +205,26 @@ def open_corpus(directory: str | Path, data: DataConfig | None = None, verify: b
     changed = _changed_source(manifest, data) if data is not None else None
     if changed:
         raise StaleCorpus(f"{directory}: {changed} has changed since the corpus was prepared")
-    try:
-        for name, expected in manifest["files"].items():
-            path = directory / name
-            if not path.is_file():
-                raise CorpusError(f"{path}: missing")
-            size = path.stat().st_size
-            if size != expected["bytes"]:
-                raise CorpusError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-            if verify and file_sha256(path) != expected["sha256"]:
-                raise CorpusError(f"{path}: checksum mismatch, the file was changed or damaged")
-        pipeline = Pipeline.load(directory)
-        sizes = {"src": len(pipeline.src_vocab), "tgt": len(pipeline.tgt_vocab)}
-        if manifest["vocab"] != sizes:
-            raise CorpusError(f"{directory}: vocabularies of {sizes} tokens, the manifest says {manifest['vocab']}")
-        return PreparedCorpus(directory, pipeline, MappedExamples(directory, manifest), manifest)
-    except (KeyError, TypeError, AttributeError) as e:  # a manifest that lacks a field
-        raise CorpusError(f"{manifest_path}: not a complete corpus manifest ({type(e).__name__}: {e!s:.100})") from None
+    files = manifest.get("files")
+    missing = [key for key in ("files", "vocab", "dtype", "report") if key not in manifest]
+    if missing or not isinstance(files, dict) or not all(
+        isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
+    ):
+        raise CorpusError(f"{manifest_path}: not a complete corpus manifest (missing {missing or 'file entries'})")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorpusError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CorpusError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
+        if verify and file_sha256(path) != expected["sha256"]:
+            raise CorpusError(f"{path}: checksum mismatch, the file was changed or damaged")
+    pipeline = Pipeline.load(directory)
+    sizes = {"src": len(pipeline.src_vocab), "tgt": len(pipeline.tgt_vocab)}
+    if manifest["vocab"] != sizes:
+        raise CorpusError(f"{directory}: vocabularies of {sizes} tokens, the manifest says {manifest['vocab']}")
+    return PreparedCorpus(directory, pipeline, MappedExamples(directory, manifest), manifest)
 
 
 # --------------------------------------------------------------------------- writing

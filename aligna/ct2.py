@@ -128,8 +128,8 @@ class CT2Translator(TextTranslator):
             )
 
     def options(self, decode: DecodeConfig, attention: bool = True) -> dict[str, Any]:
-        """CTranslate2's translate_batch options for aligna's decode settings."""
-        self.check_options(decode)
+        """CTranslate2's translate_batch options for aligna's decode settings (which
+        `decode_config` made and checked)."""
         beam = decode.beam_size if not decode.sample else 1
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,

@@ -45,12 +45,12 @@ class Members(Reorderable):
 
 def mean_probabilities(log_probs: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """log(sum_m w_m * exp(log_probs[m])), elementwise: M tensors of the same shape -> one;
-    `weights` sum to 1 (None: 1/M each). Equal weights are one shift of the sum, not M."""
-    if weights is not None and not math.isclose(math.fsum(weights), 1.0, rel_tol=1e-9):
-        raise ValueError(f"mean_probabilities: the weights must sum to 1, got {list(weights)}")
-    if weights is None or len(set(weights)) == 1:
+    `weights` sum to 1 (None: 1/M each, one shift of the sum rather than M)."""
+    if weights is None:
         total = functools.reduce(torch.logaddexp, log_probs)
         return total.sub_(math.log(len(log_probs))) if len(log_probs) > 1 else total
+    if not math.isclose(math.fsum(weights), 1.0, rel_tol=1e-9):
+        raise ValueError(f"mean_probabilities: the weights must sum to 1, got {list(weights)}")
     return functools.reduce(torch.logaddexp, [lp + math.log(w) for lp, w in zip(log_probs, weights)])
 
 
@@ -86,6 +86,7 @@ class Ensemble(Seq2Seq):
             raise ValueError(f"an ensemble needs at least 2 models, not {len(members)}")
         self.members = nn.ModuleList(members)
         self.weights = ensemble_weights([1.0] * len(members) if weights is None else weights, len(members))
+        self._mix = None if len(set(self.weights)) == 1 else self.weights  # None: the plain mean's fast path
         limits = [m.max_len for m in members if m.max_len is not None]
         self.max_len = min(limits) if limits else None  # every member must take the input
 
@@ -106,7 +107,7 @@ class Ensemble(Seq2Seq):
             if attention is not None and need_attention:
                 maps.append(attention.float())
         attention = torch.stack(maps).mean(0) if maps else None
-        return mean_probabilities(log_probs, self.weights), Members(tuple(states)), attention
+        return mean_probabilities(log_probs, self._mix), Members(tuple(states)), attention
 
     def restrict_output(self, encoder_output: Members, ids: Tensor) -> Members:  # type: ignore[override]
         return Members(tuple(m.restrict_output(e, ids) for m, e in zip(self.members, encoder_output.parts)))
@@ -119,7 +120,7 @@ class Ensemble(Seq2Seq):
         """Teacher forcing: the ensemble's log-probabilities (B, T, V), or (N, V) with `keep`, as
         `Seq2Seq.forward` gives logits (a cross-entropy of them is the ensemble's)."""
         outputs = [torch.log_softmax(m(src, src_lengths, tgt_in, keep).float(), dim=-1) for m in self.members]
-        return mean_probabilities(outputs, self.weights)
+        return mean_probabilities(outputs, self._mix)
 
     def attention_maps(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> dict[str, Tensor]:
         """{}: the members' layers and heads are not one model's. The map the searches give

@@ -51,7 +51,7 @@ class _CrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad)
             ctx.spent = False
             return loss
-        weight = (targets != PAD_ID).unsqueeze(1).to(logits.dtype)  # (N, 1): 0 for padding
+        kept = (targets != PAD_ID).unsqueeze(1)  # (N, 1): False for padding
         gold = targets.unsqueeze(1)  # (N, 1)
         rows = -(1 - eps) * logits.gather(1, gold)
         if eps:  # (not at 0: 0 * a -inf logit would be nan)
@@ -60,13 +60,13 @@ class _CrossEntropy(torch.autograd.Function):
         grad = torch.sub(logits, top).mul_(LOG2E).exp2_()  # (N, V) exp(x - top)
         total = grad.sum(-1, keepdim=True)
         rows += top + total.log()  # + lse
-        rows = torch.where(weight.bool(), rows, 0.0)  # padding counts 0, whatever its logits
+        rows = torch.where(kept, rows, 0.0)  # padding counts 0, whatever its logits
         if not ctx.needs_input_grad[0]:  # held-out loss
             return rows.sum()
         grad.div_(total).sub_(eps / logits.size(-1))  # softmax - eps / V
-        grad.scatter_add_(1, gold, torch.full_like(weight, -(1 - eps)))
-        if not bool(weight.all()):  # training passes only the non-pad positions
-            grad.masked_fill_(weight == 0, 0.0)
+        grad.scatter_add_(1, gold, torch.full(gold.shape, -(1 - eps), dtype=grad.dtype))
+        if not bool(kept.all()):  # training passes only the non-pad positions
+            grad.masked_fill_(~kept, 0.0)
         ctx.save_for_backward(grad)
         ctx.spent = False
         return rows.sum()

@@ -96,8 +96,7 @@ class Dropout(nn.Module):
             return nn.functional.dropout(x, self.p, True)
         keep: Optional[Tensor] = None  # noqa: UP045 - TorchScript (compiled decoding) reads this annotation
         if not torch.jit.is_scripting():
-            if not torch.compiler.is_compiling():  # torch.compile traces torch.rand, not the C kernel
-                keep = self._kernel_mask(x)  # the C kernel's, for float32
+            keep = self._kernel_mask(x)  # the C kernel's, for float32
         if keep is None:
             keep = torch.rand(x.shape, device=x.device).ge_(self.p).to(x.dtype).div_(1.0 - self.p)  # float32 draws
         return x * keep
@@ -105,8 +104,9 @@ class Dropout(nn.Module):
     @torch.jit.unused
     def _kernel_mask(self, x: Tensor) -> Optional[Tensor]:  # noqa: UP045
         """`kernels.dropout_mask`, which TorchScript cannot compile (`aligna.compiled` scripts
-        the modules that decode, in eval mode, where no mask is drawn)."""
-        return kernels.dropout_mask(x, self.p)
+        the modules that decode, in eval mode, where no mask is drawn); None under
+        torch.compile, which traces torch.rand but would break its graph at the C call."""
+        return None if torch.compiler.is_compiling() else kernels.dropout_mask(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

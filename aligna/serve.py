@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import MAX_WAIT_MS, BatchWorker, WorkerStopped
+from .batching import BatchWorker, WorkerStopped, check_max_wait
 from .config import Config, ConfigError, config_to_dict
 from .translate import TextTranslator
 
@@ -66,8 +66,7 @@ class Settings:
         for key in ("max_batch", "max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
-        if not 0 <= self.max_wait_ms <= MAX_WAIT_MS:  # (nan fails too)
-            raise ValueError(f"max_wait_ms: {self.max_wait_ms} is out of range; allowed: 0 to {MAX_WAIT_MS:g}")
+        check_max_wait(self.max_wait_ms)  # before any model loads
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is out of range; allowed: 0 to 65535")
         if self.api_key is not None and not self.api_key:

@@ -179,7 +179,8 @@ def keep_freed_memory() -> bool:
     That made a pass over such a tensor 3-6x slower than over reused memory (a 120 MB
     subtraction 53 against 10 ms, the bias copy of the output layer 45 against 8 ms), and beam
     search's (rows x vocabulary) scores at batch 64 slower too. The cost: the process keeps its
-    peak memory until it exits. The `aligna` command and training call it; a program that
+    peak memory until it exits. The `aligna` command and training call it (a program that
+    trains through `aligna.train` or `Trainer` may pass keep_freed=False); a program that
     decodes through `aligna.load` may call it itself. Returns whether it applied (glibc only)."""
     global _KEPT
     if _KEPT is not None:

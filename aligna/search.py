@@ -88,6 +88,10 @@ def search(
     attention False: the hypotheses carry no attention, which the model then need not compute
     (the same tokens and scores, faster)."""
     limits = (cfg.max_len_a, cfg.max_len_b)
+    if src_lengths.numel() and int(src_lengths.min()) < 1:
+        empty = (src_lengths < 1).nonzero().flatten().tolist()
+        raise ValueError(f"source(s) {empty} of the batch have no tokens: a search needs at least one (a Translator "
+                         "gives an empty input an empty translation without searching)")  # fmt: skip
     if vocabulary is not None and vocabulary[: EOS_ID + 1].tolist() != list(range(EOS_ID + 1)):
         raise ValueError("a vocabulary shortlist must start with the special tokens, so that <eos> keeps its column")
     if cfg.sample:

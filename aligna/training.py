@@ -257,11 +257,15 @@ class Trainer:
     only under torchrun (`distributed`).
 
     Rank 0 holds the model directory's lock from construction until `close()` (which
-    `train()` calls when it ends, however it ends); the other ranks never write into it."""
+    `train()` calls when it ends, however it ends); the other ranks never write into it.
+
+    keep_freed: on a CPU, have the process keep the memory it frees (`runtime.keep_freed_memory`,
+    faster large tensors); False leaves a host program's allocator as it is."""
 
     def __init__(
-        self, config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
-    ) -> None:
+        self, config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        keep_freed: bool = True,
+    ) -> None:  # fmt: skip
         self.config, self.cfg = config, config.train
         self.world = distributed.from_environment()
         # A progress bar on a terminal; where stderr is a file or a pipe (`> log 2>&1`, torchrun),
@@ -276,7 +280,7 @@ class Trainer:
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         self.device = distributed.device_for(self.world, resolve_device(self.cfg.device))
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and keep_freed:
             keep_freed_memory()  # large tensors reuse freed memory instead of faulting fresh pages in
         distributed.join(self.world, self.device)
         try:
@@ -623,9 +627,12 @@ def _check_same_settings(config: Config) -> None:
                          f"{', '.join(map(str, ranks))}): give every node the same config and --set options")  # fmt: skip
 
 
-def train(config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train, then score the best weights on the test set if one is configured."""
-    trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
+def train(
+    config: Config, resume: bool = False, overwrite: bool = False, progress: bool = True, keep_freed: bool = True
+) -> Path:
+    """Train, then score the best weights on the test set if one is configured (`Trainer` for
+    the arguments)."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress, keep_freed=keep_freed)
     try:
         trainer.train()
         if config.data.test is not None and trainer.world.main:

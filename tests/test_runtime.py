@@ -123,3 +123,14 @@ def test_keep_freed_memory_applies_once_on_glibc():
     assert keep_freed_memory() == kept  # idempotent
     big = torch.ones(40_000_000)  # 160 MB: from the heap now, not a fresh mapping
     assert float(big.sum()) == 40_000_000
+
+
+def test_a_library_trainer_may_leave_the_allocator_as_it_is(toy_config, monkeypatch):
+    from aligna import training
+
+    calls = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append(1))
+    for keep_freed, expected in ((False, []), (True, [1])):
+        trainer = training.Trainer(toy_config(train={"device": "cpu"}), overwrite=True, keep_freed=keep_freed)
+        trainer.close()
+        assert calls == expected

@@ -88,6 +88,15 @@ def test_length_limit_is_relative_to_the_source():
     assert len(result.tokens[0]) == 9
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_source_without_tokens_is_refused_with_its_index(beam_size):
+    model = make(seed=3, **VARIANTS["bahdanau-bigru"])
+    src, lengths, _ = random_batch([3, 1, 2], seed=4)
+    lengths[1] = 0
+    with pytest.raises(ValueError, match=r"source\(s\) \[1\] of the batch have no tokens"):
+        search(model, src, lengths, DecodeConfig(beam_size=beam_size))
+
+
 @pytest.mark.parametrize("variant", ["bahdanau-bigru", "luong-general-feed-bilstm"])
 def test_attention_keys_are_projected_once_per_sentence_not_per_step(variant):
     model = make(**VARIANTS[variant])

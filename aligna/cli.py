@@ -23,6 +23,7 @@ from .config import ConfigError, DecodeConfig, Range, TrainConfig, check_value, 
 from .export import QUANTIZATIONS
 from .runtime import PRECISIONS
 from .synthetic import SYMBOLS
+from .tensorfiles import atomic_write_bytes, atomic_write_text
 from .translate import ENGINES
 
 
@@ -455,7 +456,7 @@ def _translate(args: argparse.Namespace) -> int:
     else:
         text = "".join(_one_line(r.text) + "\n" for r in results)
     if args.output:
-        Path(args.output).write_bytes(text.encode("utf-8"))
+        atomic_write_bytes(Path(args.output), text.encode("utf-8"))
     else:
         sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.flush()
@@ -496,7 +497,7 @@ def _write_attention(translator, results: list, out_dir: Path, every_map: bool =
         stem = out_dir / f"{number:0{width}d}"
         record = translator.attention_record(r, every_map=every_map)
         maps = record.pop("maps", None)
-        stem.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(record, ensure_ascii=False) + "\n")
         plot_record(record, stem.with_suffix(".png"), title=f"{number}: {r.text}")
         if maps is None or all(len(m["weights"]) == 1 and len(m["weights"][0]) == 1 for m in maps.values()):
             continue  # one layer, one head: the map above is all there is
@@ -506,7 +507,7 @@ def _write_attention(translator, results: list, out_dir: Path, every_map: bool =
                 plot_attention(
                     heads, m["cols"], m["rows"], stem / f"{kind}_layer{layer}.png", title=f"{kind} attention, layer {layer}"
                 )
-        (stem / "maps.json").write_text(json.dumps(maps, ensure_ascii=False), "utf-8")
+        atomic_write_text(stem / "maps.json", json.dumps(maps, ensure_ascii=False))
     print(f"attention maps written to {out_dir}", file=sys.stderr)
 
 
@@ -547,7 +548,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         signature = scores.signatures.get(name)
         print(f"{name:>9} {value:8.2f}" + (f"   {signature}" if signature else ""))
     if args.hyp_output:
-        Path(args.hyp_output).write_text("".join(h + "\n" for h in hypotheses), "utf-8")
+        atomic_write_text(Path(args.hyp_output), "".join(h + "\n" for h in hypotheses))
     if args.json:
         record = {
             "model_dir": args.model_dirs[0] if len(args.model_dirs) == 1 else args.model_dirs,
@@ -558,7 +559,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "tsv": args.tsv,
             **scores.__dict__,
         }
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(Path(args.json), json.dumps(record, indent=1) + "\n")
     return 0
 
 
@@ -587,8 +588,8 @@ def _compare(args: argparse.Namespace) -> int:
             n: {"model_dir": dirs[0] if len(dirs) == 1 else dirs, "checkpoint": args.checkpoint,
                 **({"ensemble_weights": list(t.member_weights)} if t.member_weights else {}), **result.models[n]}
             for (n, t), dirs in zip(translators.items(), entries)}}  # fmt: skip
-        (out / "compare.json").write_text(json.dumps(record, indent=1) + "\n", "utf-8")
-        result.plot(out / "compare.png")
+        result.plot(out / "compare.png")  # first: a figure that fails leaves no new compare.json beside an old plot
+        atomic_write_text(out / "compare.json", json.dumps(record, indent=1) + "\n")
         print(f"\ntable and plot written to {out}/compare.json and {out}/compare.png", file=sys.stderr)
     return 0
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .metrics import bucket_labels, score, score_by_length
+from .metrics import HIGHER_IS_BETTER, MODEL_METRICS, bucket_labels, score, score_by_length
 from .translate import TextTranslator
 
 
@@ -54,16 +54,35 @@ def compare_by_length(
 ) -> Comparison:  # fmt: skip
     """Translate `sources` with every model and score each length bucket (length: the
     whitespace tokens of the source line, the same for every model). `metric` defaults to
-    each model's first eval.metrics entry."""
+    each model's first eval.metrics entry that scores text (not loss or ppl, which need the
+    model). Every model's metric is checked before any model translates."""
+    edges = sorted(set(edges))
+    chosen = {name: _metric(name, translator, metric) for name, translator in translators.items()}
     lengths = [len(s.split()) for s in sources]
     models = {}
     for name, translator in translators.items():
-        chosen = metric or translator.config.eval.metrics[0]
         hypotheses = translator.translate(sources, batch_size, **search)
-        rows = score_by_length(hypotheses, references, lengths, edges, chosen)
+        rows = score_by_length(hypotheses, references, lengths, edges, chosen[name])
         models[name] = {
-            "metric": chosen,
-            "all": score(hypotheses, references, [chosen]).values[chosen],
+            "metric": chosen[name],
+            "all": score(hypotheses, references, [chosen[name]]).values[chosen[name]],
             "buckets": [{"lengths": b, "sentences": n, "score": v} for b, n, v in rows],
         }
-    return Comparison(sorted(edges), models)
+    return Comparison(edges, models)
+
+
+def _metric(name: str, translator: TextTranslator, metric: str | None) -> str:
+    """The metric that scores `name`'s translations by length, or a ValueError saying why none."""
+    by_text = [m for m in HIGHER_IS_BETTER if m not in MODEL_METRICS]
+    if metric is not None:
+        if metric not in by_text:
+            raise ValueError(f"--metric {metric}: compare scores translations by length with one of "
+                             f"{', '.join(by_text)}" + (" (loss and ppl need the model, not its output)"
+                                                        if metric in MODEL_METRICS else ""))  # fmt: skip
+        return metric
+    listed = translator.config.eval.metrics
+    chosen = next((m for m in listed if m not in MODEL_METRICS), None)
+    if chosen is None:
+        raise ValueError(f"model {name}: its eval.metrics {list(listed)} name no metric that scores translations "
+                         f"({', '.join(by_text)}): give --metric")  # fmt: skip
+    return chosen

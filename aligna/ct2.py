@@ -43,7 +43,7 @@ import torch
 
 from .config import Config, ConfigError, DecodeConfig, load_config
 from .data import ParallelText, Pipeline, encode_pairs
-from .export import ctranslate2_module, export_ctranslate2, export_info
+from .export import TOKEN_NAMES, ExportError, ct2_tokens, ctranslate2_module, export_ctranslate2, export_info
 from .modeldir import CONFIG
 from .search import length_penalty, max_lengths
 from .shortlist import VMAP
@@ -74,6 +74,16 @@ class CT2Translator(TextTranslator):
                 f"{', '.join(sorted(supported))}, not {compute}"
             )
         self.info = info
+        # Tokens go to CTranslate2 by the export's names (`export.ct2_tokens`) and come back by them.
+        self.src_names = ct2_tokens(pipeline.src_vocab.itos)
+        self.tgt_names = ct2_tokens(pipeline.tgt_vocab.itos)
+        self.tgt_ids = {name: i for i, name in enumerate(self.tgt_names)}
+        renamed = self.src_names != pipeline.src_vocab.itos or self.tgt_names != pipeline.tgt_vocab.itos
+        if renamed and info.get("token_names") != TOKEN_NAMES:
+            raise ExportError(
+                f"{path}: exported by an aligna that named an ordinary token spelled like a special (such as "
+                "the text <eos>) as the special itself, which CTranslate2 then reads as the special: export again"
+            )
         self.has_vmap = (Path(path) / VMAP).is_file()  # for decode.shortlist (use_vmap)
         # CTranslate2 seeds each worker's sampler once, from the global seed at its first use:
         # a run of sampled calls from a fresh load is reproducible, one call alone is not.
@@ -172,8 +182,15 @@ class CT2Translator(TextTranslator):
             results[i] = self._translation(*found[i], src_tokens[i], decode)
         return results
 
+    def _names(self, tokens: list[str]) -> list[str]:
+        """A source sentence's tokens by the export's names: each as aligna reads it (an
+        unknown one as <unk>, text spelled like a special as the ordinary token it is)."""
+        return [self.src_names[i] for i in self.pipeline.src_vocab.encode(tokens)]
+
     def _decode(self, chunk: list[int], src_tokens: list[list[str]], limit: int, options: dict, found: dict) -> None:
-        sources = [src_tokens[i] for i in chunk]
+        sources = [self._names(src_tokens[i]) for i in chunk]
+        # min_len beyond a call's limit: no <eos> before the limit, so the sentence runs to it, as aligna's does
+        options = dict(options, min_decoding_length=min(options["min_decoding_length"], limit))
         batch = self.ct2.translate_batch(sources, max_decoding_length=limit, **options)
         first: list[Any] = [None] * len(chunk)
         if options["beam_size"] > 1 and options["return_attention"]:
@@ -193,19 +210,19 @@ class CT2Translator(TextTranslator):
             if first is not None and attention:
                 attention = [first, *attention[1:]]
             steps = len(tokens)  # <eos> included when emitted, as aligna's lp(Y) counts
-            words = tokens[:-1] if tokens and tokens[-1] == EOS else tokens
-            ranked.append((log_prob / length_penalty(steps, decode.alpha), log_prob, words, attention))
+            ids = [self.tgt_ids[t] for t in (tokens[:-1] if tokens and tokens[-1] == EOS else tokens)]
+            ranked.append((log_prob / length_penalty(steps, decode.alpha), log_prob, ids, attention))
         ranked.sort(key=lambda h: -h[0])
         ranked = ranked[: decode.nbest]
-        _, log_prob, words, attention = ranked[0]
-        ids = self.pipeline.tgt_vocab.encode(words)
+        _, log_prob, ids, attention = ranked[0]
+        itos = self.pipeline.tgt_vocab.itos
         return Translation(
             text=self.pipeline.detokenize(ids),
-            tokens=list(words),
+            tokens=[itos[i] for i in ids],
             src_tokens=src_tokens,
             score=float(log_prob),
             attention=torch.tensor(attention, dtype=torch.float32) if attention else None,
-            nbest=[(self.pipeline.detokenize(self.pipeline.tgt_vocab.encode(w)), float(s)) for s, _, w, _ in ranked],
+            nbest=[(self.pipeline.detokenize(i), float(s)) for s, _, i, _ in ranked],
         )
 
     def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
@@ -213,9 +230,8 @@ class CT2Translator(TextTranslator):
         cutting and filtering): mean per-token cross-entropy, `<eos>` included."""
         limit = self.max_len
         examples = encode_pairs(self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate", "evaluation")
-        src_itos, tgt_itos = self.pipeline.src_vocab.itos, self.pipeline.tgt_vocab.itos
-        sources = [[src_itos[i] for i in s.tolist()] for s in examples.src]
-        targets = [[tgt_itos[i] for i in t.tolist() if i not in (SOS_ID, EOS_ID, PAD_ID)] for t in examples.tgt]
+        sources = [[self.src_names[i] for i in s.tolist()] for s in examples.src]
+        targets = [[self.tgt_names[i] for i in t.tolist() if i not in (SOS_ID, EOS_ID, PAD_ID)] for t in examples.tgt]
         if not sources:
             return 0.0, 0
         scored = self.ct2.score_batch(sources, targets, max_batch_size=self.config.train.batch_tokens,

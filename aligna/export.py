@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,10 @@ from .config import Config, load_config
 from .data import Pipeline
 from .modeldir import CONFIG, MARKER, ModelDir, ModelDirError
 from .shortlist import FILE as SHORTLIST
-from .shortlist import VMAP
+from .shortlist import VMAP, Shortlist
 from .tensorfiles import atomic_write_text, file_sha256, load_weights, read_json
 from .transformer import Transformer, sinusoids
-from .vocab import EOS, SOS, UNK
+from .vocab import EOS, SOS, SPECIALS, UNK
 
 EXPORT_INFO = "aligna_export.json"  # marks a directory `aligna export` wrote, and says what it holds
 SINUSOID_ROWS = 1024  # positions of the exported sinusoidal table: the longest input and output
@@ -72,8 +73,13 @@ def is_exported(path: str | Path) -> bool:
 def export_info(path: str | Path) -> dict[str, Any]:
     """The description `export_ctranslate2` wrote into an exported directory."""
     info = read_json(Path(path) / EXPORT_INFO)
+    where = Path(path) / EXPORT_INFO
     if not isinstance(info, dict) or info.get("format") != "ctranslate2":
-        raise ExportError(f"{Path(path) / EXPORT_INFO}: not an aligna export description")
+        raise ExportError(f"{where}: not an aligna export description")
+    for key in ("max_positions", "parameters"):
+        value = info.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ExportError(f"{where}: {key} must be a positive integer, not {value!r}: export the model again")
     return info
 
 
@@ -109,13 +115,15 @@ def export_ctranslate2(
     spec.optimize(quantization=quantization)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    old: Path | None = None
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         spec.save(str(staging))
         pipeline.save(staging)
         shutil.copyfile(md / CONFIG, staging / CONFIG)
-        if (md / SHORTLIST).is_file():  # the same shortlist, as CTranslate2's vocabulary map
-            shutil.copyfile(md / SHORTLIST, staging / VMAP)
+        if (md / SHORTLIST).is_file():  # the same shortlist, as CTranslate2's vocabulary map of the export's names
+            shortlist = Shortlist.read(md / SHORTLIST, pipeline.src_vocab, pipeline.tgt_vocab)
+            shortlist.write(staging / VMAP, ct2_tokens(pipeline.src_vocab.itos), ct2_tokens(pipeline.tgt_vocab.itos))
         import ctranslate2
 
         info = {
@@ -128,20 +136,30 @@ def export_ctranslate2(
             "weights_sha256": file_sha256(Path(weights)),
             "parameters": count_parameters(model),
             "max_positions": model.max_len or SINUSOID_ROWS,
+            "token_names": TOKEN_NAMES,
         }
         atomic_write_text(staging / EXPORT_INFO, json.dumps(info, indent=1) + "\n")
-        if out.exists():  # an earlier export, checked above
-            shutil.rmtree(out)
+        if out.exists():  # an earlier export, checked above: set aside, deleted once the new one is in
+            old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+            out.rename(old / out.name)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not out.exists():  # the earlier export back in its place
+            (old / out.name).rename(out)
+            old.rmdir()
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def _check_target(out: Path, md: ModelDir, overwrite: bool) -> None:
-    if out.resolve() == md.path.resolve() or md.path.resolve() in out.resolve().parents:
+    target, model = out.resolve(), md.path.resolve()
+    if target == model or model in target.parents:
         raise ExportError(f"{out}: the export must not go into the model directory {md.path}")
+    if target in model.parents:  # replacing it would delete the training run
+        raise ExportError(f"{out}: it holds the model directory {md.path}; export somewhere else")
     if (out / MARKER).exists():
         raise ExportError(f"{out} is a training run's model directory; export somewhere else")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -195,9 +213,32 @@ def transformer_spec(model: Transformer, config: Config, pipeline: Pipeline):
     spec.config.unk_token, spec.config.bos_token, spec.config.eos_token = UNK, SOS, EOS
     spec.config.decoder_start_token = SOS
     spec.config.layer_norm_epsilon = 1e-5  # torch.nn.LayerNorm's
-    spec.register_source_vocabulary(list(pipeline.src_vocab.itos))
-    spec.register_target_vocabulary(list(pipeline.tgt_vocab.itos))
+    spec.register_source_vocabulary(ct2_tokens(pipeline.src_vocab.itos))
+    spec.register_target_vocabulary(ct2_tokens(pipeline.tgt_vocab.itos))
     return spec
+
+
+# The naming `ct2_tokens` gives; an export without it (written before it existed) named every
+# token as aligna does, which is the same unless an ordinary token is spelled like a special.
+TOKEN_NAMES = 1
+
+
+def ct2_tokens(itos: Sequence[str]) -> list[str]:
+    """The token strings of an exported vocabulary (id -> string): aligna's, except that an
+    ordinary token spelled like a special (the text "<eos>" at an ordinary id, which aligna
+    keeps an ordinary token) gets a name of its own, "<eos>#57": CTranslate2 looks tokens up
+    by their strings, and would read it as the special. The CTranslate2 engine hands tokens
+    over by these names (`ct2.CT2Translator`)."""
+    names = list(itos)
+    taken = set(names)
+    for i in range(len(SPECIALS), len(names)):
+        if names[i] in SPECIALS:
+            name = f"{names[i]}#{i}"
+            while name in taken:
+                name += "#"
+            names[i] = name
+            taken.add(name)
+    return names
 
 
 def _linear(spec, state: dict, scope: str) -> None:

@@ -17,6 +17,7 @@ import sacrebleu
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "tok_bleu": True, "exact": True, "wer": False, "per": False,
                     "wer_nostress": False, "per_nostress": False, "loss": False, "ppl": False}  # fmt: skip
+MODEL_METRICS = ("loss", "ppl")  # need the model's probabilities, not only its output (`score` skips them)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
             rate = word_error_rate if name == "wer_nostress" else phoneme_error_rate
             out.values[name] = rate([strip_stress(h) for h in hypotheses],
                                     [[strip_stress(r) for r in refs] for refs in references])  # fmt: skip
-        elif name not in ("loss", "ppl"):
+        elif name not in MODEL_METRICS:
             raise ValueError(f"unknown metric {name!r}")
     return out
 

@@ -6,6 +6,7 @@ nothing here needs a display and importing aligna stays fast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,21 @@ def _style() -> dict[str, Any]:
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    return {"font.family": [f for f in FONTS if f in installed] or ["sans-serif"], "font.size": 9}
+    # text.parse_math off: a user's text is drawn as written ("$5 or $10" is not mathtext, and
+    # "$x^$" does not stop the figure)
+    fonts = [f for f in FONTS if f in installed] or ["sans-serif"]
+    return {"font.family": fonts, "font.size": 9, "text.parse_math": False}
+
+
+def _save(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write the figure whole or not at all: into a file beside `path`, renamed into place."""
+    path = Path(path)
+    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # the same suffix: the same format
+    try:
+        fig.savefig(partial, dpi=dpi)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def plot_attention(
@@ -73,8 +88,10 @@ def plot_attention(
         fig.colorbar(image, ax=axes, shrink=0.8)
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            _save(fig, path, 110)
+        finally:
+            plt.close(fig)
 
 
 def readable(tokens: Sequence[str]) -> list[str]:
@@ -102,14 +119,16 @@ def plot_lines(
     plt = _pyplot()
     with plt.rc_context(_style()):
         fig, ax = plt.subplots(figsize=(6.0, 3.8))
-        for name, (xs, ys) in series.items():
-            ax.plot([str(x) for x in xs] if categorical else list(xs), ys, marker="o", label=name)
+        lines = [ax.plot([str(x) for x in xs] if categorical else list(xs), ys, marker="o")[0]
+                 for xs, ys in series.values()]  # fmt: skip
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(lines, list(series))  # every name, "_x" too (a label= starting with _ is left out)
         if title:
             ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        try:
+            _save(fig, path, 130)
+        finally:
+            plt.close(fig)

@@ -54,14 +54,15 @@ class Shortlist:
         chosen[-1] = False
         return chosen[:-1].nonzero().squeeze(1).to(src.device)
 
-    def write(self, path: Path, src_vocab: Vocabulary, tgt_vocab: Vocabulary) -> None:
-        """CTranslate2's vocabulary map, token strings: `src<TAB>tgt tgt ...`; an empty source
-        first, for the tokens that are always candidates."""
-        lines = ["\t" + " ".join(tgt_vocab.itos[t] for t in self.always.tolist())]  # specials by name (CTranslate2's)
+    def write(self, path: Path, src_names: Sequence[str], tgt_names: Sequence[str]) -> None:
+        """CTranslate2's vocabulary map, token strings (`names[id]`: a vocabulary's itos, or
+        an export's `export.ct2_tokens`): `src<TAB>tgt tgt ...`; an empty source first, for
+        the tokens that are always candidates."""
+        lines = ["\t" + " ".join(tgt_names[t] for t in self.always.tolist())]  # specials by name (CTranslate2's)
         for src_id, row in enumerate(self.table.tolist()):
             row = [t for t in row if t >= 0]
             if row and src_id >= len(SPECIALS):
-                lines.append(f"{src_vocab.itos[src_id]}\t{' '.join(tgt_vocab.itos[t] for t in row)}")
+                lines.append(f"{src_names[src_id]}\t{' '.join(tgt_names[t] for t in row)}")
         atomic_write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
@@ -173,5 +174,5 @@ def make(model_dir: str | Path, frequent: int = 100, per_source: int = 50) -> tu
     train = read_parallel(config.data.train, "train")
     pairs = ((pipeline.src_ids(s), pipeline.tgt_ids(t)) for s, t in zip(train.src, train.tgt))
     shortlist = build(pairs, len(pipeline.src_vocab), len(pipeline.tgt_vocab), frequent, per_source)
-    shortlist.write(md / FILE, pipeline.src_vocab, pipeline.tgt_vocab)
+    shortlist.write(md / FILE, pipeline.src_vocab.itos, pipeline.tgt_vocab.itos)
     return md / FILE, shortlist

@@ -34,13 +34,23 @@ class DamagedFileError(ValueError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so that a crash leaves either the old file or the new one, never a part."""
+    """Write `path` so that a crash leaves either the old file or the new one, never a part
+    (a failed write leaves no partial file behind). A path that exists and is not a regular
+    file (/dev/stdout, a named pipe) is written in place: it cannot be replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as f:
+            f.write(data)
+        return
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -37,7 +37,7 @@ from .data import (
     write_report,
 )
 from .loss import sequence_loss
-from .metrics import HIGHER_IS_BETTER, Scores
+from .metrics import HIGHER_IS_BETTER, MODEL_METRICS, Scores
 from .model import Seq2Seq
 from .modeldir import CONFIG, CORPUS, DATA_REPORT, TENSORBOARD, TEST_SCORES, TRAIN_LOG, ModelDir
 from .runtime import autocast, keep_freed_memory, resolve_device
@@ -541,7 +541,7 @@ class Trainer:
         """Dev loss, perplexity and `eval.metrics` of greedy output (fast, and comparable
         from one validation to the next whatever the decode section says)."""
         assert self.dev is not None
-        metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in ("loss", "ppl"))]
+        metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in MODEL_METRICS)]
         self.model.eval()  # train_step switches it back
         return self.translator.evaluate(self.dev[0], self.dev[1], metrics, **GREEDY)
 

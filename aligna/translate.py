@@ -24,7 +24,7 @@ from .config import Config, ConfigError, DecodeConfig, load_config, replace_vali
 from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
 from .ensemble import Ensemble, ensemble_weights
 from .loss import corpus_loss
-from .metrics import Scores, perplexity, score
+from .metrics import MODEL_METRICS, Scores, perplexity, score
 from .model import Seq2Seq
 from .modeldir import CONFIG, ModelDir
 from .runtime import autocast, check_precision, quantize_int8, resolve_device
@@ -171,7 +171,7 @@ class TextTranslator:
         out of them and counted in the log. With precision int8, both the output and the
         loss come from the int8 model.
         """
-        decoded = [m for m in metrics if m not in ("loss", "ppl")]
+        decoded = [m for m in metrics if m not in MODEL_METRICS]
         scores = Scores()
         if decoded:
             hypotheses = self.translate(sources, **search_options) if hypotheses is None else hypotheses

@@ -153,6 +153,20 @@ def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
     assert main(["compare", plain.model_dir, attentive.model_dir, "--tsv", str(test), "--names", "a,a"]) == 1
     assert "names must be distinct" in capsys.readouterr().err  # one of them was dropped silently
+    for metric in ("ppl", "blue"):  # refused before any model translates (ppl was a KeyError traceback)
+        assert main(["compare", plain.model_dir, "--tsv", str(test), "--metric", metric]) == 1
+        err = capsys.readouterr().err
+        assert f"--metric {metric}: compare scores translations by length with one of" in err
+        assert "Traceback" not in err
+    # Text is drawn as written: "$...$" is no mathtext ("$x^$" stopped the figure), and a name
+    # starting with "_" keeps its legend entry
+    out = tmp_path / "cmp2"
+    assert main(["compare", plain.model_dir, attentive.model_dir, "--tsv", str(test), "--metric", "exact",
+                 "--names", "_plain,$x^$", "--out", str(out)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png"]
+    src.write_text("a $x^$ b\n")
+    assert cli("translate", attentive.model_dir, "-i", src, "-o", tmp_path / "o.txt", "--attention", maps) == 0
+    assert (maps / "0001.png").read_bytes()[:4] == b"\x89PNG"
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["evaluate", plain.model_dir, "--src", str(empty), "--ref", str(empty), "--metrics", "bleu"]) == 1
@@ -269,3 +283,32 @@ def test_fuzzed_configs_train_or_fail_with_one_named_line(tmp_path, capsys, monk
             assert main(["translate", trained_dir, "-i", str(dev_tsv), "-o", str(tmp_path / "out.txt")]) in (0, 1)
 
     check()
+
+
+def test_compare_plots_every_name_and_sorts_its_buckets(monkeypatch, tmp_path):
+    """The API's edges in any order: scores and labels from the same sorted buckets; the
+    legend names every model, "_"-prefixed ones too."""
+    from types import SimpleNamespace
+
+    import matplotlib.axes
+
+    from aligna.compare import compare_by_length
+
+    class Echo:  # translates each sentence into itself
+        config = SimpleNamespace(eval=SimpleNamespace(metrics=("ppl", "exact")))
+
+        def translate(self, sources, batch_size=None, **search):
+            return list(sources)
+
+    sources = ["a", "a b c d e f g h i j k l m n o", "b c"]
+    result = compare_by_length({"_base": Echo(), "b": Echo()}, sources, [[s] for s in sources], [20, 10])
+    assert result.edges == [10, 20] and result.models["_base"]["metric"] == "exact"  # ppl needs the model
+    assert [(b["lengths"], b["sentences"]) for b in result.models["b"]["buckets"]] == [
+        ("1-10", 2), ("11-20", 1), ("21+", 0)
+    ]  # fmt: skip
+    labels = []
+    legend = matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda ax, *a, **k: labels.append(list(a[1])) or legend(ax, *a, **k))
+    result.plot(tmp_path / "c.png", title="$x^$ costs $5")
+    assert labels == [["_base", "b"]] and (tmp_path / "c.png").stat().st_size > 1000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,62 @@ def test_a_shortlist_goes_with_the_export_as_its_vocabulary_map(trained, corpus,
     # runs over a few more of them (99 of 100 equal when written).
     same = sum(a.tokens == b.tokens for a, b in zip(ours, theirs))
     assert same >= 95, f"{same}/100 equal"
+
+
+def test_text_spelled_like_a_special_is_an_ordinary_token_in_both_engines(corpus, tmp_path):
+    """Text such as "<eos>" is an ordinary token in aligna (here one of the vocabulary, "g"
+    renamed), and "<pad>" or "<sos>" an unknown one: CTranslate2 looks tokens up by their
+    strings and read them as the specials (padding, the start, the end), so the export names
+    them apart and the engine hands tokens over by those names."""
+    spelled = [tuple(side.replace("g", "<eos>") for side in pair) for pair in reverse_pairs(3000, seed=1, max_len=12)]
+    train_tsv = write_tsv(tmp_path / "train.tsv", spelled)
+    config = _config({**corpus, "train": train_tsv, "tmp": tmp_path}, "spelled", train={"max_steps": 60})
+    model_dir = Path(train(config, progress=False))
+    out = export_ctranslate2(model_dir, tmp_path / "spelled-ct2")
+    ours, theirs = aligna.load(model_dir), aligna.load(out)
+    assert "<eos>" in ours.pipeline.tgt_vocab.stoi  # an ordinary token
+    sources = ["a <eos> b c", "<pad> d e", "f <sos> <eos>", "<unk> h <eos> i", "c b a"]
+    for search in ({}, {"beam_size": 3}):
+        a, b = ours.translate_detailed(sources, **search), theirs.translate_detailed(sources, **search)
+        assert [t.tokens for t in b] == [t.tokens for t in a]
+        assert [t.score for t in b] == pytest.approx([t.score for t in a], abs=1e-3)
+    references = [[" ".join(reversed(s.split()))] for s in sources]
+    assert theirs.evaluate(sources, references, ["loss"]).values["loss"] == pytest.approx(
+        ours.evaluate(sources, references, ["loss"]).values["loss"], rel=1e-4
+    )
+    info = export_info(out)
+    del info["token_names"]  # as an export before the names were: its vocabulary reads "<eos>" as the end
+    (out / EXPORT_INFO).write_text(json.dumps(info))
+    with pytest.raises(ExportError, match="export again"):
+        aligna.load(out)
+
+
+def test_min_len_beyond_a_sentence_limit_runs_to_the_limit(trained, exported):
+    ours, theirs = aligna.load(trained["pre"]), aligna.load(exported["pre"])
+    sources = ["a b", "a b c d e f g h"]  # "a b": a limit of 2 + 3 tokens
+    for search in ({"min_len": 10}, {"min_len": 10, "beam_size": 3}):
+        a, b = ours.translate_detailed(sources, **search), theirs.translate_detailed(sources, **search)
+        assert len(a[0].tokens) == 5 and [t.tokens for t in b] == [t.tokens for t in a]
+
+
+def test_export_never_deletes_the_model_directory_it_holds(trained, tmp_path):
+    import shutil
+
+    outer = export_ctranslate2(trained["pre"], tmp_path / "outer")
+    inner = tmp_path / "outer" / "run"
+    shutil.copytree(trained["pre"], inner)
+    with pytest.raises(ExportError, match="holds the model directory"):
+        export_ctranslate2(inner, outer, overwrite=True)
+    assert (inner / "config.yaml").is_file()
+
+
+def test_an_export_description_without_a_field_is_named(exported, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["pre"], copy)
+    info = export_info(copy)
+    del info["max_positions"]
+    (copy / EXPORT_INFO).write_text(json.dumps(info))
+    with pytest.raises(ExportError, match=f"{EXPORT_INFO}: max_positions must be a positive integer"):
+        aligna.load(copy)

@@ -50,7 +50,7 @@ def test_written_and_read_back_in_ctranslate2_format(tmp_path):
     tgt_vocab = Vocabulary(["<pad>", "<unk>", "<sos>", "<eos>", *"vwxyzuts", "r"])
     shortlist = build(_pairs(), len(src_vocab), len(tgt_vocab), frequent=1, per_source=2)
     path = tmp_path / "shortlist.txt"
-    shortlist.write(path, src_vocab, tgt_vocab)
+    shortlist.write(path, src_vocab.itos, tgt_vocab.itos)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines == ["\t<pad> <unk> <sos> <eos> v", "b\tu", "c\tt s", "d\ts r"]
     back = Shortlist.read(path, src_vocab, tgt_vocab)

@@ -379,11 +379,15 @@ class Config(_Section):
             )
         if self.model.share_embeddings and not self.data.shared_vocab:
             raise ConfigError("model.share_embeddings: needs data.shared_vocab: true (one vocabulary)")
-        for key in ("min_freq", "max_size"):  # one vocabulary is built by one rule
-            src, tgt = getattr(self.data.src_tokenizer, key), getattr(self.data.tgt_tokenizer, key)
+        # one vocabulary is built by one rule, and subwords by one model trained on both sides
+        src_tok, tgt_tok = self.data.src_tokenizer, self.data.tgt_tokenizer
+        subwords = {src_tok.type, tgt_tok.type} & {"bpe", "unigram"}
+        for key in [f.name for f in dataclasses.fields(src_tok)] if subwords else ["min_freq", "max_size"]:
+            src, tgt = getattr(src_tok, key), getattr(tgt_tok, key)
             if self.data.shared_vocab and src != tgt:
-                raise ConfigError(f"data.tgt_tokenizer.{key}: {tgt}, but the shared vocabulary (data.shared_vocab) "
-                                  f"is built with one rule: set it as data.src_tokenizer.{key} ({src})")
+                what = "one subword model and vocabulary" if subwords else "one vocabulary"
+                raise ConfigError(f"data.tgt_tokenizer.{key}: {tgt!r}, but the shared vocabulary (data.shared_vocab) "
+                                  f"is {what} built by one rule: set it as data.src_tokenizer.{key} ({src!r})")
         if self.data.dev is None and (
             self.train.early_stopping_patience > 0 or self.train.schedule == "plateau"
         ):
@@ -421,7 +425,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `raw` with each ``a.b.c=value`` set (value parsed as YAML)."""
+    """Return a copy of `raw` with each ``a.b.c=value`` set: a list or mapping parsed as YAML,
+    any other value as `_Typed` (its field's type says how it reads)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -434,10 +439,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {_show(item, typed=False)}: {_key(part)} is not a section")
         try:
-            node[leaf] = _yaml(value)
+            parsed = _yaml(value)
         except ConfigError as e:
             raise ConfigError(f"override {_show(item, typed=False)}: {e}") from None
+        node[leaf] = parsed if isinstance(parsed, (list, dict)) else _Typed(value, parsed)
     return raw
+
+
+class _Typed(str):
+    """A --set value as typed, and as YAML reads it (`parsed`). The field's type picks: a
+    string field takes the text as typed (YAML 1.1 would make `no` False and cut `runs/x #1`
+    at the comment), a number field the number the text spells (YAML 1.1 reads `010` as octal
+    8 and `1:30` as 90), a true/false, list or optional field YAML's reading, and so does a
+    string in YAML's quotes."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any) -> _Typed:
+        typed = super().__new__(cls, text)
+        typed.parsed = parsed
+        return typed
 
 
 def _yaml(text: str) -> Any:
@@ -538,6 +559,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for name, f in fields.items():
         if name in raw:
             section, value = _section_type(hints[name]), raw[name]
+            if section and isinstance(value, _Typed):  # --set data.test=null
+                value = value.parsed
             values[name] = (
                 _build(section, value, _join(where, name)) if section and value is not None else value
             )
@@ -569,10 +592,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             rule.check(value, key, args[0] is int)
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if (value is None or isinstance(value, _Typed) and value.parsed is None) and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, key)
+    if isinstance(value, _Typed):  # a --set value: as typed for a string or a number, else as YAML reads it
+        text_field = tp is str or origin is Literal and all(isinstance(a, str) for a in args)
+        quoted = isinstance(value.parsed, str) and value.lstrip().startswith(('"', "'"))  # YAML's quotes
+        value = str(value) if (text_field and not quoted) or tp in (int, float) else value.parsed
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, tp):
             raise _FieldError(key, f"expected a mapping of keys, got {_show(value)}")
@@ -598,6 +625,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise _FieldError(key, f"expected a string, got {_show(value)}")
+        if "\0" in value:
+            raise _FieldError(key, f"{_show(value)} holds a NUL character, which no name or path may")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _FieldError(key, f"{_show(value)} holds a lone surrogate: not Unicode text") from None
         return value
     raise TypeError(f"{key}: unsupported config type {tp}")  # a bug in this module
 

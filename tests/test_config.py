@@ -142,6 +142,19 @@ def test_a_shared_vocabulary_has_one_rule(tmp_path):
     load_text(tmp_path, text.replace("shared_vocab: true", "shared_vocab: false"))
 
 
+def test_a_shared_vocabulary_has_one_subword_model(tmp_path):
+    """A joint subword model is trained only when both sides' settings are equal: other settings
+    trained two models in silence."""
+    text = ("model_dir: x\ndata: {train: {tsv: t.tsv}, shared_vocab: true, src_tokenizer: {type: bpe, vocab_size: 20},"
+            " tgt_tokenizer: {type: bpe, vocab_size: 18}}\n")
+    with pytest.raises(ConfigError, match=r"data\.tgt_tokenizer\.vocab_size: 18, but .* one subword model .*\(20\)"):
+        load_text(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"data\.tgt_tokenizer\.type: 'word', but"):
+        load_text(tmp_path, text.replace("{type: bpe, vocab_size: 18}", "{type: word}"))
+    load_text(tmp_path, text.replace("vocab_size: 18", "vocab_size: 20"))
+    load_text(tmp_path, "model_dir: x\ndata: {train: {tsv: t.tsv}, shared_vocab: true, tgt_tokenizer: {lowercase: true}}\n")
+
+
 def test_empty_model_dir_is_refused():
     # '' is the current directory: `train --overwrite` would delete it.
     for model_dir in ("", "  "):
@@ -344,6 +357,26 @@ def test_overrides_are_validated(tmp_path):
         load_config(path, ["name=&a [*a]"])
     with pytest.raises(ConfigError, match=r"override 'model_dir.x=1': model_dir is not a section"):
         load_config(path, ["model_dir.x=1"])
+
+
+def test_override_values_read_as_their_field_types(tmp_path):
+    """--set text reads as the field's type, not as YAML 1.1 would: a number as it is spelled
+    (not octal 010 = 8 or base-60 1:30 = 90), a string as typed (not `no` = False, nor cut at
+    ` #`); YAML's quotes, null, true/false and lists keep their meaning."""
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL)
+    config = load_config(path, ["train.seed=010", "data.src_lang=no", "name=2024-01-01", "model_dir=runs/x #1",
+                                "train.lr=.5", "decode.shortlist=yes", "eval.metrics=[wer, per]"])  # fmt: skip
+    assert (config.train.seed, config.data.src_lang, config.name) == (10, "no", "2024-01-01")
+    assert (config.model_dir, config.train.lr, config.decode.shortlist) == ("runs/x #1", 0.5, True)
+    assert config.eval.metrics == ("wer", "per")
+    assert load_config(path, ["data.tgt_lang='de'"]).data.tgt_lang == "de"
+    assert load_config(path, ["data.dev=null", "data.test=~"]).data.dev is None
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got '1:30'"):
+        load_config(path, ["train.epochs=1:30"])
+    for override, message in (('model_dir="a\\0b"', "holds a NUL character"), ('name="\\ud800"', "lone surrogate")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
 
 
 def test_missing_required_key():

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -72,11 +73,12 @@ def config_hash(config: Config) -> str:
 def command_line() -> str:
     """The command that started this process, to be run again from the repository root:
     `python -m bench.NAME ARGS` for a benchmark (python sets sys.argv[0] to the module's
-    file, which cannot be run by path), the arguments as given otherwise."""
+    file, which cannot be run by path), the arguments as given otherwise; quoted for a POSIX
+    shell (`--set 'eval.metrics=[wer, per]'` stays one argument)."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if spec is None:
-        return " ".join(["python", *sys.argv])
-    return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
+        return shlex.join(["python", *sys.argv])
+    return shlex.join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
 
 
 def record_name(name: str) -> str:

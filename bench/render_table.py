@@ -291,6 +291,17 @@ def peer_curve_rows(record: dict) -> list[str]:
     return [*rows, "", f"![{record['name']}]({record['plot']})"]
 
 
+def _chosen_on_dev(record: dict) -> str:
+    """' (X chosen on dev)', X what the record's dev grid varied: the weights, the member weights
+    of an ensemble, alpha, or both; '' where it varied nothing (no --tune, or one choice)."""
+    grid = record.get("dev_grid") or []
+    varied = [name for key, name in (("weights", "weights"), ("member_weights", "member weights"), ("alpha", "alpha"))
+              if len({json.dumps(g.get(key)) for g in grid}) > 1]  # fmt: skip
+    if not varied:
+        return ""
+    return f" ({'both' if len(varied) > 1 else varied[0]} chosen on dev)"
+
+
 def published_rows(records: list[dict]) -> list[str]:
     rows = [
         "| row | test set | aligna | published | target | met | all scores | weights, search | train | reproduce |",
@@ -303,7 +314,7 @@ def published_rows(records: list[dict]) -> list[str]:
             rows.append(
                 f"| {r['row']} | {Path(r['test_set'].split(' / ')[0]).name} | {LABELS.get(metric, metric)} "
                 f"{v['aligna']:.2f} | {v['published']} | {v['target']} | {verdict} | {scores} | "
-                f"{r['weights']}; {r['search']}{' (both chosen on dev)' if r.get('dev_grid') else ''} | "
+                f"{r['weights']}; {r['search']}{_chosen_on_dev(r)} | "
                 f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
                 f"{r['train_precision']}, {_machine(r['machine'])} | `{r['reproduce']}` |"
             )

@@ -1,7 +1,19 @@
 """The benchmarks' records and the README: every table between the results markers is
-rendered from bench/results/*.json, so a record changed without re-rendering fails here."""
+rendered from bench/results/*.json, so a record changed without re-rendering fails here; and
+bench.published's checks, on a toy row."""
 
-from bench import render_table
+import json
+import shlex
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import reverse_pairs, write_tsv
+
+from bench import common, published, render_table
 
 
 def test_the_readme_tables_are_rendered_from_the_records():
@@ -12,3 +24,213 @@ def test_the_readme_tables_are_rendered_from_the_records():
     assert render_table.START + rendered + render_table.END == render_table.render(), (
         "README.md's results are not the records': run python -m bench.render_table"
     )
+
+
+# --------------------------------------------------------------------------- bench.published, on a toy row
+#
+# The harness runs on a toy row (tests/conftest.py's reverse task) in a temporary directory: its
+# config, data, model directory and RESULTS, never bench/results/ nor a real row.
+
+TOY = published.Row("toy.yaml", "wer", 50.0, 40.0, "a toy", higher_is_better=False)
+TOY_ROWS = {"toy": TOY, "toy_ensemble": published.Row("toy.yaml", "wer", 50.0, 40.0, "a toy", False,
+                                                       members=("toy", "toy"))}  # fmt: skip
+TRAIN_STEPS = 30  # --train-set train.max_steps of the toy run
+
+
+def write_toy(root: Path) -> Path:
+    """The toy row's config (relative paths: the harness runs in `root`) and data."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tsv(root / "train.tsv", reverse_pairs(500, seed=1))
+    write_tsv(root / "dev.tsv", reverse_pairs(20, seed=2))
+    write_tsv(root / "test.tsv", reverse_pairs(20, seed=3))
+    raw = {
+        "model_dir": "run",
+        "data": {"train": {"tsv": "train.tsv"}, "dev": {"tsv": "dev.tsv"}, "test": {"tsv": "test.tsv"}},
+        "model": {"emb_dim": 16, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1},
+        "train": {"batch_tokens": 256, "validate_every": 10, "log_every": 10, "num_threads": 1, "device": "cpu"},
+        "eval": {"metrics": ["wer"]},
+    }
+    (root / "toy.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return root
+
+
+def harness_in(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """Point the harness at `root`: its rows, config, RESULTS (root/results) and command line."""
+    mp.chdir(root)
+    for module in (published, common):
+        mp.setattr(module, "ROOT", root)
+        mp.setattr(module, "RESULTS", root / "results")
+    mp.setattr(published, "ROWS", TOY_ROWS)
+    mp.setattr(common, "git_commit", lambda: "test")
+    mp.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="bench.published"))
+
+
+def bench_run(mp: pytest.MonkeyPatch, *args: str) -> None:
+    """`python -m bench.published ARGS`, in this process."""
+    mp.setattr(sys, "argv", ["bench/published.py", *args])
+    published.main()
+
+
+def record(root: Path, row: str = "toy") -> dict:
+    return json.loads((root / "results" / f"published_{row}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_toy(tmp_path_factory) -> Path:
+    """A directory where the harness trained the toy row (train.max_steps by --train-set) and
+    recorded it, greedy, the best checkpoint."""
+    root = write_toy(tmp_path_factory.mktemp("bench"))
+    with pytest.MonkeyPatch.context() as mp:
+        harness_in(mp, root)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        bench_run(mp, "toy", "--beam", "1", "--average", "0", "--train-set", f"train.max_steps={TRAIN_STEPS}")
+    return root
+
+
+@pytest.fixture
+def bench(trained_toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of `trained_toy` that the harness works in."""
+    root = tmp_path / "bench"
+    shutil.copytree(trained_toy, root)
+    harness_in(monkeypatch, root)
+    return root
+
+
+@pytest.fixture
+def untrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The toy row without a run; training it fails the test."""
+    root = write_toy(tmp_path / "bench")
+    harness_in(monkeypatch, root)
+    monkeypatch.setattr(published, "train", lambda *a, **k: pytest.fail("trained before checking the options"))
+    return root
+
+
+def refused(monkeypatch, capsys, *args: str) -> str:
+    """The error line of a run the harness refuses with exit status 2 (no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        bench_run(monkeypatch, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def test_a_row_the_harness_trained_keeps_its_train_only_settings_apart(trained_toy):
+    r = record(trained_toy)
+    assert r["train_steps"] == TRAIN_STEPS  # --train-set reached training
+    assert r["overrides"] == [] and r["train_overrides"] == [f"train.max_steps={TRAIN_STEPS}"]
+    assert r["run_train_differences"] == {} and r["test_decodes"] == 1
+    assert "aligna train's own end-of-training test score chose nothing" in r["chosen_by"]
+    assert "times in all" not in r["chosen_by"]
+
+
+def test_skip_train_refuses_a_run_with_other_model_or_data_settings(bench, monkeypatch):
+    for option, found in (("model.hidden_size=24", "model.hidden_size is 32 there, 24 here"),
+                          ("data.max_len=50", "data.max_len is 100 there, 50 here")):  # fmt: skip
+        with pytest.raises(SystemExit, match=rf"^--skip-train: the run in run was not trained .*{found}"):
+            bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--set", option)
+    assert record(bench)["test_decodes"] == 1  # nothing decoded, nothing written
+
+
+def test_skip_train_records_how_the_run_was_trained_and_quotes_its_reproduce_line(bench, monkeypatch):
+    metrics = "eval.metrics=[wer, per]"
+    bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--average", "0", "--set", "train.lr=0.002",
+              "--set", metrics, "--train-set", f"train.max_steps={TRAIN_STEPS}")  # fmt: skip
+    r = record(bench)
+    assert r["run_train_differences"] == {"train.lr": {"run": 0.001, "config": 0.002}}
+    assert r["chosen_by"].startswith("given on the command line after training (--average, --alpha)")
+    assert "fixed before training" not in r["chosen_by"] and "aligna train's own" not in r["chosen_by"]
+    assert "per" in r["metrics"]
+    words = shlex.split(r["reproduce"])
+    cut = words.index("&&")
+    assert words[:cut] == ["aligna", "train", "toy.yaml", "--set", "train.lr=0.002", "--set", metrics,
+                           "--set", f"train.max_steps={TRAIN_STEPS}"]  # fmt: skip
+    assert words[cut + 1 :] == shlex.split(r["command"])
+    assert shlex.split(r["command"])[:3] == ["python", "-m", "bench.published"] and metrics in shlex.split(r["command"])
+    assert r["overrides"] == ["train.lr=0.002", metrics] and r["train_overrides"] == [f"train.max_steps={TRAIN_STEPS}"]
+
+
+def test_a_greedy_tune_says_it_chose_the_weights_alone(bench, monkeypatch):
+    bench_run(monkeypatch, "toy", "--skip-train", "--tune", "--beam", "1")
+    r = record(bench)
+    assert len(r["dev_grid"]) == 2  # the best checkpoint and the average of the last 3, greedy
+    assert r["chosen_by"].startswith("the dev set's wer: the weights of the best dev score in dev_grid")
+    assert render_table._chosen_on_dev(r) == " (weights chosen on dev)"
+
+
+def test_the_harness_counts_its_decodings_of_a_rows_test_set(bench, monkeypatch):
+    bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--average", "0")
+    r = record(bench)
+    assert r["test_decodes"] == 2
+    assert r["chosen_by"].endswith("the harness has decoded this row's test set 2 times in all")
+    del r["test_decodes"]  # a record from before the count: it decoded the test set once
+    (bench / "results" / "published_toy.json").write_text(json.dumps(r))
+    bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--average", "0")
+    assert record(bench)["test_decodes"] == 2
+
+
+def test_an_ensemble_member_must_still_be_its_recorded_run(bench, monkeypatch):
+    bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+    assert record(bench, "toy_ensemble")["test_decodes"] == 1
+    path = bench / "results" / "published_toy.json"
+    original = record(bench)
+    path.write_text(json.dumps(original | {"train_steps": TRAIN_STEPS - 1}))  # the directory was trained on since
+    with pytest.raises(SystemExit, match=rf"latest checkpoint is step {TRAIN_STEPS}.*Record the member row again"):
+        bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+    path.write_text(json.dumps(original | {"overrides": ["model.hidden_size=24"]}))
+    with pytest.raises(SystemExit, match=r"model.hidden_size is 32 there, 24 here.*Record the member row again"):
+        bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+
+
+def test_a_dev_set_that_is_the_test_set_is_refused(untrained, monkeypatch, capsys):
+    (untrained / "same.tsv").symlink_to(untrained / "dev.tsv")
+    err = refused(monkeypatch, capsys, "toy", "--set", "data.test.tsv=./same.tsv")
+    assert "data.dev is the test set" in err and "dev.tsv" in err
+
+
+def test_decode_settings_are_refused(untrained, monkeypatch, capsys):
+    err = refused(monkeypatch, capsys, "toy", "--set", "decode.beam_size=5")
+    assert "--set decode.beam_size=5" in err and "--beam" in err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["toy", "--tune", "--alphas", "0.6", "20"], "--alphas: 20.0 is out of range"),
+        (["toy", "--beam", "0"], "--beam: 0 is out of range"),
+        (["toy", "--average", "-1"], "--average: -1 is out of range"),
+        (["toy", "--alpha", "nan"], "--alpha: nan is not a finite number"),
+        (["toy", "--set", "train.lr=-1"], "train.lr: -1"),
+        (["toy", "--train-set", "model.emb_dim=8"], "--train-set model.emb_dim=8: only train.* keys"),
+        (["toy", "--train-set", "train.lr=x"], "train.lr: expected a number"),
+        (["toy", "--ensemble-weights", "1", "2"], "--ensemble-weights: toy is not an ensemble row"),
+        (["toy_ensemble", "--ensemble-weights", "1"], "--ensemble-weights: 1 ensemble weights given for 2 models"),
+    ],
+)
+def test_bad_options_are_refused_before_training(untrained, monkeypatch, capsys, args, named):
+    assert named in refused(monkeypatch, capsys, *args)
+
+
+def test_command_lines_are_quoted_for_a_shell(monkeypatch):
+    argv = ["toy", "--set", "eval.metrics=[wer, per]", "--set", "data.dev.tsv=it's.tsv"]
+    monkeypatch.setattr(sys, "argv", ["bench/published.py", *argv])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="bench.published"))
+    assert shlex.split(common.command_line()) == ["python", "-m", "bench.published", *argv]
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)
+    assert shlex.split(common.command_line()) == ["python", "bench/published.py", *argv]
+
+
+@pytest.mark.parametrize(
+    "grid, phrase",
+    [
+        ([], ""),
+        ([{"weights": "best checkpoint", "alpha": 0.0}, {"weights": "average of the last 3", "alpha": 0.0}],
+         " (weights chosen on dev)"),  # greedy --tune
+        ([{"member_weights": [1, 1], "alpha": 0.0}, {"member_weights": [1, 1], "alpha": 0.6}],
+         " (alpha chosen on dev)"),  # an ensemble with --ensemble-weights
+        ([{"weights": "best checkpoint", "alpha": a} for a in (0.0, 0.6)]
+         + [{"weights": "average of the last 3", "alpha": a} for a in (0.0, 0.6)], " (both chosen on dev)"),
+    ],
+)  # fmt: skip
+def test_the_table_says_what_was_chosen_on_dev(grid, phrase):
+    assert render_table._chosen_on_dev({"dev_grid": grid}) == phrase

@@ -180,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-output-len", type=int, default=512, help="largest max_len_b and min_len (default: 512)"
     )
+    g.add_argument(
+        "--max-map-numbers", type=int, default=2_000_000,
+        help='attention weights a request for attention "all" can bring back, bounded from its source '
+        "lengths and output limit (default: 2,000,000)",
+    )
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("export", help="export a trained Transformer to CTranslate2",
@@ -625,7 +630,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
-        max_beam=args.max_beam, max_output_len=args.max_output_len, api_key=read_api_key(args.api_key_file),
+        max_beam=args.max_beam, max_output_len=args.max_output_len, max_map_numbers=args.max_map_numbers,
+        api_key=read_api_key(args.api_key_file),
         cors_origins=tuple(args.cors_origins),
     )  # fmt: skip
     setup_logging()

@@ -255,13 +255,15 @@ class RNNDecoder(_Decoder):
     def forward(
         self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput
     ) -> tuple[Tensor, RNNState, None]:
-        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        embedded = self.embedding(tokens)  # (B, T, E)
+        emb = self.dropout(embedded)
         if not self.feed_context:
             out, state = self.recur(emb, state)  # (B, T, H)
             return out, state, None
         context = enc.context.unsqueeze(1).expand(-1, tokens.size(1), -1)  # (B, T, D)
         out, state = self.recur(torch.cat([emb, context], dim=-1), state)
-        return torch.cat([out, emb, context], dim=-1), state, None
+        # the features get dropout in `project`: the embedding there undropped, or it would be dropped twice
+        return torch.cat([out, embedded, context], dim=-1), state, None
 
 
 class BahdanauDecoder(_Decoder):
@@ -290,14 +292,15 @@ class BahdanauDecoder(_Decoder):
     def forward(
         self, tokens: Tensor, state: RNNState, enc: RNNEncoderOutput
     ) -> tuple[Tensor, RNNState, Tensor]:
-        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        embedded = self.embedding(tokens)  # (B, T, E)
+        emb = self.dropout(embedded)
         features, weights = [], []
         for t in range(tokens.size(1)):
             query = state.hidden[:, -1:]  # (B, 1, H): s_{t-1}, top layer
             context, w = self.attention(query, enc.keys, enc.states, enc.mask)  # (B, 1, D), (B, 1, S)
-            step_emb = emb[:, t : t + 1]  # (B, 1, E)
-            out, state = self.recur(torch.cat([step_emb, context], dim=-1), state)  # (B, 1, H)
-            features.append(torch.cat([out, context, step_emb], dim=-1))
+            out, state = self.recur(torch.cat([emb[:, t : t + 1], context], dim=-1), state)  # (B, 1, H)
+            # the features get dropout in `project`: the embedding there undropped, or it would be dropped twice
+            features.append(torch.cat([out, context, embedded[:, t : t + 1]], dim=-1))
             weights.append(w)
         return torch.cat(features, dim=1), state, torch.cat(weights, dim=1)  # (B, T, F), (B, T, S)
 

@@ -61,8 +61,9 @@ def quantize_int8(model: Seq2Seq, per_channel: bool = True) -> Seq2Seq:
     did; False: one per tensor); the recurrent cells' weights one per tensor, the only kind
     torch quantizes them with. Embeddings, layer norms and the search itself stay fp32. A
     decode step reads a quarter of the fp32 weight bytes, which is what bounds small-batch
-    decoding on a CPU. Activations get one scale per batch, so unlike fp32 a sentence's output
-    can differ slightly with the sentences it is batched with."""
+    decoding on a CPU. Activations get one scale per batch (a tensor's padded positions
+    included), so unlike fp32 a sentence's output can differ slightly with the sentences it is
+    batched with and with the padding that batch adds."""
     try:
         from torch.ao.quantization import (
             default_dynamic_qconfig,

@@ -58,12 +58,14 @@ class Settings:
     max_chars: int = 2000  # characters per text -> 422
     max_beam: int = 16  # beam_size -> 422
     max_output_len: int = 512  # max_len_b and min_len -> 422
+    max_map_numbers: int = 2_000_000  # attention "all": the weights a request can bring back, at most -> 422
     max_len_a: float = 4.0  # output length limit a * source tokens + b: a -> 422
     api_key: str | None = None  # every endpoint but /healthz, /readyz and the page needs it
     cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("max_batch", "max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len"):
+        for key in ("max_batch", "max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len",
+                    "max_map_numbers"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
         check_max_wait(self.max_wait_ms)  # before any model loads
@@ -280,6 +282,11 @@ def model_info(name: str, translator: TextTranslator) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _json_bytes(content: Any) -> bytes:
+    """JSON as Starlette's JSONResponse writes it."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+
+
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None  # JSON has no -inf
 
@@ -340,13 +347,57 @@ def check_request(body: TranslateRequest, options: dict[str, Any], settings: Set
         except UnicodeEncodeError as e:
             raise ApiError(422, f"texts[{i}]: not valid Unicode text (a lone surrogate, "
                            f"U+{ord(text[e.start]):04X}, at character {e.start})", f"texts[{i}]") from None  # fmt: skip
-    upper = {"beam_size": (s.max_beam, "--max-beam"), "max_len_b": (s.max_output_len, "--max-output-len"),
-             "min_len": (s.max_output_len, "--max-output-len"), "max_len_a": (s.max_len_a, None)}  # fmt: skip
-    for key, (limit, flag) in upper.items():
-        if options.get(key) is not None and options[key] > limit:
-            how = f" ({flag})" if flag else ""
-            raise ApiError(422, f"{key}: {options[key]} is over this server's limit; allowed: <= {limit}{how}",
-                           key, limit=limit)  # fmt: skip
+    for key, value in options.items():
+        _check_limit(key, value, settings, "")
+
+
+def _search_limits(s: Settings) -> dict[str, tuple[float, str | None]]:
+    """The search settings with a server limit: key -> (the most allowed, the flag that sets it)."""
+    return {"beam_size": (s.max_beam, "--max-beam"), "max_len_b": (s.max_output_len, "--max-output-len"),
+            "min_len": (s.max_output_len, "--max-output-len"), "max_len_a": (s.max_len_a, None)}  # fmt: skip
+
+
+def _check_limit(key: str, value: Any, settings: Settings, whose: str) -> None:
+    upper = _search_limits(settings)
+    if key in upper and value > upper[key][0]:
+        limit, flag = upper[key]
+        how = f" ({flag})" if flag else ""
+        raise ApiError(422, f"{key}: {value}{whose} is over this server's limit; allowed: <= {limit}{how}",
+                       key, limit=limit)  # fmt: skip
+
+
+def check_search(model: ServedModel, body: TranslateRequest, decode: dict[str, Any], settings: Settings) -> None:
+    """The server's limits on the search as it will run (`decode`: the request's options over the
+    model's decode defaults, so a default over a limit is refused too), and on the attention
+    weights attention "all" can bring back: every map of every layer and head, bounded by the
+    source lengths and the output limit a * |x| + b."""
+    s = settings
+    for key in _search_limits(settings):
+        if getattr(body, key) is None:  # given ones were checked before the model's validation
+            _check_limit(key, decode[key], settings, f" (model {model.name!r}'s decode default)")
+    if body.attention != "all":
+        return
+    shape = model.info
+    layers, heads = shape["layers"] or {"encoder": 1, "decoder": 1}, shape["heads"] or 1
+    numbers = 0
+    for text in body.texts:
+        src = len(model.translator.pipeline.src_tokens(text))
+        rows = int(decode["max_len_a"] * src + decode["max_len_b"]) + 1  # <sos> and every output token
+        numbers += heads * (layers["encoder"] * src * src + layers["decoder"] * (rows * src + rows * rows))
+    if numbers > s.max_map_numbers:
+        raise ApiError(422, f"attention: \"all\" could bring back {numbers:,} attention weights for these texts (every "
+                       f"layer and head, at the output length limit); this server sends at most {s.max_map_numbers:,} "
+                       "(--max-map-numbers): ask for \"cross\", or for fewer or shorter texts",
+                       "attention", limit=s.max_map_numbers)  # fmt: skip
+
+
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)")  # an absolute path in a message
+
+
+def public(message: str) -> str:
+    """An error message for a client: absolute paths of the server's files cut to their last
+    part (`/srv/models/de_en/shortlist.txt` -> `shortlist.txt`); the server log keeps them."""
+    return _PATH.sub(r"\1", message)
 
 
 def _decode_field(error: ConfigError) -> str | None:
@@ -496,7 +547,9 @@ def create_app(models: dict[str, TextTranslator], settings: Settings | None = No
         try:
             key = model.key(options, body.attention)
         except ConfigError as e:
-            raise ApiError(422, str(e), _decode_field(e)) from None
+            log.info("refused a request to %s: %s", model.name, e)
+            raise ApiError(422, public(str(e)), _decode_field(e)) from None
+        check_search(model, body, dict(key[1]), settings)  # type: ignore[index]
         if not body.texts:
             return JSONResponse({"model": model.name, "results": []})
         worker = model.worker
@@ -512,7 +565,9 @@ def create_app(models: dict[str, TextTranslator], settings: Settings | None = No
             )
         if results is None:  # the client went away
             return Response(status_code=499)
-        return JSONResponse({"model": model.name, "results": results})
+        # attention maps can make a large answer: written out off the event loop, which goes on serving
+        content = await asyncio.to_thread(_json_bytes, {"model": model.name, "results": results})
+        return Response(content, media_type="application/json")
 
     @app.get("/v1/models", response_model=ModelsResponse, responses={401: ERRORS[401]}, tags=["models"])
     async def list_models() -> Any:

@@ -98,6 +98,8 @@ class TextTranslator:
         batched by length. `search_options` override the config's decode section.
         attention False: no `Translation.attention` (None), which the search then need not
         compute: the same translations, faster."""
+        if isinstance(texts, str):  # each character would be a sentence
+            raise TypeError("texts: a list of strings, one per sentence; got one str (use [text])")
         if batch_size is not None:
             search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
@@ -168,8 +170,8 @@ class TextTranslator:
         """Metrics of greedy output (or of `hypotheses`) against per-sentence reference lists.
 
         loss / ppl are computed on every (source, reference) pair; empty pairs are left
-        out of them and counted in the log. With precision int8, both the output and the
-        loss come from the int8 model.
+        out of them and counted in the log. Both the output and the loss come from the model
+        at the translator's precision (the int8 copy at int8; under autocast at bf16 and fp16).
         """
         decoded = [m for m in metrics if m not in MODEL_METRICS]
         scores = Scores()
@@ -324,7 +326,8 @@ class Translator(TextTranslator):
         )
         if examples.report.empty or examples.report.truncated or examples.report.too_long:
             log.info("%s (for loss and perplexity)", examples.report)
-        return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+        with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
+            return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
 
 
 def _rounded(value: Any) -> Any:

@@ -189,8 +189,8 @@ def translate(driver, sentence: str, model: str | None = None) -> str:
     driver.execute_script("document.getElementById('results').replaceChildren()")  # a new result must appear
     driver.find_element("id", "translate").click()
     wait(driver, lambda d: (d.find_elements("css selector", "#results .result .translation")
-                            and "translating" not in status(d).lower()) or "error" in status(d).lower(),
-         message="no translation appeared")  # fmt: skip
+                            and status(d).lower() == "ready") or "error" in status(d).lower(),
+         message="no translation appeared")  # fmt: skip  # "ready": a Transformer's maps are in too
     if "error" in status(driver).lower():
         raise RuntimeError(f"the page says {status(driver)!r}")
     return driver.find_element("css selector", "#results .result .translation").text.strip()

@@ -265,3 +265,39 @@ def test_an_ensemble_shows_its_members_and_their_mean_attention(driver, server):
         assert len(page.options(driver, element_id)) == 1
         assert driver.find_element("id", element_id).get_attribute("disabled")
     assert page.options(driver, "head") == [["mean", "mean over heads and models"]]
+
+
+def test_an_older_answer_never_replaces_a_newer_one(driver, server):
+    """Lines sent to the Transformer, then another model chosen and one line translated: only
+    the newest request's answer is shown, whenever the older one comes back. The page asks for
+    the map search used; a Transformer's other maps come for the selected line alone."""
+    import time
+
+    page.select(driver, "model", value="transformer")
+    driver.find_element("id", "show-request").click()
+    assert '"attention": "cross"' in driver.find_element("id", "request").text
+    # the request of several lines answered 1.5 s late, after the newer one
+    driver.execute_script("""
+        window.realFetch = window.realFetch || window.fetch;
+        window.fetch = async (url, init) => {
+          if (init && init.body && JSON.parse(init.body).texts.length > 1) await new Promise((r) => setTimeout(r, 1500));
+          return window.realFetch(url, init);
+        };""")
+    try:
+        source = driver.find_element("id", "source")
+        source.clear()
+        source.send_keys("\n".join([SENTENCE] * 24))
+        driver.find_element("id", "translate").click()
+        page.translate(driver, SENTENCE, model="bahdanau")
+        time.sleep(2.5)  # the older answer has come back, unless it was dropped
+        assert len(driver.find_elements("css selector", "#results .result")) == 1
+        assert page.status(driver) == "ready" and driver.find_element("id", "model").get_attribute("value") == "bahdanau"
+    finally:
+        driver.execute_script("window.fetch = window.realFetch;")
+
+
+def test_text_keeps_its_direction(driver, server):
+    page.translate(driver, SENTENCE, model="bahdanau")
+    assert driver.find_element("id", "source").get_attribute("dir") == "auto"
+    for selector in ("#results .source", "#results .translation", "#heatmap .hm-src span", "#heatmap .hm-tgt"):
+        assert {e.get_attribute("dir") for e in driver.find_elements("css selector", selector)} == {"auto"}, selector

@@ -127,6 +127,25 @@ def test_dropout_is_active_only_in_training():
     assert torch.equal(model(src, lengths, tgt), model(src, lengths, tgt))
 
 
+@pytest.mark.parametrize("variant", ["gru-context", "bahdanau-bigru"])
+def test_the_output_layer_sees_the_previous_token_dropped_out_once(variant):
+    """Where E y_{t-1} joins the output layer's features, it gets dropout once there: each value
+    0 or E y / (1 - p), not dropped again on top of the RNN input's dropout (1 / (1 - p)^2)."""
+    model = make(**VARIANTS[variant]).train()
+    decoder, p = model.decoder, model.decoder.dropout.p
+    src, lengths, tgt = random_batch([5, 3, 4, 6], tgt_len=12)
+    enc = model.encode(src, lengths)
+    features, _, _ = decoder(tgt, model.init_state(enc), enc)
+    seen = []
+    decoder.readout.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    decoder.project(features)
+    emb_dim = decoder.embedding.embedding_dim
+    part = seen[0][..., 12 : 12 + emb_dim] if variant == "gru-context" else seen[0][..., -emb_dim:]  # hidden 12
+    kept = decoder.embedding(tgt).detach() / (1 - p)
+    assert torch.all((part == 0) | torch.isclose(part, kept)), "dropped out twice"
+    assert 0 < float((part == 0).float().mean()) < 0.5
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradients_reach_every_parameter(variant):
     model = make(**VARIANTS[variant]).train()

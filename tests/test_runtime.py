@@ -134,3 +134,14 @@ def test_a_library_trainer_may_leave_the_allocator_as_it_is(toy_config, monkeypa
         trainer = training.Trainer(toy_config(train={"device": "cpu"}), overwrite=True, keep_freed=keep_freed)
         trainer.close()
         assert calls == expected
+
+
+def test_the_loss_comes_from_the_precision_that_translates_and_texts_must_be_a_list(toy_config):
+    config = toy_config(train={"max_steps": 10, "validate_every": 0})
+    train(config, progress=False)
+    sources, references = ["a b c", "d e f g"], [["c b a"], ["g f e d"]]
+    fp32 = aligna.load(config.model_dir).evaluate(sources, references, ["loss"]).values["loss"]
+    bf16 = aligna.load(config.model_dir, precision="bf16").evaluate(sources, references, ["loss"]).values["loss"]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.02)  # bf16 was fp32's, to the last digit
+    with pytest.raises(TypeError, match="texts: a list of strings"):
+        aligna.load(config.model_dir).translate("a b c")  # was three sentences, one per character

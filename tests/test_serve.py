@@ -273,6 +273,35 @@ def test_a_shortlist_the_model_lacks_is_422(client):
     assert body["field"] == "shortlist" and "has no vocabulary shortlist (a Transformer has)" in body["error"]
     body = error_of(post(client, {"model": "tf", "texts": ["a"], "shortlist": True}), 422)
     assert body["field"] == "shortlist" and "shortlist.txt is missing" in body["error"]
+    assert "/" not in body["error"].split(" is missing")[0]  # the server's paths stay in its log
+
+
+def test_public_messages_cut_paths_to_their_last_part():
+    from aligna.serve import public
+
+    assert public("decode.shortlist: /srv/models/de_en/shortlist.txt is missing") == (
+        "decode.shortlist: shortlist.txt is missing"
+    )
+    assert public("tokens/s 1/2 and a / b") == "tokens/s 1/2 and a / b"
+
+
+def test_limits_hold_for_the_model_defaults_and_all_maps(model_dirs, translators):
+    """A search setting the request leaves to the model's config is held to the server's limit
+    too, and attention "all" is refused where every map of every layer and head of its texts
+    could come to more weights than --max-map-numbers."""
+    import dataclasses
+
+    wide = aligna.load(model_dirs["rnn"], device="cpu")
+    wide.config = dataclasses.replace(wide.config, decode=dataclasses.replace(wide.config.decode, beam_size=8))
+    limits = Settings(max_wait_ms=1, max_beam=4, max_map_numbers=3000)
+    with TestClient(create_app({"wide": wide, "tf": translators["tf"]}, limits)) as client:
+        body = error_of(post(client, {"model": "wide", "texts": ["a b"]}), 422)
+        assert body["field"] == "beam_size" and "8 (model 'wide''s decode default) is over" in body["error"]
+        assert post(client, {"model": "wide", "texts": ["a b"], "beam_size": 2}).status_code == 200
+        assert post(client, {"model": "tf", "texts": ["a b c"], "attention": "all"}).status_code == 200
+        body = error_of(post(client, {"model": "tf", "texts": ["a b c d e f g h i j"] * 3, "attention": "all"}), 422)
+        assert body["field"] == "attention" and "--max-map-numbers" in body["error"]
+        assert post(client, {"model": "tf", "texts": ["a b c d e f g h i j"] * 3, "attention": "cross"}).status_code == 200
 
 
 def test_limits(translators):

@@ -5,7 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "aligna-api-key";
 const KIND_NAMES = { cross: "encoder–decoder (cross)", encoder: "encoder self", decoder: "decoder self" };
-const state = { models: [], results: [], selected: 0 };
+const state = { models: [], results: [], selected: 0, request: null, sent: 0 };
+const TIMEOUT_MS = 120000;  // a request with no answer by then is given up, and the page says so
 
 function setStatus(text, isError = false) {
   const status = $("status");
@@ -20,17 +21,25 @@ function headers() {
   return h;
 }
 
-async function api(path, body) {
+async function api(path, body, signal) {
   const init = body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) };
-  const response = await fetch(new URL(path, document.baseURI), init);
+  const timeout = AbortSignal.timeout(TIMEOUT_MS);
+  init.signal = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  let response;
+  try {
+    response = await fetch(new URL(path, document.baseURI), init);
+  } catch (e) {
+    if (e.name === "TimeoutError") throw new Error("no answer from the server in " + TIMEOUT_MS / 1000 + " s");
+    throw e;
+  }
   let data = null;
   try {
     data = await response.json();
   } catch (e) {
     data = null;
   }
-  if (!response.ok) {
-    const message = (data && data.error) || response.status + " " + response.statusText;
+  if (!response.ok || data === null) {
+    const message = (data && data.error) || response.status + " " + response.statusText + (response.ok ? " (not JSON)" : "");
     const error = new Error(message);
     error.status = response.status;
     throw error;
@@ -104,31 +113,77 @@ function buildRequest() {
   const request = { model: m ? m.name : undefined, texts: texts };
   request.beam_size = beam ? Number($("beam").value) || 1 : 1;
   request.nbest = beam ? Number($("nbest").value) || 1 : 1;
-  request.attention = !m || !m.has_attention ? "none" : m.architecture === "transformer" ? "all" : "cross";
+  // the map search used; a Transformer's other maps are fetched for the selected line alone (allMaps)
+  request.attention = !m || !m.has_attention ? "none" : "cross";
   return request;
 }
 
+// One request at a time: a new translation or another model cancels the one in flight, whose
+// answer could otherwise land after (and over) a newer one.
+function startRequest() {
+  if (state.request) state.request.abort();
+  state.request = new AbortController();
+  state.sent += 1;
+  return { signal: state.request.signal, number: state.sent };
+}
+
+function isCurrent(ticket) {
+  return ticket.number === state.sent;
+}
+
 async function translate() {
+  if ($("translate").disabled) return;  // Ctrl+Enter while a translation is on its way
   const request = buildRequest();
   if (!request.texts.length) {
     setStatus("type a sentence first", true);
     return;
   }
+  const ticket = startRequest();
   setStatus("translating…");
   $("translate").disabled = true;
   const started = performance.now();
   try {
-    const data = await api("v1/translate", request);
+    const data = await api("v1/translate", request, ticket.signal);
+    if (!isCurrent(ticket)) return;
     state.results = data.results.map((r, i) => ({ ...r, source: request.texts[i] }));
+    state.search = request;
     state.selected = 0;
     renderResults();
-    selectResult(0);
     setStatus("ready");
     $("status").title = data.results.length + " translated in " + Math.round(performance.now() - started) + " ms";
+    selectResult(0);
   } catch (e) {
-    setStatus("error: " + e.message, true);
+    if (isCurrent(ticket)) setStatus("error: " + e.message, true);
   } finally {
-    $("translate").disabled = false;
+    if (isCurrent(ticket)) $("translate").disabled = false;
+  }
+}
+
+// Every map of a Transformer's translation (each layer and head of each kind) for the result
+// selected: the line decoded again alone, with the same search, asking for attention "all".
+async function allMaps(i) {
+  const m = currentModel(), r = state.results[i];
+  if (!m || m.architecture !== "transformer" || !r || !r.attention || r.attention.maps || r.mapsFailed) return;
+  const ticket = { number: state.sent }, results = state.results;
+  setStatus("loading the attention maps…");
+  try {
+    const data = await api("v1/translate", { ...state.search, texts: [r.source], attention: "all" }, state.request && state.request.signal);
+    const alone = data.results[0];
+    if (!isCurrent(ticket) || state.results !== results) return;
+    if (JSON.stringify(alone.tokens) === JSON.stringify(r.tokens)) {
+      r.attention = alone.attention;
+    } else {  // int8 can decode a line alone otherwise than in its batch: not this translation's maps
+      r.mapsFailed = "decoded alone, this line came out otherwise, so only the map search used is shown";
+    }
+    setStatus("ready");
+  } catch (e) {
+    if (!isCurrent(ticket) || state.results !== results) return;
+    r.mapsFailed = e.message;
+    setStatus("ready");
+  }
+  if (state.selected === i) {
+    setupSelectors();
+    drawHeatmap();
   }
 }
 
@@ -142,11 +197,13 @@ function renderResults() {
     item.dataset.index = String(i);
     const source = document.createElement("div");
     source.className = "source";
+    source.dir = "auto";  // right-to-left text laid out as such
     source.textContent = r.source;
     const line = document.createElement("div");
     line.className = "line";
     const text = document.createElement("span");
     text.className = "translation";
+    text.dir = "auto";
     text.textContent = r.text;
     const score = document.createElement("span");
     score.className = "score";
@@ -159,6 +216,7 @@ function renderResults() {
       for (const hyp of r.nbest) {
         const li = document.createElement("li");
         const t = document.createElement("span");
+        t.dir = "auto";
         t.textContent = hyp.text;
         const s = document.createElement("span");
         s.className = "score";
@@ -179,6 +237,7 @@ function selectResult(i) {
   document.querySelectorAll("#results .result").forEach((el, j) => el.classList.toggle("selected", i === j));
   setupSelectors();
   drawHeatmap();
+  allMaps(i);
 }
 
 // ------------------------------------------------------------------ attention
@@ -236,7 +295,8 @@ function currentGrid() {
     return { grid: { rows: m.rows, cols: m.cols, weights: weights }, note: "" };
   }
   if (!record.weights) return { grid: null, note: "No attention weights came back for this translation." };
-  return { grid: { rows: record.tgt_tokens, cols: record.src_tokens, weights: record.weights }, note: "" };
+  const note = r.mapsFailed ? "Every layer's maps: " + r.mapsFailed + "." : "";
+  return { grid: { rows: record.tgt_tokens, cols: record.src_tokens, weights: record.weights }, note: note };
 }
 
 function meanOver(heads) {
@@ -263,6 +323,7 @@ function drawHeatmap() {
     th.dataset.col = String(j);
     th.scope = "col";
     const span = document.createElement("span");
+    span.dir = "auto";
     span.textContent = token;
     th.append(span);
     head.append(th);
@@ -276,6 +337,7 @@ function drawHeatmap() {
     const th = document.createElement("th");
     th.className = "hm-tgt";
     th.scope = "row";
+    th.dir = "auto";
     th.textContent = token;
     tr.append(th);
     (grid.weights[i] || []).forEach((w, j) => {
@@ -338,6 +400,10 @@ function init() {
     loadModels();
   });
   $("model").addEventListener("change", () => {
+    if (state.request) state.request.abort();  // its answer is another model's
+    state.sent += 1;
+    $("translate").disabled = false;
+    setStatus("ready");
     showModel();
     state.results = [];
     renderResults();

@@ -73,6 +73,7 @@ class BatchWorker:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._taken: list[Job] = []  # the batch taken off the queue, until it is decoded
         self.batches = 0  # run_batch calls that succeeded
         self.texts = 0  # texts decoded in them
 
@@ -141,9 +142,17 @@ class BatchWorker:
                     if batch is None:
                         return
                     self._decode(batch)
-        except Exception:  # a bug here: fail the waiting jobs rather than leave them waiting forever
+                    self._taken = []
+        except BaseException as e:  # a bug here: fail every job rather than leave it waiting forever
             log.critical("model %r: the batch worker stopped", self.name, exc_info=True)
+            stopped = WorkerStopped(f"model {self.name!r}: its batch worker stopped ({type(e).__name__})")
+            for job in self._taken:  # off the queue already: `stop` would not see them
+                future = job.future
+                if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+                    future.set_exception(stopped)
             self.stop(timeout=0)
+            if not isinstance(e, Exception):  # SystemExit, KeyboardInterrupt: on their way
+                raise
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest live job and the live jobs with its key behind it, up to max_batch
@@ -159,6 +168,7 @@ class BatchWorker:
                 self._cond.wait()
             head = self._queue.popleft()
             batch, size = [head], len(head.texts)
+            self._taken = batch  # the jobs that join it below too
             deadline = head.enqueued + self.max_wait
             while size < self.max_batch:
                 kept: deque[Job] = deque()

@@ -623,6 +623,31 @@ def test_a_worker_that_dies_fails_its_waiting_jobs(monkeypatch):
         worker.submit(["late"], "A")
 
 
+def test_a_worker_that_dies_fails_the_jobs_it_had_taken_too():
+    """Jobs already off the queue (the batch being put together, or decoding) fail with
+    WorkerStopped too, for a bug while batching and for a SystemExit while decoding."""
+
+    class Touchy:  # a key that breaks the comparison with the next job's
+        def __hash__(self) -> int:
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("a bug")
+
+    worker = BatchWorker(lambda texts, key: list(texts), max_wait_ms=2000, name="m").start()
+    head, behind = worker.submit(["a"], Touchy()), worker.submit(["b"], "B")  # within the head's wait
+    for job in (head, behind):
+        with pytest.raises(WorkerStopped):
+            job.future.result(10)
+
+    def leave(texts, key):
+        raise SystemExit(3)
+
+    worker = BatchWorker(leave, max_wait_ms=1, name="m").start()
+    with pytest.raises(WorkerStopped, match="SystemExit"):
+        worker.submit(["a"], "A").future.result(10)
+
+
 def test_worker_with_a_real_model_makes_one_call(translators, monkeypatch):
     translator = translators["tf"]
     calls = []

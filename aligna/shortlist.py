@@ -70,14 +70,26 @@ class Shortlist:
         """A shortlist written by `write`; a token the vocabularies lack is an error naming its line."""
         always: list[int] = list(range(len(SPECIALS)))
         rules: dict[int, list[int]] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            source, tab, targets = line.partition("\t")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        # Lines and tokens split as CTranslate2 splits them, at "\n" and " " only: a subword such
+        # as U+0085 (which str.splitlines and str.split take for a break) is a token.
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        for number, line in enumerate(lines, start=1):
+            source, tab, targets = line.removesuffix("\r").partition("\t")
             if not tab:
                 raise DataError(f"{path}:{number}: expected source<TAB>targets")
             ids = []
-            for token in targets.split():
-                if not source and token in SPECIALS:  # the always line names the specials (kept anyway)
-                    continue
+            tokens = [t for t in targets.split(" ") if t]
+            named = 0  # the always line names the specials first (kept anyway); text spelled alike after them is a token
+            while not source and named < min(len(tokens), len(SPECIALS)) and tokens[named] == SPECIALS[named]:
+                named += 1
+            tokens = tokens[named:]
+            for token in tokens:
                 if token not in tgt_vocab.stoi:
                     raise DataError(f"{path}:{number}: target token {token[:40]!r} is not in the target vocabulary")
                 ids.append(tgt_vocab.stoi[token])

@@ -65,6 +65,23 @@ def test_written_and_read_back_in_ctranslate2_format(tmp_path):
         Shortlist.read(path, src_vocab, tgt_vocab)
 
 
+def test_tokens_spelled_like_specials_or_breaks_read_back_as_written(tmp_path):
+    """An ordinary "<unk>" among the always candidates, and a subword U+0085 (a line break to
+    str.splitlines, whitespace to str.split; only "\n" and " " are CTranslate2's), come back as
+    written; a file that is not UTF-8 is named."""
+    src_vocab = Vocabulary(["<pad>", "<unk>", "<sos>", "<eos>", "a", "\x85"])
+    tgt_vocab = Vocabulary(["<pad>", "<unk>", "<sos>", "<eos>", "<unk>", "\x85", "v"])
+    shortlist = Shortlist(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([[-1, -1]] * 4 + [[5, 6], [5, -1]]), 7)
+    path = tmp_path / "shortlist.txt"
+    shortlist.write(path, src_vocab.itos, tgt_vocab.itos)
+    back = Shortlist.read(path, src_vocab, tgt_vocab)
+    assert back.always.tolist() == [0, 1, 2, 3, 4]  # the ordinary "<unk>" (id 4) too
+    assert back.table[4].tolist() == [5, 6] and back.table[5].tolist()[:1] == [5]
+    path.write_bytes(b"\t<pad> \xff\n")
+    with pytest.raises(DataError, match=r"shortlist.txt: not UTF-8 text \(byte 7\)"):
+        Shortlist.read(path, src_vocab, tgt_vocab)
+
+
 def _masked(model, ids):
     """A copy of `model` whose output layer can emit only `ids`: what a shortlist must equal."""
     masked = copy.deepcopy(model)

@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh
 echo "--- installed in ${SECONDS} s"
-# shellcheck disable=SC1091
-. .venv/bin/activate
+if [ -z "${VIRTUAL_ENV:-}" ]; then  # install.sh installed into the active virtualenv if there is one
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
 DATA=../shared/data/multi30k
 aligna train configs/quickstart.yaml --overwrite
 echo "--- translating (German -> English):"

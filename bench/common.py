@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from aligna.config import Config, config_to_dict
+from aligna.config import Config, config_to_dict, load_config
+from aligna.modeldir import CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -107,3 +108,86 @@ def write_record(name: str, record: dict[str, Any]) -> Path:
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"record written to {path.relative_to(ROOT)}")
     return path
+
+
+# --------------------------------------------------------------------------- the run a record scores
+
+
+def dotted(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A config section's dict as {"prefix.key.subkey": value}."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= dotted(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def differences(run: Config, config: Config, section: str) -> dict[str, dict[str, Any]]:
+    """The keys of `section` where a model directory's saved config (`run`) is not `config`:
+    {"train.lr": {"run": 0.002, "config": 0.001}, ...}."""
+    theirs = dotted(config_to_dict(getattr(run, section)), f"{section}.")
+    ours = dotted(config_to_dict(getattr(config, section)), f"{section}.")
+    return {k: {"run": theirs.get(k), "config": ours.get(k)}
+            for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}  # fmt: skip
+
+
+def run_config(model_dir: Path) -> Config:
+    """The config the run in `model_dir` was trained with (its config.yaml)."""
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: {model_dir} holds no trained run")
+    return load_config(path)
+
+
+def other_model_or_data(run: Config, config: Config) -> str:
+    """Where the run's model and data sections differ from `config`'s, in words ('' if nowhere)."""
+    found = differences(run, config, "model") | differences(run, config, "data")
+    return "; ".join(f"{k} is {v['run']!r} there, {v['config']!r} here" for k, v in found.items())
+
+
+def overrides_of(run: Config, config: Config) -> list[str]:
+    """The --set options that turn `config` into the config `run` was trained with (model_dir
+    included): how to train that run again from `config`'s file."""
+    items = [f"model_dir={run.model_dir}"] if run.model_dir != config.model_dir else []
+    for section in ("data", "model", "train"):
+        for key, values in differences(run, config, section).items():
+            value = values["run"]
+            text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+            items.append(f"{key}={text}")
+    return items
+
+
+def checked_run(model_dir: Path, config: Config, config_name: str) -> Config:
+    """--skip-train: the config the run in model_dir was trained with, refused (SystemExit) unless
+    its model and data sections are those of `config` (`config_name` and its --set options)."""
+    run = run_config(model_dir)
+    found = other_model_or_data(run, config)
+    if found:
+        raise SystemExit(
+            f"--skip-train: the run in {model_dir} was not trained with the model and data settings that "
+            f"{config_name} and these --set options give ({model_dir / CONFIG}: {found}); its scores would not be "
+            "this row's. Give the --set options it was trained with, or train it (without --skip-train)."
+        )
+    return run
+
+
+# The data a config reads that a command makes (not in the repository): a record's reproduce
+# line runs it first.
+PREPARE = {
+    "data/cmudict/": "aligna prepare-cmudict data/cmudict",
+    "data/reverse/": "aligna prepare-synthetic reverse data/reverse --min-len 10 --max-len 60 --symbols 26",
+}
+
+
+def prepare_steps(config: Config) -> list[str]:
+    """The commands that make the data `config` reads (`PREPARE`), in order, each once."""
+    paths = [p for split in (config.data.train, config.data.dev, config.data.test) if split for p in split.paths]
+    return [command for prefix, command in PREPARE.items() if any(p.startswith(prefix) for p in paths)]
+
+
+def train_command(config_path: str, config: Config, overrides: list[str]) -> str:
+    """The shell command that trains `config` as a record's run was trained: its data made first."""
+    sets = [word for o in overrides for word in ("--set", o)]
+    return " && ".join([*prepare_steps(config), shlex.join(["aligna", "train", config_path, *sets])])

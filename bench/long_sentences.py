@@ -13,6 +13,7 @@ the table, and writes bench/results/length_TASK.json and .png.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import aligna
 from aligna.compare import compare_by_length
@@ -21,7 +22,16 @@ from aligna.data import read_parallel, reference_sets
 from aligna.modeldir import ModelDir
 from aligna.synthetic import write_task
 from aligna.training import setup_logging, train
-from bench.common import RESULTS, ROOT, config_hash, write_record
+from bench.common import (
+    RESULTS,
+    ROOT,
+    checked_run,
+    command_line,
+    config_hash,
+    overrides_of,
+    train_command,
+    write_record,
+)
 
 TASKS = {
     "multi30k": {
@@ -76,11 +86,19 @@ def main() -> None:
                     f"{config.model_dir} has no trained model: run with --train, or `aligna train configs/{stem}.yaml`"
                 )
             train(config, progress=False)
+        else:  # a run trained before: with this config's model and data (--set included), or refused
+            checked_run(Path(config.model_dir), config, f"configs/{stem}.yaml")
         translators[name], configs[name] = aligna.load(config.model_dir), config
     first = next(iter(configs.values()))
     test = read_parallel(first.data.test, "test")  # type: ignore[arg-type]
     sources, references = reference_sets(test, first.data.group_references)
-    result = compare_by_length(translators, sources, references, task["edges"], task["metric"])
+    result = compare_by_length(translators, sources, references, task["edges"], task["metric"], beam_size=1, sample=False)
+    # how each model was trained: its config file with the --set options that give its saved config
+    trainings = {}
+    for n, stem in task["configs"].items():
+        path = f"configs/{stem}.yaml"
+        trainings[n] = train_command(path, translators[n].config,
+                                     overrides_of(translators[n].config, load_config(ROOT / path)))  # fmt: skip
     print(f"{result.metric} by source length in tokens (sentences per bucket in brackets), {test.origin}\n")
     print(result.table())
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -90,6 +108,7 @@ def main() -> None:
         f"length_{args.task}",
         {
             "benchmark": "length_buckets",
+            "reproduce": " && ".join([*trainings.values(), command_line()]),
             "test_set": test.origin,
             "search": "greedy",
             "metric": result.metric,
@@ -100,6 +119,7 @@ def main() -> None:
                     **({"model_dir": dirs[n]} if n in dirs else {}),
                     # the config the model was trained with (saved in its model_dir, overrides included)
                     "config_sha256": config_hash(translators[n].config),
+                    "trained_by": trainings[n],
                     "epochs": translators[n].config.train.epochs,
                     "seed": translators[n].config.train.seed,
                     **m,

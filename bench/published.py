@@ -36,11 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import aligna
 from aligna.config import (
@@ -49,17 +48,27 @@ from aligna.config import (
     DecodeConfig,
     Range,
     check_value,
-    config_to_dict,
     field_type,
     load_config,
 )
 from aligna.data import read_parallel, reference_sets
 from aligna.ensemble import ensemble_weights
 from aligna.g2p import prepare_cmudict
-from aligna.modeldir import CONFIG, ModelDir
+from aligna.modeldir import ModelDir
 from aligna.training import setup_logging, train
 from aligna.translate import average
-from bench.common import RESULTS, ROOT, command_line, config_hash, write_record
+from bench.common import (
+    RESULTS,
+    ROOT,
+    checked_run,
+    command_line,
+    config_hash,
+    differences,
+    other_model_or_data,
+    run_config,
+    train_command,
+    write_record,
+)
 
 LC_TOK = "lowercased tokenized text (lc.norm.tok), multi-bleu.perl style"
 
@@ -189,54 +198,6 @@ def check_splits(config: Config, tune: bool) -> None:
     if shared:
         raise ConfigError(f"data.dev is the test set (both read {', '.join(sorted(map(str, shared)))}): the "
                           "harness chooses on dev and reports test, which must be other sentences")  # fmt: skip
-
-
-def dotted(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """A config section's dict as {"prefix.key.subkey": value}."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out |= dotted(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def differences(run: Config, config: Config, section: str) -> dict[str, dict[str, Any]]:
-    """The keys of `section` where a model directory's saved config (`run`) is not `config`:
-    {"train.lr": {"run": 0.002, "config": 0.001}, ...}."""
-    theirs = dotted(config_to_dict(getattr(run, section)), f"{section}.")
-    ours = dotted(config_to_dict(getattr(config, section)), f"{section}.")
-    return {k: {"run": theirs.get(k), "config": ours.get(k)}
-            for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}  # fmt: skip
-
-
-def run_config(model_dir: Path) -> Config:
-    """The config the run in `model_dir` was trained with (its config.yaml)."""
-    path = model_dir / CONFIG
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: {model_dir} holds no trained run")
-    return load_config(path)
-
-
-def other_model_or_data(run: Config, config: Config) -> str:
-    """Where the run's model and data sections differ from `config`'s, in words ('' if nowhere)."""
-    found = differences(run, config, "model") | differences(run, config, "data")
-    return "; ".join(f"{k} is {v['run']!r} there, {v['config']!r} here" for k, v in found.items())
-
-
-def trained_run(model_dir: Path, config: Config, row: Row) -> Config:
-    """--skip-train: the config the run in model_dir was trained with, refused (SystemExit) unless
-    its model and data sections are those of the row's config with the --set options."""
-    run = run_config(model_dir)
-    found = other_model_or_data(run, config)
-    if found:
-        raise SystemExit(
-            f"--skip-train: the run in {model_dir} was not trained with the model and data settings that "
-            f"{row.config} and these --set options give ({model_dir / CONFIG}: {found}); its scores would not be "
-            "this row's. Give the --set options it was trained with, or train it (without --skip-train)."
-        )
-    return run
 
 
 # --------------------------------------------------------------------------- choosing and scoring
@@ -442,7 +403,7 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     the row's model and data), choose its weights and alpha, decode the test set once, record."""
     model_dir = Path(config.model_dir)
     if args.skip_train:
-        trained = trained_run(model_dir, config, row)
+        trained = checked_run(model_dir, config, row.config)
     else:
         train(train_config, overwrite=True, progress=False)
         trained = train_config
@@ -458,9 +419,8 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     decodes = test_decodes(args.row)
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
     command = command_line()
-    if args.skip_train:
-        sets = [word for o in args.overrides + args.train_overrides for word in ("--set", o)]
-        command = shlex.join(["aligna", "train", row.config, *sets]) + " && " + command
+    if args.skip_train:  # the training happened before this command: the recipe names it, its data made first
+        command = train_command(row.config, train_config, args.overrides + args.train_overrides) + " && " + command
     write_record(
         f"published_{args.row}",
         {

@@ -62,7 +62,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         log = log_path.read_text(errors="replace")
         if done.returncode:
-            raise SystemExit(f"quickstart.sh failed ({done.returncode}); its log:\n{log[-3000:]}")
+            args.keep = True  # for its whole log and what it left
+            raise SystemExit(f"quickstart.sh failed ({done.returncode}); the end of its log (all of it: {log_path}):\n"
+                             f"{log[-3000:]}")  # fmt: skip
         parsed = parse(log)
         state = ModelDir(clone / "runs" / "quickstart").trainer_state()
         if args.figure:
@@ -75,6 +77,8 @@ def main() -> None:
             args.name,
             {
                 "benchmark": "quickstart",
+                "measured_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True,
+                                                  text=True).stdout.strip(),  # the clean clone that ran  # fmt: skip
                 "config": "configs/quickstart.yaml",
                 "seconds": seconds,
                 "install_seconds": parsed.get("install_seconds"),
@@ -89,7 +93,9 @@ def main() -> None:
             },
         )
     finally:
-        if not args.keep:
+        if args.keep:
+            print(f"the clone is kept: {clone}")
+        else:
             shutil.rmtree(clone, ignore_errors=True)
 
 

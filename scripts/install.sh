@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install aligna (editable, with test tools) into .venv, or into the active virtualenv.
 # torch is pinned to 2.13.0 first: on this project's machines that is the CPU wheel on local
-# disk; the package itself only asks for torch>=2.1, so a GPU machine can keep its CUDA build.
+# disk (pip's configured wheel folder); elsewhere pip takes PyPI's default build of it (on Linux,
+# CUDA's). The package itself only asks for torch>=2.1, so a GPU machine can keep its CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then

@@ -234,3 +234,43 @@ def test_command_lines_are_quoted_for_a_shell(monkeypatch):
 )  # fmt: skip
 def test_the_table_says_what_was_chosen_on_dev(grid, phrase):
     assert render_table._chosen_on_dev({"dev_grid": grid}) == phrase
+
+
+# --------------------------------------------------------------------------- bench.train_eval and common
+
+
+def train_eval_run(mp: pytest.MonkeyPatch, *args: str) -> None:
+    from bench import train_eval
+
+    mp.setattr(sys, "argv", ["bench/train_eval.py", *args])
+    mp.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="bench.train_eval"))
+    train_eval.main()
+
+
+def test_train_eval_never_trains_over_a_run_and_scores_only_its_own(bench, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:  # the toy run is in run/: several rows may share a directory
+        train_eval_run(monkeypatch, "toy.yaml")
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="model.hidden_size is 32 there, 24 here"):
+        train_eval_run(monkeypatch, "toy.yaml", "--skip-train", "--set", "model.hidden_size=24")
+    train_eval_run(monkeypatch, "toy.yaml", "--skip-train", "--name", "toy_eval", "--set", "eval.metrics=[wer, per]")
+    r = json.loads((bench / "results" / "toy_eval.json").read_text())
+    assert r["search"] == "greedy" and "per" in r["metrics"]
+    train, _, harness = r["reproduce"].partition(" && ")
+    assert shlex.split(train) == ["aligna", "train", "toy.yaml", "--set", "eval.metrics=[wer, per]"]
+    assert harness.startswith("python -m bench.train_eval toy.yaml --skip-train")
+
+
+def test_a_runs_overrides_train_it_again_from_its_config_file(bench):
+    from aligna.config import load_config
+
+    base = load_config(bench / "toy.yaml")
+    run = load_config(bench / "toy.yaml", ["model_dir=elsewhere", "train.seed=7", "model.rnn.attention=general",
+                                           "eval.metrics=[wer]", "train.betas=[0.8, 0.9]"])  # fmt: skip
+    again = load_config(bench / "toy.yaml", common.overrides_of(run, base))
+    assert common.config_hash(again) == common.config_hash(run) and again.model_dir == "elsewhere"
+    g2p = load_config(bench / "toy.yaml", ["data.train.tsv=data/cmudict/train.tsv"])
+    assert common.prepare_steps(g2p) == ["aligna prepare-cmudict data/cmudict"]
+    assert common.train_command("c.yaml", g2p, ["train.seed=7"]) == (
+        "aligna prepare-cmudict data/cmudict && aligna train c.yaml --set train.seed=7"
+    )

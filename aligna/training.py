@@ -289,10 +289,10 @@ class Trainer:
             if self.world.main:
                 self.lock, resuming = self.md.claim(resume, overwrite)
             resuming = distributed.broadcast(resuming)
+            if self.world.main:
+                setup_logging(self.md / TRAIN_LOG)  # first: the run's log keeps what resuming changed
             if resuming:
                 self._check_resumable()
-            if self.world.main:
-                setup_logging(self.md / TRAIN_LOG)
             torch.manual_seed(self.cfg.seed)
             self._setup_data(resuming)
             self._setup_model()  # the same initial weights on every process
@@ -380,6 +380,8 @@ class Trainer:
                                    saved["scale"])  # fmt: skip
         if self.scaler is not None and self.state.scaler:
             self.scaler.load_state_dict(self.state.scaler)
+        for group in self.optimizer.param_groups:  # the checkpoint's; a changed one applies, as lr does
+            group["betas"], group["weight_decay"] = tuple(self.cfg.betas), self.cfg.weight_decay
         log.info("resumed from %s (epoch %d, batch %d)", path, self.state.epoch + 1, self.state.batch)
 
     def _check_resumable(self) -> None:
@@ -391,6 +393,12 @@ class Trainer:
                     f"--resume: the {section} section differs from the run in {self.dir}; "
                     "resume with the same data and model (or start a new model_dir)"
                 )
+        was, now = saved.train.early_stopping_metric, self.cfg.early_stopping_metric
+        if was != now:  # best.safetensors, the patience count and the plateau's best are by the run's metric
+            raise ValueError(
+                f"--resume: train.early_stopping_metric is {now}, but the run in {self.dir} chose its best weights "
+                f"and counted its patience by {was}: resume with {was} (or start a new model_dir)"
+            )
         changed = _diff(config_to_dict(saved), config_to_dict(self.config))
         if changed and self.world.main:
             log.warning("resuming with changed settings: %s", ", ".join(changed))

@@ -154,6 +154,23 @@ def test_existing_run_needs_resume_or_overwrite(toy_config):
     Trainer(config, overwrite=True, progress=False)
 
 
+def test_a_resumed_run_trains_with_the_optimizer_settings_it_logs(toy_config):
+    """Changed betas and weight decay apply after --resume (the checkpoint's stayed, while the
+    log and config.yaml said otherwise) and the run's log says what changed; another
+    early-stopping metric is refused (the best weights and the patience are by the run's)."""
+    train(toy_config(train={"max_steps": 5}), progress=False)
+    changed = toy_config(train={"max_steps": 10, "betas": [0.8, 0.99], "weight_decay": 0.1})
+    trainer = Trainer(changed, resume=True, progress=False)
+    try:
+        assert {(g["betas"], g["weight_decay"]) for g in trainer.optimizer.param_groups} == {((0.8, 0.99), 0.1)}
+    finally:
+        trainer.close()
+    log = (Path(changed.model_dir) / "train.log").read_text()
+    assert "resuming with changed settings" in log and "train.weight_decay: 0.0 -> 0.1" in log
+    with pytest.raises(ValueError, match="early_stopping_metric is wer, but the run .* by loss"):
+        Trainer(toy_config(train={"max_steps": 10, "early_stopping_metric": "wer"}), resume=True, progress=False)
+
+
 def test_early_stopping_stops(toy_config, aligna_log):
     config = toy_config(train={"epochs": 50, "validate_every": 5, "early_stopping_patience": 2, "lr": 1e-9})
     state = Trainer(config, progress=False).train()

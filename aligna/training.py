@@ -493,6 +493,7 @@ class Trainer:
         st.step += 1
         window.lr = learning_rate(st.step, self.cfg, self.plateau.scale, self._total)
         window.ratio = teacher_forcing_ratio(st.step, self.cfg)
+        scale = self.scaler.get_scale() if self.scaler is not None else None
         loss, finite = train_step(
             self.train_model, batches, n_tokens, self.optimizer, self.cfg, window.lr, window.ratio, self.scaler,
             self.world.size,
@@ -506,6 +507,12 @@ class Trainer:
             window.add(loss, n_tokens, elapsed)
             return
         st.skipped_updates += 1
+        if scale is not None and 1.0 <= self.scaler.get_scale() < scale:  # type: ignore[union-attr]
+            # fp16's loss scale was too high for these gradients: the scaler skipped the update and
+            # halved it, as it does now and then (most at the start), not a sign of divergence
+            log.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, scale now %g",
+                     st.step, scale, self.scaler.get_scale())  # type: ignore[union-attr]  # fmt: skip
+            return
         st.nonfinite_in_row += 1
         log.warning(
             "step %d: the loss or gradient is not finite (loss %s); update skipped (%d in a row)",

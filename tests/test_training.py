@@ -505,3 +505,25 @@ def test_device_names_are_checked(name, message):
 
     with pytest.raises(ValueError, match=message):
         resolve_device(name)
+
+
+def test_fp16_loss_scale_overflows_are_the_scalers_not_divergence(toy_config, aligna_log):
+    """Steps whose scaled gradients overflow while GradScaler backs its scale off are skipped
+    without counting toward train.max_nonfinite_updates (an fp16 run stopped at its start after
+    a run of them). A CPU GradScaler whose first 3 scaled losses overflow stands in for fp16 on a GPU."""
+
+    class Overflowing(torch.amp.GradScaler):
+        calls = 0
+
+        def scale(self, outputs):
+            Overflowing.calls += 1
+            scaled = super().scale(outputs)
+            return scaled * float("inf") if Overflowing.calls <= 3 else scaled
+
+    trainer = Trainer(toy_config(train={"max_steps": 8, "validate_every": 0, "max_nonfinite_updates": 1}),
+                      progress=False)  # fmt: skip
+    trainer.scaler = Overflowing("cpu")
+    state = trainer.train()
+    assert state.step == 8 and state.skipped_updates == 3 and state.nonfinite_in_row == 0
+    assert trainer.scaler.get_scale() == 2.0**16 / 8
+    assert "fp16 gradients overflowed at loss scale" in aligna_log.text

@@ -171,8 +171,12 @@ class ModelDir:
         self.path.mkdir(parents=True, exist_ok=True)
         lock = TrainingLock(self)
         lock.acquire()
-        self._remove_temporaries()
-        self._write_marker()
+        try:
+            self._remove_temporaries()
+            self._write_marker()
+        except BaseException:
+            lock.release()
+            raise
         return lock
 
     def _start(self, resume: bool, overwrite: bool, legacy: bool) -> bool:

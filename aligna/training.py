@@ -257,7 +257,8 @@ class Trainer:
     only under torchrun (`distributed`).
 
     Rank 0 holds the model directory's lock from construction until `close()` (which
-    `train()` calls when it ends, however it ends); the other ranks never write into it.
+    `train()` calls if it fails, and the module's `train` function when it is done); the other
+    ranks never write into it.
 
     keep_freed: on a CPU, have the process keep the memory it frees (`runtime.keep_freed_memory`,
     faster large tensors); False leaves a host program's allocator as it is."""

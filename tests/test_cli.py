@@ -312,3 +312,57 @@ def test_compare_plots_every_name_and_sorts_its_buckets(monkeypatch, tmp_path):
     result.plot(tmp_path / "c.png", title="$x^$ costs $5")
     assert labels == [["_base", "b"]] and (tmp_path / "c.png").stat().st_size > 1000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_path, capsys):
+    """An output that is an input, --tsv with --src, options that would change nothing, an
+    impossible --attention and a dataset written over are refused before any work, with the
+    file or flag named; a pipe is read as a file."""
+    import os
+    import threading
+
+    from aligna.data import read_lines
+
+    plain = toy_config(train={"max_steps": 5}, model_dir=str(tmp_path / "plain"))
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(plain)))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    src = tmp_path / "in.txt"
+    src.write_text("a b c\n")
+    test = write_tsv(tmp_path / "test.tsv", reverse_pairs(5, seed=9))
+
+    def refused(*args: object, says: str) -> None:
+        assert cli(*args) == 1
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+
+    refused("translate", plain.model_dir, "-i", src, "-o", src, says="--output")
+    assert src.read_text() == "a b c\n"  # the input is still there
+    refused("translate", plain.model_dir, "-i", src, "-o", tmp_path / "nodir" / "o.txt", says="does not exist")
+    refused("evaluate", plain.model_dir, "--tsv", test, "--hyp-output", test, says="is an input file")
+    refused("evaluate", plain.model_dir, "--tsv", test, "--src", src, says="not both")
+    refused("translate", plain.model_dir, "-i", src, "--temperature", 5, says="decode.temperature: applies to sampling only")
+    refused("translate", plain.model_dir, "-i", src, "--alpha", 1, says="decode.alpha: the length penalty ranks beam")
+    refused("translate", plain.model_dir, "-i", src, "--attention-maps", "summary", says="give --attention DIR too")
+    out = tmp_path / "o.txt"
+    refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", tmp_path / "maps", says="no attention")
+    assert not out.exists()  # refused before translating, not after writing the output
+    refused("serve", plain.model_dir, "--api-key-file", tmp_path / "nope", says=f"{tmp_path / 'nope'}: No such file")
+
+    data = tmp_path / "reverse"
+    assert cli("prepare-synthetic", "reverse", data, "--sizes", "5,2,2", "--min-len", 2, "--max-len", 4) == 0
+    assert cli("prepare-synthetic", "reverse", data, "--sizes", "5,2,2", "--min-len", 2, "--max-len", 4) == 0  # alike
+    before = (data / "train.tsv").read_text()
+    refused("prepare-synthetic", "reverse", data, "--sizes", "1,1,1", says="holds other data: give --overwrite")
+    assert (data / "train.tsv").read_text() == before
+    assert cli("prepare-synthetic", "reverse", data, "--sizes", "1,1,1", "--overwrite") == 0
+    assert len((data / "train.tsv").read_text().splitlines()) == 1
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("x y\nz\n"))
+    writer.start()
+    assert read_lines(fifo) == ["x y", "z"]
+    writer.join()
+    with pytest.raises(ValueError, match="a directory, not a file"):
+        read_lines(tmp_path)

@@ -12,7 +12,7 @@ from test_transformer import make as make_transformer
 import aligna
 from aligna.cli import main
 from aligna.compiled import CompiledTransformer
-from aligna.config import config_from_dict, config_to_dict
+from aligna.config import config_from_dict, config_to_dict, load_config
 from aligna.ensemble import Ensemble, mean_probabilities
 from aligna.search import beam_search, greedy_search
 from aligna.vocab import EOS_ID, SOS_ID
@@ -260,7 +260,8 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     monkeypatch.setattr(published, "write_record", lambda name, record: written.update(record, name=name))
     monkeypatch.setattr(published, "MEMBER_WEIGHTS", (0.3, 0.5))
     args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0], ensemble_weights=None)
-    published.ensemble_row(args, "both", rows["both"])
+    config = load_config(configs[0])
+    published.ensemble_row(args, "both", rows["both"], config)
     assert written["name"] == "published_both"
     assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [
         ([0.3, 0.7], 0.0), ([0.3, 0.7], 1.0), ([0.5, 0.5], 0.0), ([0.5, 0.5], 1.0)]  # fmt: skip
@@ -274,9 +275,10 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     assert written["reproduce"].startswith("train m1 && train m2 && ")
     assert written["train_steps"] == "30 + 30" and written["train_seconds"] == 120.0
     assert "the member weights and alpha by the dev set's wer" in written["chosen_by"]
-    published.ensemble_row(argparse.Namespace(**{**vars(args), "beam": 1}), "both", rows["both"])  # greedy
+    published.ensemble_row(argparse.Namespace(**{**vars(args), "beam": 1}), "both", rows["both"], config)  # greedy
     assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [([0.3, 0.7], 0.0), ([0.5, 0.5], 0.0)]
     assert "the member weights by the dev set's wer" in written["chosen_by"] and written["search"] == "greedy"
-    published.ensemble_row(argparse.Namespace(**{**vars(args), "ensemble_weights": [1.0, 3.0]}), "both", rows["both"])
+    published.ensemble_row(argparse.Namespace(**{**vars(args), "ensemble_weights": [1.0, 3.0]}), "both", rows["both"],
+                           config)
     assert [g["member_weights"] for g in written["dev_grid"]] == [[1.0, 3.0]] * 2
     assert "member weights given (--ensemble-weights); alpha by the dev set's" in written["chosen_by"]

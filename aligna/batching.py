@@ -150,9 +150,7 @@ class BatchWorker:
                 future = job.future
                 if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
                     future.set_exception(stopped)
-            self.stop(timeout=0)
-            if not isinstance(e, Exception):  # SystemExit, KeyboardInterrupt: on their way
-                raise
+            self.stop(timeout=0)  # the thread ends here (a SystemExit raised on would end only it, too)
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest live job and the live jobs with its key behind it, up to max_batch

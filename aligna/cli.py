@@ -575,6 +575,8 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if (getattr(args, "nbest", None) or 1) > 1:
+        raise ValueError("--nbest: evaluate scores each sentence's best translation; n-best lists are translate's")
     _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
     sources, references = _test_set(args, translator.config.data.group_references)
@@ -640,6 +642,22 @@ def _average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_listen(host: str, port: int) -> None:
+    """A ValueError naming --host/--port where the server could not listen (an address in use,
+    a host that does not resolve); uvicorn would say so only after every model loaded."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        return  # Settings names the range
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -661,6 +679,7 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    _check_listen(args.host, args.port)  # before the models load, not after
     settings = Settings(
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,

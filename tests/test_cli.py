@@ -348,6 +348,14 @@ def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_pa
     refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", tmp_path / "maps", says="no attention")
     assert not out.exists()  # refused before translating, not after writing the output
     refused("serve", plain.model_dir, "--api-key-file", tmp_path / "nope", says=f"{tmp_path / 'nope'}: No such file")
+    refused("evaluate", plain.model_dir, "--tsv", test, "--beam", 2, "--nbest", 2, says="--nbest: evaluate scores")
+    import socket
+
+    with socket.socket() as taken:  # a port in use: named before any model loads (uvicorn said so after)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused("serve", plain.model_dir, "--port", port, says=f"--host 127.0.0.1 --port {port}: cannot listen there")
 
     data = tmp_path / "reverse"
     assert cli("prepare-synthetic", "reverse", data, "--sizes", "5,2,2", "--min-len", 2, "--max-len", 4) == 0

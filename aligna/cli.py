@@ -474,8 +474,8 @@ def _translate(args: argparse.Namespace) -> int:
     if args.attention_maps is not None and not args.attention:
         raise ValueError("--attention-maps chooses which maps --attention DIR writes: give --attention DIR too")
     translator = _load(args)
-    if args.attention and translator.config.model.arch == "rnn" and translator.config.model.rnn.attention == "none" \
-            and not translator.members:  # fmt: skip
+    configs = translator.members or [translator.config]  # an ensemble's map: the mean of its members'
+    if args.attention and all(c.model.arch == "rnn" and c.model.rnn.attention == "none" for c in configs):
         raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
     if args.input:
         lines = read_lines(args.input)
@@ -521,8 +521,6 @@ def _write_attention(translator, results: list, out_dir: Path, every_map: bool =
     NNNN/maps.json (`Translator.attention_record` says what the JSON holds)."""
     from .plotting import plot_attention, plot_record
 
-    if not any(r.attention is not None for r in results) and any(r.tokens for r in results):
-        raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
     out_dir.mkdir(parents=True, exist_ok=True)
     width = max(4, len(str(len(results))))
     for number, r in enumerate(results, start=1):

@@ -69,6 +69,7 @@ from bench.common import (
     train_command,
     write_record,
 )
+from bench.render_table import chosen_on_dev
 
 LC_TOK = "lowercased tokenized text (lc.norm.tok), multi-bleu.perl style"
 
@@ -233,12 +234,6 @@ def choose_on_dev(
     best = max(grid, key=lambda g: g[key] if row.higher_is_better else -g[key])  # first wins a tie
     # the last candidate tried may have been another average
     return weights_of(model_dir, best["average"]), best["average"], best["alpha"], grid
-
-
-def chosen_on_dev(grid: list[dict], names: dict[str, str]) -> list[str]:
-    """What the dev grid chose: the names of the grid's keys (`names`: key -> name) that took
-    more than one value in it."""
-    return [name for key, name in names.items() if len({json.dumps(g[key]) for g in grid}) > 1]
 
 
 def test_decodes(name: str) -> int:

@@ -291,12 +291,17 @@ def peer_curve_rows(record: dict) -> list[str]:
     return [*rows, "", f"![{record['name']}]({record['plot']})"]
 
 
+def chosen_on_dev(grid: list[dict], names: dict[str, str]) -> list[str]:
+    """What a dev grid chose: the names of its keys (`names`: key -> name) that took more than
+    one value in it (bench.published words its records' chosen_by with it too)."""
+    return [name for key, name in names.items() if len({json.dumps(g.get(key)) for g in grid}) > 1]
+
+
 def _chosen_on_dev(record: dict) -> str:
     """' (X chosen on dev)', X what the record's dev grid varied: the weights, the member weights
     of an ensemble, alpha, or both; '' where it varied nothing (no --tune, or one choice)."""
-    grid = record.get("dev_grid") or []
-    varied = [name for key, name in (("weights", "weights"), ("member_weights", "member weights"), ("alpha", "alpha"))
-              if len({json.dumps(g.get(key)) for g in grid}) > 1]  # fmt: skip
+    varied = chosen_on_dev(record.get("dev_grid") or [],
+                           {"weights": "weights", "member_weights": "member weights", "alpha": "alpha"})  # fmt: skip
     if not varied:
         return ""
     return f" ({'both' if len(varied) > 1 else varied[0]} chosen on dev)"

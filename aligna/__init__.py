@@ -1,13 +1,34 @@
 """aligna: sequence-to-sequence learning from the RNN encoder-decoder to the Transformer."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from .config import Config, ConfigError, load_config  # noqa: E402
-from .translate import Translator, load, load_ensemble  # noqa: E402
+
+if TYPE_CHECKING:
+    from .translate import Translator, load, load_ensemble
+
+# Imported on first use, so that `import aligna` (and with it the `aligna` command) starts without
+# torch: Ctrl-C while torch loads is then the command's clean "interrupted", and `--help` is quick.
+_LAZY = {"Translator": "translate", "load": "translate", "load_ensemble": "translate"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def train(
-    config: "str | Config", resume: bool = False, overwrite: bool = False, progress: bool = True,
+    config: str | Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
     keep_freed: bool = True,
 ):  # fmt: skip
     """Train from a YAML path or a `Config`; returns the model directory. keep_freed False: on a

@@ -474,8 +474,7 @@ def _translate(args: argparse.Namespace) -> int:
     if args.attention_maps is not None and not args.attention:
         raise ValueError("--attention-maps chooses which maps --attention DIR writes: give --attention DIR too")
     translator = _load(args)
-    configs = translator.members or [translator.config]  # an ensemble's map: the mean of its members'
-    if args.attention and all(c.model.arch == "rnn" and c.model.rnn.attention == "none" for c in configs):
+    if args.attention and not translator.has_attention:  # an ensemble's map: the mean of its members'
         raise ValueError("--attention: this model has no attention to show (model.rnn.attention: none)")
     if args.input:
         lines = read_lines(args.input)

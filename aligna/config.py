@@ -151,6 +151,14 @@ class TokenizerConfig(_Section):
     # most frequent tokens kept (0: no limit), specials not counted
     max_size: Annotated[int, Range(0, MAX_VOCAB)] = 0
 
+    def _check_together(self) -> None:
+        if self.type in ("char", "word"):  # a sentencepiece setting would change nothing: say so
+            default = TokenizerConfig.__dataclass_fields__
+            for key, hint in (("vocab_size", "; max_size caps a word or char vocabulary"), ("character_coverage", "")):
+                if getattr(self, key) != default[key].default:
+                    raise ValueError(f"{key}: applies to the subword tokenizers (type bpe or unigram), "
+                                     f"not to type {self.type}{hint}")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
@@ -284,7 +292,7 @@ class TrainConfig(_Section):
     early_stopping_metric: Metric = "loss"
     # validations without improvement (0: never stop early)
     early_stopping_patience: Annotated[int, Range(0, 1_000_000)] = 0
-    # most recent step checkpoints kept beside best and last
+    # most recent step checkpoints kept (checkpoints/step-N), beside best.safetensors
     keep_checkpoints: Annotated[int, Range(1, 1_000_000)] = 3
     # updates in a row whose loss or gradient is not finite (each is skipped) before the run stops
     max_nonfinite_updates: Annotated[int, Range(1, 1_000_000)] = 10

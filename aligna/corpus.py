@@ -25,6 +25,7 @@ and modification time is taken as unchanged, one rewritten since is compared by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -154,14 +155,17 @@ def fingerprint(data: DataConfig) -> dict[str, Any]:
 
 
 def source_files(data: DataConfig, digest: bool = True) -> dict[str, dict[str, Any]]:
-    """Size, modification time and (with `digest`) SHA-256 of each training file."""
+    """Size, modification time and (with `digest`) SHA-256 of each training file. A pipe
+    (`<(...)`, /dev/stdin) is not read here, which would use it up: its entry has no digest
+    (None), and a corpus made from it is never taken as current."""
     files = {}
     for path in data.train.paths:
         try:
             stat = Path(path).stat()
             files[str(Path(path).resolve())] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             if digest:
-                files[str(Path(path).resolve())]["sha256"] = file_sha256(Path(path))
+                regular = Path(path).is_file()
+                files[str(Path(path).resolve())]["sha256"] = file_sha256(Path(path)) if regular else None
         except FileNotFoundError:
             raise DataError(f"file not found: {path}") from None
         except OSError as e:
@@ -175,7 +179,7 @@ def _changed_source(manifest: dict[str, Any], data: DataConfig) -> str | None:
     saved = manifest.get("sources") or {}
     for path, now in source_files(data, digest=False).items():
         then = saved.get(path)
-        if then is None or then["bytes"] != now["bytes"]:
+        if then is None or then.get("sha256") is None or not Path(path).is_file() or then["bytes"] != now["bytes"]:
             return path
         if then["mtime_ns"] != now["mtime_ns"] and then["sha256"] != file_sha256(Path(path)):
             return path
@@ -200,18 +204,13 @@ def open_corpus(directory: str | Path, data: DataConfig | None = None, verify: b
             f"{manifest_path}: corpus format version {manifest.get('version')}, this aligna reads version "
             f"{VERSION}; prepare it again"
         )
+    _check_manifest(manifest, manifest_path)
     if data is not None and manifest.get("fingerprint") != fingerprint(data):
         raise StaleCorpus(f"{directory}: prepared from other data or data settings than the config's")
     changed = _changed_source(manifest, data) if data is not None else None
     if changed:
         raise StaleCorpus(f"{directory}: {changed} has changed since the corpus was prepared")
-    files = manifest.get("files")
-    missing = [key for key in ("files", "vocab", "dtype", "report") if key not in manifest]
-    if missing or not isinstance(files, dict) or not all(
-        isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
-    ):
-        raise CorpusError(f"{manifest_path}: not a complete corpus manifest (missing {missing or 'file entries'})")
-    for name, expected in files.items():
+    for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():
             raise CorpusError(f"{path}: missing")
@@ -225,6 +224,30 @@ def open_corpus(directory: str | Path, data: DataConfig | None = None, verify: b
     if manifest["vocab"] != sizes:
         raise CorpusError(f"{directory}: vocabularies of {sizes} tokens, the manifest says {manifest['vocab']}")
     return PreparedCorpus(directory, pipeline, MappedExamples(directory, manifest), manifest)
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Each entry open_corpus reads, of the type it reads (a CorpusError names the first that is
+    missing or of another type): an edited or damaged manifest is never a traceback."""
+
+    def entries(value: Any, **types: type | tuple[type, ...]) -> bool:  # {name: {key: value of its type}}
+        return isinstance(value, dict) and all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in types.items()) for e in value.values()
+        )
+
+    report = manifest.get("report")
+    checks = {
+        "files": entries(manifest.get("files"), bytes=int, sha256=str),
+        "sources": entries(manifest.get("sources", {}), bytes=int, mtime_ns=int, sha256=(str, type(None))),
+        "vocab": isinstance(manifest.get("vocab"), dict),
+        "dtype": manifest.get("dtype") in ("uint16", "uint32"),
+        "report": isinstance(report, dict) and isinstance(report.get("split"), str)
+        and report.keys() <= {f.name for f in dataclasses.fields(FilterReport)}
+        and all(isinstance(v, int) for k, v in report.items() if k != "split"),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise CorpusError(f"{path}: not a complete corpus manifest ({key!r} is missing or damaged)")
 
 
 # --------------------------------------------------------------------------- writing

@@ -63,7 +63,8 @@ def read_lines(path: str | Path) -> list[str]:
 
 
 def decode_lines(raw: bytes, name: str) -> list[str]:
-    """UTF-8 bytes -> lines without endings; `name` (a file, stdin) is named in errors."""
+    """UTF-8 bytes -> lines without endings (\n, \r\n, or \r in a file without \n); `name` (a
+    file, stdin) is named in errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -71,7 +72,8 @@ def decode_lines(raw: bytes, name: str) -> list[str]:
         bad = raw[e.start : e.end].hex(" ")
         raise DataError(f"{name}:{line}: invalid UTF-8 (bytes {bad})") from None
     text = text.removeprefix("\ufeff")
-    lines = text.split("\n")
+    ending = "\n" if "\n" in text or "\r" not in text else "\r"  # \r alone: classic Mac OS line ends
+    lines = text.split(ending)
     if lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]

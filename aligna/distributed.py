@@ -19,12 +19,17 @@ equal 1 process with `train.accumulate: 2`. Rank 0 alone validates, logs, writes
 and checkpoints; the others wait for its decisions (`broadcast`).
 
 A rank that dies ends the job: torchrun stops the others and exits non-zero, naming the
-rank; `--resume` continues from the last complete checkpoint.
+rank; `--resume` continues from the last complete checkpoint. A rank that stops with an
+error (rank 0 on bad input: a model directory in the way, a damaged dev set) leaves the
+others waiting in a collective, which then fails: they stop with `PeerStopped`, one line
+each, and the first rank's message says why.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,6 +38,20 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = timedelta(minutes=60)  # the longest one rank waits for the others (rank 0 validating)
+
+
+class PeerStopped(RuntimeError):
+    """This rank's collective failed because another process of the job stopped or left."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:  # gloo: "Connection closed by peer"; nccl: the watchdog's timeout
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise PeerStopped(f"rank {dist.get_rank()} stopped: another process of this job stopped first (its "
+                          f"message says why) or left, and {what} failed ({reason})") from None  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    with _collective("a sum over the ranks"):
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -106,7 +126,8 @@ def broadcast(value: Any) -> Any:
     if not dist.is_initialized():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _collective("waiting for rank 0's decision"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -115,10 +136,12 @@ def gather(value: Any) -> list[Any]:
     if not dist.is_initialized():
         return [value]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    with _collective("gathering every rank's value"):
+        dist.all_gather_object(out, value)
     return out
 
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with _collective("waiting for the other ranks"):
+            dist.barrier()

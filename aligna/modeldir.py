@@ -322,7 +322,6 @@ class ModelDir:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(root)
-            atomic_write_text(self / LATEST, json.dumps({"checkpoint": f"{CHECKPOINTS}/{name}"}) + "\n")
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
@@ -330,6 +329,13 @@ class ModelDir:
             raise ModelDirError(
                 f"cannot write checkpoint {name} in {root}: {e.strerror or e} ({kept}); "
                 "free space and continue with --resume"
+            ) from None
+        try:
+            atomic_write_text(self / LATEST, json.dumps({"checkpoint": f"{CHECKPOINTS}/{name}"}) + "\n")
+        except OSError as e:  # the checkpoint is whole: --resume finds it among the directories
+            raise ModelDirError(
+                f"checkpoint {name} is written and intact, but {self / LATEST} could not be updated: "
+                f"{e.strerror or e}; free space and continue with --resume"
             ) from None
         for old in self.checkpoints()[:-keep]:  # renamed first: a crash mid-delete leaves no half step-N
             doomed = old.with_name(f"{TMP}{old.name}")
@@ -424,13 +430,16 @@ class ModelDir:
         save_weights(model, self / BEST)
         atomic_write_text(self / BEST_SCORES, json.dumps(scores, indent=1) + "\n")
 
-    def average(self, model: nn.Module, last: int) -> Path:
-        """Average the weights of the `last` newest checkpoints into averaged.safetensors,
-        using `model` (of the right architecture) as the container."""
-        if last < 1:
+    def average(self, model: nn.Module, last: int | None = None) -> tuple[Path, list[str]]:
+        """Average the weights of the `last` newest checkpoints (None: all there are) into
+        averaged.safetensors, using `model` (of the right architecture) as the container:
+        its path, and the names of the checkpoints averaged."""
+        if last is not None and last < 1:
             raise ModelDirError(f"--last: {last} is out of range; allowed: integers >= 1")
-        paths = self.checkpoints()[-last:]
-        if len(paths) < last:
+        paths = self.checkpoints()[-last:] if last is not None else self.checkpoints()
+        if not paths:
+            raise ModelDirError(f"{self.path} keeps no step checkpoints to average")
+        if last is not None and len(paths) < last:
             raise ModelDirError(
                 f"{self.path} keeps {len(paths)} checkpoints, fewer than --last {last} "
                 "(train.keep_checkpoints sets how many are kept)"
@@ -445,7 +454,7 @@ class ModelDir:
         plain.load_state_dict({name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()})
         save_weights(plain, self / AVERAGED)
         log.info("averaged %s into %s", ", ".join(p.name for p in paths), self / AVERAGED)
-        return self / AVERAGED
+        return self / AVERAGED, [p.name for p in paths]
 
     def weights(self, checkpoint: str = "best") -> Path:
         """The weights file for inference: best (the latest checkpoint while no validation

@@ -68,6 +68,8 @@ class Settings:
                     "max_map_numbers"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
+        if not 0 <= self.max_len_a <= 100:  # decode.max_len_a's own range
+            raise ValueError(f"max_len_a: {self.max_len_a} is out of range; allowed: [0, 100]")
         check_max_wait(self.max_wait_ms)  # before any model loads
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is out of range; allowed: 0 to 65535")
@@ -351,17 +353,17 @@ def check_request(body: TranslateRequest, options: dict[str, Any], settings: Set
         _check_limit(key, value, settings, "")
 
 
-def _search_limits(s: Settings) -> dict[str, tuple[float, str | None]]:
+def _search_limits(s: Settings) -> dict[str, tuple[float, str]]:
     """The search settings with a server limit: key -> (the most allowed, the flag that sets it)."""
     return {"beam_size": (s.max_beam, "--max-beam"), "max_len_b": (s.max_output_len, "--max-output-len"),
-            "min_len": (s.max_output_len, "--max-output-len"), "max_len_a": (s.max_len_a, None)}  # fmt: skip
+            "min_len": (s.max_output_len, "--max-output-len"), "max_len_a": (s.max_len_a, "--max-len-a")}  # fmt: skip
 
 
 def _check_limit(key: str, value: Any, settings: Settings, whose: str) -> None:
     upper = _search_limits(settings)
     if key in upper and value > upper[key][0]:
         limit, flag = upper[key]
-        how = f" ({flag})" if flag else ""
+        how = f" ({flag})"
         raise ApiError(422, f"{key}: {value}{whose} is over this server's limit; allowed: <= {limit}{how}",
                        key, limit=limit)  # fmt: skip
 

@@ -36,12 +36,16 @@ class DamagedFileError(ValueError):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that a crash leaves either the old file or the new one, never a part
     (a failed write leaves no partial file behind). A path that exists and is not a regular
-    file (/dev/stdout, a named pipe) is written in place: it cannot be replaced."""
+    file (a named pipe), or a device (/dev/stdout, which may be a shell's redirection to a
+    file), is written in place: it cannot be replaced. A symbolic link stays: the file it
+    points to is replaced."""
     path = Path(path)
-    if path.exists() and not path.is_file():
+    if path.parts[:2] in (("/", "dev"), ("/", "proc")) or (path.exists() and not path.is_file()):
         with open(path, "wb") as f:
             f.write(data)
         return
+    if path.is_symlink():
+        path = path.resolve()
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with open(tmp, "wb") as f:

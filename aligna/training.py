@@ -29,6 +29,7 @@ from .config import Config, TrainConfig, config_to_dict, load_config, save_confi
 from .corpus import open_corpus, prepared
 from .data import (
     Batch,
+    ParallelText,
     Pipeline,
     collate,
     epoch_batches,
@@ -286,6 +287,7 @@ class Trainer:
         distributed.join(self.world, self.device)
         try:
             _check_same_settings(config)
+            self._read_eval_sets()
             resuming = False
             if self.world.main:
                 self.lock, resuming = self.md.claim(resume, overwrite)
@@ -301,9 +303,22 @@ class Trainer:
                 torch.manual_seed(self.cfg.seed + self.world.rank)
             if resuming:
                 self._resume()
+                if self._changed_settings and self.world.main:
+                    save_config(self.config, self.md / CONFIG)
         except BaseException:
             self.close()
             raise
+
+    def _read_eval_sets(self) -> None:
+        """Dev and test text (rank 0, which evaluates), read first: a missing or damaged file
+        stops the run before anything in model_dir changes, not after hours of training."""
+        data = self.config.data
+        self.dev: tuple[list[str], list[list[str]]] | None = None
+        self.test: ParallelText | None = None
+        if self.world.main and data.dev is not None:
+            self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
+        if self.world.main and data.test is not None:
+            self.test = read_parallel(data.test, "test")
 
     def _setup_data(self, resume: bool) -> None:
         """The pipeline (built by rank 0, or the saved one), training pairs as ids, dev text."""
@@ -319,15 +334,17 @@ class Trainer:
                 save_config(config, self.md / CONFIG)
         distributed.barrier()  # the other ranks map the corpus and read the pipeline rank 0 wrote
         if not self.world.main:
+            if not (self.md / CONFIG).is_file():  # rank 0 wrote it before the barrier
+                raise ValueError(
+                    f"rank {self.world.rank}: {self.dir} holds no run, though rank 0 has just written one there: "
+                    "on several machines, model_dir must be on a filesystem that they all share"
+                )
             self.pipeline = Pipeline.load(self.dir)
             corpus = open_corpus(self.md / CORPUS, data, verify=False)  # rank 0 has verified it
         self.train_data = corpus.examples
         if self.world.main:
             log.info("%s", self.train_data.report)
             write_report([self.train_data.report], self.md / DATA_REPORT)
-        self.dev: tuple[list[str], list[list[str]]] | None = None
-        if data.dev is not None and self.world.main:
-            self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
         log.info(
             "vocabulary: source %d, target %d%s",
             len(self.pipeline.src_vocab), len(self.pipeline.tgt_vocab),
@@ -364,16 +381,16 @@ class Trainer:
         its own random stream)."""
         if self.world.main:
             path, self.state = self.md.restore(self.model, self.optimizer, lambda s: TrainState(**s))
-        path = distributed.broadcast(str(path) if self.world.main else None)
+        path, trained_by = distributed.broadcast((str(path), self.state.world_size) if self.world.main else None)
+        if trained_by != self.world.size:  # checked on every rank before the others look for their streams
+            raise ValueError(
+                f"--resume: {path} was trained by {trained_by} process(es), this job has "
+                f"{self.world.size}; resume with the same number (torchrun --nproc_per_node / --nnodes), since "
+                "each process's share of the batches and its random stream are saved per process"
+            )
         if not self.world.main:
             self.state = self.md.load_checkpoint(
                 Path(path), self.model, self.optimizer, lambda s: TrainState(**s), rank=self.world.rank
-            )
-        if self.state.world_size != self.world.size:
-            raise ValueError(
-                f"--resume: {path} was trained by {self.state.world_size} process(es), this job has "
-                f"{self.world.size}; resume with the same number (torchrun --nproc_per_node / --nnodes), since "
-                "each process's share of the batches and its random stream are saved per process"
             )
         if self.state.plateau:  # its progress; factor and patience are the config's (a changed one applies)
             saved = self.state.plateau
@@ -389,10 +406,14 @@ class Trainer:
         """--resume needs the data and model of the saved run; other changes are logged."""
         saved = load_config(self.md / CONFIG)
         for section in ("data", "model"):
-            if getattr(saved, section) != getattr(self.config, section):
+            was, now = config_to_dict(saved)[section], config_to_dict(self.config)[section]
+            for key in RESUMABLE_DATA if section == "data" else ():
+                was.pop(key, None), now.pop(key, None)
+            if was != now:
                 raise ValueError(
-                    f"--resume: the {section} section differs from the run in {self.dir}; "
-                    "resume with the same data and model (or start a new model_dir)"
+                    f"--resume: the {section} section differs from the run in {self.dir} "
+                    f"({'; '.join(_diff(was, now, f'{section}.'))}); resume with the same data and model "
+                    "(or start a new model_dir)"
                 )
         was, now = saved.train.early_stopping_metric, self.cfg.early_stopping_metric
         if was != now:  # best.safetensors, the patience count and the plateau's best are by the run's metric
@@ -403,7 +424,7 @@ class Trainer:
         changed = _diff(config_to_dict(saved), config_to_dict(self.config))
         if changed and self.world.main:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
-            save_config(self.config, self.md / CONFIG)
+        self._changed_settings = bool(changed)  # config.yaml says so once the checkpoint is loaded
 
     def close(self) -> None:
         """Release the model directory (idempotent)."""
@@ -559,7 +580,8 @@ class Trainer:
         assert self.dev is not None
         metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in MODEL_METRICS)]
         self.model.eval()  # train_step switches it back
-        return self.translator.evaluate(self.dev[0], self.dev[1], metrics, **GREEDY)
+        origin = " / ".join(self.config.data.dev.paths)  # type: ignore[union-attr]
+        return self.translator.evaluate(self.dev[0], self.dev[1], metrics, origin=origin, **GREEDY)
 
     def _validate_and_save(self) -> bool:
         """Validate (if there is a dev set) and save a checkpoint, on rank 0; True when training
@@ -623,7 +645,11 @@ class Trainer:
             except ImportError:  # tensorboard is optional at run time
                 self._writer = False
             else:
-                self._writer = SummaryWriter(str(self.md / TENSORBOARD))
+                try:
+                    self._writer = SummaryWriter(str(self.md / TENSORBOARD))
+                except OSError as e:  # TensorBoard is a view of train.log: training goes on without it
+                    log.warning("no TensorBoard logs: %s: %s", self.md / TENSORBOARD, e.strerror or e)
+                    self._writer = False
         if self._writer:
             for key, value in values.items():
                 self._writer.add_scalar(f"{prefix}/{key}", value, self.state.step)
@@ -651,13 +677,15 @@ def train(
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress, keep_freed=keep_freed)
     try:
         trainer.train()
-        if config.data.test is not None and trainer.world.main:
+        if trainer.test is not None:  # read when training began (rank 0 only)
             load_weights(trainer.model, trainer.md.weights("best"))
             trainer.model.eval()
-            test = read_parallel(config.data.test, "test")
+            test = trainer.test
             sources, references = reference_sets(test, config.data.group_references)
             options = {"shortlist": False} if config.decode.shortlist else {}  # made from the trained model, later
-            scores = trainer.translator.evaluate(sources, references, ["ppl", *config.eval.metrics], **options)
+            scores = trainer.translator.evaluate(
+                sources, references, ["ppl", *config.eval.metrics], origin=test.origin, **options
+            )
             log.info("test (%s): %s", test.origin, scores)
             for name, signature in scores.signatures.items():
                 log.info("  %s signature: %s", name, signature)
@@ -672,6 +700,10 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# data settings a resumed run may change: what the test set is and what the languages are called
+RESUMABLE_DATA = ("test", "src_lang", "tgt_lang")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

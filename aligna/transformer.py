@@ -252,7 +252,9 @@ class Transformer(Seq2Seq):
         for name, p in self.named_parameters():
             if p.dim() > 1 and "embedding" not in name and "table" not in name:
                 nn.init.xavier_uniform_(p)
-        for embedding in {self.src_embedding, self.tgt_embedding}:
+        # src, then tgt (one table when they are shared): a set's order would follow the
+        # modules' memory addresses, and one seed would draw either table's weights first
+        for embedding in dict.fromkeys([self.src_embedding, self.tgt_embedding]):
             nn.init.normal_(embedding.weight, std=self.d_model**-0.5)  # x sqrt(d) gives unit scale
             nn.init.zeros_(embedding.weight[PAD_ID])
 

@@ -2,7 +2,8 @@
 
 import aligna
 translator = aligna.load("runs/multi30k_de_en_gru")
-translator.translate(["Ein Hund läuft im Schnee."])
+translator.translate(["ein hund läuft im schnee ."])  # text as the model was trained on: this one,
+# Multi30k's lowercased, tokenized files (configs/*_raw.yaml train on raw text, with subwords)
 ensemble = aligna.load_ensemble(["runs/a", "runs/b"])  # models trained on the same data, as one
 """
 
@@ -176,12 +177,14 @@ class TextTranslator:
 
     def evaluate(
         self, sources: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str],
-        hypotheses: Sequence[str] | None = None, **search_options: object,
+        hypotheses: Sequence[str] | None = None, origin: str = "evaluation pairs", **search_options: object,
     ) -> Scores:  # fmt: skip
-        """Metrics of greedy output (or of `hypotheses`) against per-sentence reference lists.
+        """Metrics of the translations that the config's decode section (with `search_options`
+        applied) gives, or of `hypotheses`, against per-sentence reference lists.
 
-        loss / ppl are computed on every (source, reference) pair; empty pairs are left
-        out of them and counted in the log. Both the output and the loss come from the model
+        loss / ppl are computed on every (source, reference) pair; pairs with an empty side
+        are left out of them, which a warning (once per process) counts; `origin` (the
+        file(s)) is named in it. Both the output and the loss come from the model
         at the translator's precision (the int8 copy at int8; under autocast at bf16 and fp16).
         """
         decoded = [m for m in metrics if m not in MODEL_METRICS]
@@ -193,7 +196,7 @@ class TextTranslator:
             pairs = ParallelText(
                 [s for s, refs in zip(sources, references) for _ in refs],
                 [r for refs in references for r in refs],
-                "evaluation pairs",
+                origin,
             )
             loss, _ = self._corpus_loss(pairs)
             scores.values.update({"loss": loss, "ppl": perplexity(loss)})
@@ -338,9 +341,18 @@ class Translator(TextTranslator):
             self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
         )
         if examples.report.empty or examples.report.truncated or examples.report.too_long:
-            log.info("%s (for loss and perplexity)", examples.report)
+            _warn_once(f"{pairs.origin}: {examples.report} (for loss and perplexity)")
         with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
             return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+
+
+_WARNED: set[str] = set()  # warnings this process has given: a dev set's at every validation is said once
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")  # decode settings that only sampling reads
@@ -452,8 +464,9 @@ def _check_same_pipeline(first: Path, other: Path) -> None:
                 )
 
 
-def average(model_dir: str | Path, last: int) -> Path:
-    """Average the weights of the `last` newest step checkpoints into averaged.safetensors."""
+def average(model_dir: str | Path, last: int | None = None) -> tuple[Path, list[str]]:
+    """Average the weights of the `last` newest step checkpoints (None: every one the run
+    keeps) into averaged.safetensors: its path, and the checkpoints averaged."""
     translator = load(model_dir, checkpoint="latest", device="cpu", engine="aligna")
     assert isinstance(translator, Translator)
     return ModelDir(model_dir).average(translator.model, last)

@@ -92,6 +92,8 @@ class SentencePieceTokenizer:
                 # ids are assigned by aligna's Vocabulary; sentencepiece only segments.
                 unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
                 input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                # every line is learned from: sentencepiece would skip lines over 4192 bytes unsaid
+                max_sentence_length=max([4192, *(len(line.encode("utf-8")) for line in lines)]),
                 num_threads=2, minloglevel=2,
             )  # fmt: skip
         except RuntimeError as e:

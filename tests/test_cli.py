@@ -247,6 +247,9 @@ def test_search_options_and_nbest_output(trained, tmp_path, capsys):
     )
     assert main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--nbest", "4"]) == 1
     assert "decode.nbest: must be <= beam_size" in capsys.readouterr().err
+    assert main(["translate", config.model_dir, "-i", str(src), "-o", str(out), "--max-len-a", "0",
+                 "--max-len-b", "1"]) == 0  # fmt: skip
+    assert [len(line.split()) <= 1 for line in out.read_text().splitlines()] == [True, True]
 
 
 # Fields a user edits most, with values around and far outside their ranges.
@@ -347,6 +350,33 @@ def test_compare_plots_every_name_and_sorts_its_buckets(monkeypatch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_evaluate_and_translate_keep_the_users_lines(toy_config, tmp_path, monkeypatch, aligna_log):
+    """--hyp-output has a line per input line when sources are pooled (data.group_references);
+    pairs left out of the loss are a warning naming the files; -i - is stdin; an output
+    that is a symbolic link stays a link to the file written."""
+    import io
+    import os
+
+    config = toy_config(train={"max_steps": 3, "validate_every": 0}, data={"group_references": True})
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    src, ref, hyp = tmp_path / "s.txt", tmp_path / "r.txt", tmp_path / "h.txt"
+    src.write_text("a b c\nd e f\na b c\n")
+    ref.write_text("c b a\nf e d\n\n")  # the repeated source's second reference is empty
+    assert cli("evaluate", config.model_dir, "--src", src, "--ref", ref, "--hyp-output", hyp) == 0
+    lines = hyp.read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == lines[2]
+    assert f"{src} / {ref}: evaluation: 3 pairs read, 2 kept; 1 with an empty side" in aligna_log.text
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "out.txt").write_text("old\n")
+    os.symlink(tmp_path / "real" / "out.txt", tmp_path / "link.txt")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a b c\n")))
+    assert cli("translate", config.model_dir, "-i", "-", "-o", tmp_path / "link.txt") == 0
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real" / "out.txt").read_text() == lines[0] + "\n"
+
+
 def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_path, capsys):
     """An output that is an input, --tsv with --src, options that would change nothing, an
     impossible --attention and a dataset written over are refused before any work, with the
@@ -382,7 +412,10 @@ def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_pa
     refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", tmp_path / "maps", says="no attention")
     assert not out.exists()  # refused before translating, not after writing the output
     refused("serve", plain.model_dir, "--api-key-file", tmp_path / "nope", says=f"{tmp_path / 'nope'}: No such file")
-    refused("evaluate", plain.model_dir, "--tsv", test, "--beam", 2, "--nbest", 2, says="--nbest: evaluate scores")
+    for command in ("evaluate", "compare"):  # they score each sentence's best translation: no --nbest
+        with pytest.raises(SystemExit):
+            cli(command, plain.model_dir, "--tsv", test, "--beam", 2, "--nbest", 2)
+        assert "unrecognized arguments: --nbest 2" in capsys.readouterr().err
     import socket
 
     with socket.socket() as taken:  # a port in use: named before any model loads (uvicorn said so after)

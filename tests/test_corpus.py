@@ -156,6 +156,38 @@ def test_a_damaged_ids_file_is_an_error_naming_it(toy_config, damage):
     assert open_corpus(config.model_dir + "/" + CORPUS).manifest["pairs"] == 2000
 
 
+@pytest.mark.parametrize("edit", [{"dtype": "uint12"}, {"report": {"split": "train", "read": 3, "extra": 1}},
+                                  {"sources": {"t.tsv": {"bytes": 1}}}, {"files": []}, {"vocab": 7}])  # fmt: skip
+def test_a_damaged_manifest_is_an_error_naming_it(toy_config, edit):
+    config = toy_config(train={"max_steps": 2, "validate_every": 0})
+    Trainer(config, progress=False).train()
+    manifest = config.model_dir + f"/{CORPUS}/{MANIFEST}"
+    raw = json.loads(open(manifest).read())
+    open(manifest, "w").write(json.dumps({**raw, **edit}))
+    with pytest.raises(CorpusError, match=rf"{manifest}: not a complete corpus manifest \('{next(iter(edit))}'"):
+        open_corpus(config.model_dir + "/" + CORPUS, config.data)
+
+
+def test_a_training_file_that_is_a_pipe_is_read_once(toy_config, tmp_path):
+    """A pipe (`<(zcat ...)`) is read as a file: the check of whether a prepared corpus is
+    current must not use it up, and a corpus made from one is never reused."""
+    import dataclasses
+    import os
+    import threading
+
+    config = toy_config()
+    text = (tmp_path / "train.tsv").read_bytes()
+    fifo = tmp_path / "train.fifo"
+    os.mkfifo(fifo)
+    data = dataclasses.replace(config.data, train=dataclasses.replace(config.data.train, tsv=str(fifo)))
+    for _ in range(2):  # the second time: not taken for the corpus prepared the first time
+        writer = threading.Thread(target=lambda: fifo.write_bytes(text))
+        writer.start()
+        corpus = prepared(data, tmp_path / "corpus")
+        writer.join()
+        assert len(corpus.examples) == 2000
+
+
 def test_a_changed_vocabulary_file_is_not_reused(toy_config):
     """The corpus's vocabularies are checked with its ids: two lines of tgt_vocab.txt swapped
     decoded every id to another word, and the corpus was used all the same."""

@@ -35,6 +35,9 @@ def test_reads_plain_gzip_crlf_and_bom(tmp_path):
     with pytest.raises(DataError, match=r"cut\.gz: cannot read"):
         read_lines(write(tmp_path / "cut.gz", gzip.compress(b"a\nb\n" * 100)[:-10]))  # a truncated gzip
     assert read_lines(write(tmp_path / "e.txt", "")) == []
+    # lines ended by \r alone (classic Mac OS) are lines, not one long sentence
+    assert read_lines(write(tmp_path / "mac.txt", "a b\rc d\re\r")) == ["a b", "c d", "e"]
+    assert read_lines(write(tmp_path / "mixed.txt", "a\rb\nc")) == ["a\rb", "c"]  # with \n, \r is text
 
 
 def test_line_count_mismatch_names_both_files_and_counts(tmp_path):

@@ -326,7 +326,7 @@ def test_limits(translators):
             ({"texts": ["a"], "beam_size": 2, "sample": True}, "sample", "exclude each other"),
             ({"texts": ["a"], "sample": True, "temperature": 1e-300}, "temperature", "allowed: numbers in [0.01, 100]"),
             ({"texts": ["a"], "sample": True, "seed": 2**64}, "seed", "out of range"),
-            ({"texts": ["a"], "max_len_a": 100}, "max_len_a", "<= 4.0"),
+            ({"texts": ["a"], "max_len_a": 100}, "max_len_a", "<= 4.0 (--max-len-a)"),
         ]
         for request, field, words in cases:
             body = error_of(post(client, request), 422)

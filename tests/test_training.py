@@ -129,6 +129,24 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(toy_config, monkeypatch
     assert md.latest().name == "step-000020"
 
 
+def test_a_latest_json_that_cannot_be_written_is_named_and_the_checkpoint_is_kept(toy_config, monkeypatch):
+    config = toy_config(train={"max_steps": 20, "validate_every": 10})
+    real_write, calls = modeldir.atomic_write_text, []
+
+    def disk_full_on_second_pointer(path, text):
+        if Path(path).name == modeldir.LATEST:
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+        return real_write(path, text)
+
+    monkeypatch.setattr(modeldir, "atomic_write_text", disk_full_on_second_pointer)
+    with pytest.raises(modeldir.ModelDirError, match=r"step-000020 is written and intact, but .*latest\.json could not"):
+        Trainer(config, progress=False).train()
+    monkeypatch.setattr(modeldir, "atomic_write_text", real_write)
+    assert ModelDir(config.model_dir).latest().name == "step-000020"  # found among the directories
+
+
 def test_model_dir_holds_no_pickles(toy_config):
     config = toy_config(train={"max_steps": 10})
     train(config, progress=False)
@@ -149,9 +167,30 @@ def test_existing_run_needs_resume_or_overwrite(toy_config):
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(config, progress=False)
     changed = toy_config(train={"max_steps": 5}, model={"hidden_size": 64})
-    with pytest.raises(ValueError, match="model section differs"):
+    with pytest.raises(ValueError, match=r"model section differs .*\(model\.hidden_size: 32 -> 64\)"):
         Trainer(changed, resume=True, progress=False)
+    # a test set, which changes nothing about training, may be added (or mended) on resume
+    tested = toy_config(train={"max_steps": 5}, data={"test": {"tsv": config.data.dev.tsv}})
+    Trainer(tested, resume=True, progress=False).close()
     Trainer(config, overwrite=True, progress=False)
+
+
+def test_a_bad_dev_or_test_set_stops_the_run_before_anything_changes(toy_config, tmp_path):
+    """Dev and test are read before training, and before --overwrite deletes the old run:
+    a typo in data.test used to cost the whole training and then exit 1."""
+    from aligna.data import DataError
+
+    config = toy_config(train={"max_steps": 2, "validate_every": 0})
+    with pytest.raises(DataError, match="nope.tsv"):
+        Trainer(toy_config(data={"test": {"tsv": str(tmp_path / "nope.tsv")}}), progress=False)
+    assert not Path(config.model_dir).exists()
+    train(config, progress=False)
+    before = sorted(p.name for p in Path(config.model_dir).iterdir())
+    (tmp_path / "bad.tsv").write_text("a b c\n")  # no tab
+    for split in ("dev", "test"):
+        with pytest.raises(DataError, match=r"bad\.tsv:1"):
+            Trainer(toy_config(data={split: {"tsv": str(tmp_path / "bad.tsv")}}), overwrite=True, progress=False)
+    assert sorted(p.name for p in Path(config.model_dir).iterdir()) == before  # the run is still there
 
 
 def test_a_resumed_run_trains_with_the_optimizer_settings_it_logs(toy_config):
@@ -422,6 +461,8 @@ def test_checkpoint_averaging_is_the_mean_of_the_last_n(toy_config, capsys):
     assert aligna.load(model_dir, checkpoint="averaged").translate(["a b"])
     assert main(["average", str(model_dir), "--last", "5"]) == 1
     assert "keeps 3 checkpoints, fewer than --last 5" in capsys.readouterr().err
+    assert main(["average", str(model_dir)]) == 0  # by default every checkpoint the run keeps
+    assert "averaged the weights of step-000020, step-000030, step-000040 into" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["rnn", "transformer"])

@@ -172,6 +172,16 @@ def test_shared_and_tied_embeddings():
     assert model.src_embedding is model.tgt_embedding and model.output.weight is model.src_embedding.weight
 
 
+def test_one_seed_gives_one_model_wherever_its_modules_lie_in_memory():
+    """The embeddings were initialized in the order of a set of modules, that is of their
+    memory addresses: the same seed gave either table's weights to the source side."""
+    first = make(seed=3)
+    kept = [make(seed=3) for _ in range(24)]  # each allocated elsewhere, the earlier ones kept alive
+    for model in kept:
+        for (name, p), q in zip(first.named_parameters(), model.parameters()):
+            assert torch.equal(p, q), name
+
+
 def test_toy_reverse_task_is_learned(toy_config, tmp_path):
     config = toy_config(
         model={"arch": "transformer", "emb_dim": 64, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0,

@@ -74,6 +74,23 @@ def test_sentencepiece_trains_saves_and_detokenizes(tmp_path, kind):
     assert again.decode(pieces) == "A man in the snow, staring."
 
 
+def test_sentencepiece_learns_from_lines_over_its_default_length_limit():
+    """sentencepiece skips lines over 4192 bytes unless told: a corpus of long lines (a
+    paragraph per line) would train on nothing and fail with a misleading hint."""
+    lines = ["a man in an orange hat . " * 200] * 30  # 5,000 bytes each
+    tok = SentencePieceTokenizer.train(lines, TokenizerConfig(type="bpe", vocab_size=30))
+    assert tok.decode(tok.encode("an orange hat")) == "an orange hat"
+
+
+def test_subword_settings_on_a_word_or_char_tokenizer_are_refused():
+    from aligna.config import ConfigError, config_from_dict
+
+    for key, value in (("vocab_size", 20), ("character_coverage", 0.9)):
+        raw = {"model_dir": "x", "data": {"train": {"tsv": "t.tsv"}, "tgt_tokenizer": {"type": "char", key: value}}}
+        with pytest.raises(ConfigError, match=rf"^data\.tgt_tokenizer: {key}: applies to the subword tokenizers"):
+            config_from_dict(raw)
+
+
 def test_sentencepiece_too_large_vocab_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab_size=5000"):
         SentencePieceTokenizer.train(["tiny corpus"] * 3, TokenizerConfig(type="bpe", vocab_size=5000))

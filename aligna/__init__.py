@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .config import Config, ConfigError, load_config  # noqa: E402
+from .config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
 
 if TYPE_CHECKING:
     from .translate import Translator, load, load_ensemble
@@ -28,16 +29,20 @@ def __dir__() -> list[str]:
 
 
 def train(
-    config: str | Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
+    config: str | Path | dict | Config, resume: bool = False, overwrite: bool = False, progress: bool = True,
     keep_freed: bool = True,
 ):  # fmt: skip
-    """Train from a YAML path or a `Config`; returns the model directory. keep_freed False: on a
-    CPU, leave this process's malloc settings as they are (see `aligna.runtime.keep_freed_memory`)."""
+    """Train from a YAML path, a mapping of sections (as a YAML file reads) or a `Config`;
+    returns the model directory. keep_freed False: on a CPU, leave this process's malloc
+    settings as they are (see `aligna.runtime.keep_freed_memory`)."""
     from .training import train as _train
 
-    if not isinstance(config, Config):
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    elif not isinstance(config, Config):
         config = load_config(config)
     return _train(config, resume=resume, overwrite=overwrite, progress=progress, keep_freed=keep_freed)
 
 
-__all__ = ["Config", "ConfigError", "Translator", "load", "load_config", "load_ensemble", "train", "__version__"]
+__all__ = ["Config", "ConfigError", "Translator", "config_from_dict", "load", "load_config", "load_ensemble", "train",
+           "__version__"]

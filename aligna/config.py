@@ -337,7 +337,9 @@ class DecodeConfig(_Section):
     top_k: Annotated[int, Range(0, MAX_VOCAB)] = 0  # sampling: only the k most probable tokens (0: all)
     # sampling: only the most probable tokens holding this much mass
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
-    seed: Seed = 1  # sampling: random seed
+    # sampling: random seed of one call; its draws are shared by the call's batches in order, so a
+    # sentence's sample depends on what else is translated with it (serve samples each request alone)
+    seed: Seed = 1
 
     def _check_together(self) -> None:
         _at_most(self, "nbest", "beam_size")
@@ -611,6 +613,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         quoted = isinstance(value.parsed, str) and value.lstrip().startswith(('"', "'"))  # YAML's quotes
         value = str(value) if (text_field and not quoted) or tp in (int, float) else value.parsed
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):  # a section built in code: from its class, or the whole config from a mapping
+            raise _FieldError(key, f"expected a {tp.__name__}, got a dict: build the config with "
+                                   f"config_from_dict(mapping), or this section with {tp.__name__}(**mapping)")  # fmt: skip
         if not isinstance(value, tp):
             raise _FieldError(key, f"expected a mapping of keys, got {_show(value)}")
         return value

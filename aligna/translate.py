@@ -104,9 +104,13 @@ class TextTranslator:
         """Translations in input order with tokens, scores and attention; inputs are
         batched by length. `search_options` override the config's decode section.
         attention False: no `Translation.attention` (None), which the search then need not
-        compute: the same translations, faster."""
+        compute: the same translations, faster. Sampling (sample=True, seed) draws from one
+        generator for the whole call: the same call gives the same samples, but a sentence's
+        sample depends on the others translated with it and on batch_size."""
         if isinstance(texts, str):  # each character would be a sentence
             raise TypeError("texts: a list of strings, one per sentence; got one str (use [text])")
+        texts = list(texts)  # a generator is read once
+        _check_strings(texts, "texts")
         if batch_size is not None:
             search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
@@ -121,8 +125,11 @@ class TextTranslator:
             )  # fmt: skip
             src_tokens = [toks[:limit] for toks in src_tokens]
         results = self._translate_tokens(src_tokens, decode, attention)
-        empty = Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest)  # an input with no tokens
-        return [r if r is not None else empty for r in results]
+        for r in results:
+            if r is not None and not attention:
+                r.attention = None  # the search kept it for the coverage penalty alone
+        # an input with no tokens: an empty translation, one object each (a caller may edit it)
+        return [r if r is not None else Translation("", [], [], 0.0, None, [("", 0.0)]) for r in results]
 
     def decode_config(self, **options: object) -> DecodeConfig:
         """The config's decode section with `options` applied and validated, for this engine
@@ -187,6 +194,19 @@ class TextTranslator:
         file(s)) is named in it. Both the output and the loss come from the model
         at the translator's precision (the int8 copy at int8; under autocast at bf16 and fp16).
         """
+        sources = list(sources)
+        _check_strings(sources, "sources")
+        references = [refs if isinstance(refs, str) else list(refs) for refs in references]
+        if len(references) != len(sources) or (hypotheses is not None and len(hypotheses) != len(sources)):
+            given = f", {len(hypotheses)} hypotheses" if hypotheses is not None else ""
+            raise ValueError(f"{len(sources)} sources, {len(references)} reference lists{given}: give one each")
+        if not sources:
+            raise ValueError("no sources: there is nothing to score")
+        for i, refs in enumerate(references):
+            if isinstance(refs, str) or not refs:  # a str would be read as one reference per character
+                raise TypeError(f"references[{i}]: a non-empty list of reference strings, one list per source; "
+                                f"got {refs!r:.80}")  # fmt: skip
+            _check_strings(refs, f"references[{i}]")
         decoded = [m for m in metrics if m not in MODEL_METRICS]
         scores = Scores()
         if decoded:
@@ -259,9 +279,12 @@ class Translator(TextTranslator):
 
     def shortlist(self) -> Shortlist:
         """The model directory's vocabulary shortlist (decode.shortlist), read once."""
-        if type(self.model).restrict_output is Seq2Seq.restrict_output:
-            raise ConfigError(f"decode.shortlist: the {type(self.model).__name__} model has no vocabulary shortlist "
-                              "(a Transformer has)")  # fmt: skip
+        models = list(self.model.members) if isinstance(self.model, Ensemble) else [self.model]
+        for i, model in enumerate(models):
+            if type(model).restrict_output is Seq2Seq.restrict_output:
+                which = f"member {i + 1} of the ensemble, a" if len(models) > 1 else "the"
+                raise ConfigError(f"decode.shortlist: {which} {type(model).__name__} model has no vocabulary "
+                                  "shortlist (a Transformer has)")  # fmt: skip
         with self._made:
             if self._shortlist is None:
                 if self.shortlist_file is None or not self.shortlist_file.is_file():
@@ -344,6 +367,13 @@ class Translator(TextTranslator):
             _warn_once(f"{pairs.origin}: {examples.report} (for loss and perplexity)")
         with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
             return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+
+
+def _check_strings(values: Sequence[object], name: str) -> None:
+    """A TypeError naming the first item of `values` that is not a str."""
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}[{i}]: expected str, got {type(value).__name__}")
 
 
 _WARNED: set[str] = set()  # warnings this process has given: a dev set's at every validation is said once
@@ -430,7 +460,11 @@ def load_ensemble(
     data section; a ValueError names the file that differs); the decode and eval settings are the
     first directory's. `checkpoint`: one for every directory, or a list of one per directory;
     `precision` as `load`'s."""
+    if isinstance(model_dirs, (str, Path)):  # each character would be a directory
+        raise TypeError(f"model_dirs: a list of model directories; got one ({model_dirs}): use load() or [dir]")
     dirs = [Path(d) for d in model_dirs]
+    if len(dirs) < 2:
+        raise ValueError(f"model_dirs: an ensemble needs at least 2 model directories, got {len(dirs)}")
     checkpoints = [checkpoint] * len(dirs) if isinstance(checkpoint, str) else list(checkpoint)
     if len(checkpoints) != len(dirs):
         raise ValueError(f"{len(checkpoints)} checkpoints given for an ensemble of {len(dirs)} models")

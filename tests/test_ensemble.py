@@ -169,6 +169,39 @@ def two_runs(tmp_path_factory):
     return [str(directory / "run1"), str(directory / "run2")], directory / "test.tsv"
 
 
+def test_api_misuse_is_a_clear_error_naming_the_argument(two_runs):
+    """What a library user gets wrong is a TypeError or ValueError that names the argument,
+    never a wrong score or an IndexError from inside."""
+    from aligna.config import ConfigError
+
+    dirs, _ = two_runs
+    with pytest.raises(TypeError, match="model_dirs: a list"):
+        aligna.load_ensemble(dirs[0])  # each character would be a directory
+    with pytest.raises(ValueError, match="at least 2 model directories, got 0"):
+        aligna.load_ensemble([])
+    ensemble = aligna.load_ensemble(dirs)
+    with pytest.raises(ConfigError, match="member 1 of the ensemble, a RNNSeq2Seq model has no vocabulary shortlist"):
+        ensemble.translate(["a b"], shortlist=True)
+    t = aligna.load(dirs[1])
+    for texts, words in (([None], r"texts\[0\]: expected str, got NoneType"), (["a", b"b"], r"texts\[1\].*bytes")):
+        with pytest.raises(TypeError, match=words):
+            t.translate(texts)
+    src, refs = ["a b c", "d e"], ["c b a", "e d"]
+    with pytest.raises(TypeError, match=r"references\[0\]: a non-empty list"):  # a flat list: one str per source
+        t.evaluate(src, refs, ["wer"], hypotheses=refs)
+    with pytest.raises(TypeError, match=r"references\[1\]: a non-empty list"):
+        t.evaluate(src, [["c b a"], []], ["wer"])
+    with pytest.raises(ValueError, match="2 sources, 1 reference lists"):
+        t.evaluate(src, [["c b a"]], ["loss"])
+    with pytest.raises(ValueError, match="no sources"):
+        t.evaluate([], [], ["bleu"])
+    assert t.evaluate((s for s in src), [[r] for r in refs], ["wer", "loss"], hypotheses=refs).values["wer"] == 0.0
+    empty = t.translate_detailed(["", "a b", " "], beam_size=2, nbest=2)
+    assert empty[0] is not empty[2] and empty[0].nbest == [("", 0.0)]
+    without = t.translate_detailed(["a b c"], attention=False, beam_size=2, coverage=0.2)
+    assert without[0].attention is None  # the search kept it for the penalty alone
+
+
 def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsys):
     (a, b), test = two_runs
     source = tmp_path / "in.txt"

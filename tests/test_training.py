@@ -148,8 +148,12 @@ def test_a_latest_json_that_cannot_be_written_is_named_and_the_checkpoint_is_kep
 
 
 def test_model_dir_holds_no_pickles(toy_config):
+    from aligna.config import ConfigError, config_to_dict
+
     config = toy_config(train={"max_steps": 10})
-    train(config, progress=False)
+    aligna.train(config_to_dict(config), progress=False)  # a mapping, as a YAML file reads
+    with pytest.raises(ConfigError, match=r"^data: expected a DataConfig, got a dict: build the config with"):
+        aligna.Config(model_dir="x", data={"train": {"tsv": "t.tsv"}})
     allowed = {".safetensors", ".json", ".yaml", ".txt", ".log"}
     raw_arrays = [modeldir.CORPUS_LINES] + [n.format(side=s) for n in (modeldir.CORPUS_IDS, modeldir.CORPUS_OFFSETS)
                                             for s in ("src", "tgt")]  # fmt: skip

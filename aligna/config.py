@@ -337,8 +337,7 @@ class DecodeConfig(_Section):
     top_k: Annotated[int, Range(0, MAX_VOCAB)] = 0  # sampling: only the k most probable tokens (0: all)
     # sampling: only the most probable tokens holding this much mass
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
-    # sampling: random seed of one call; its draws are shared by the call's batches in order, so a
-    # sentence's sample depends on what else is translated with it (serve samples each request alone)
+    # sampling: random seed; input i of a call samples from a generator seeded by (seed, i) alone
     seed: Seed = 1
 
     def _check_together(self) -> None:

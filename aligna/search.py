@@ -15,7 +15,7 @@ All three drop finished sentences from the batch, so no work is spent on them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,8 @@ from .config import DecodeConfig
 from .kernels import log_softmax_, log_softmax_top_
 from .model import Seq2Seq
 from .vocab import EOS_ID, PAD_ID, SOS_ID
+
+Generators = torch.Generator | Sequence[torch.Generator] | None  # sampling's: one for the batch, or one per row
 
 
 @dataclass
@@ -77,7 +79,7 @@ def search(
     src: Tensor,
     src_lengths: Tensor,
     cfg: DecodeConfig,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     vocabulary: Tensor | None = None,
     attention: bool = True,
 ) -> SearchResult:
@@ -108,7 +110,7 @@ def search(
 # --------------------------------------------------------------------------- one path
 
 
-Pick = Callable[[Tensor], Tensor]  # log-probabilities (b, V) -> chosen tokens (b,)
+Pick = Callable[[Tensor, Tensor], Tensor]  # log-probabilities (b, V), their input rows (b,) -> tokens (b,)
 GREEDY = None  # as a Pick: the most probable token, which the log-softmax kernel finds in its pass
 
 
@@ -124,14 +126,19 @@ def greedy_search(
 @torch.no_grad()
 def sample_search(
     model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
-    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: Generators = None,
     min_len: int = 0, attention: bool = True,
 ) -> SearchResult:  # fmt: skip
     """Feed back a token sampled from softmax(logits / temperature), restricted to the k
     most probable tokens (top_k > 0) and to the smallest set holding top_p of the mass
-    (Holtzman et al. 2020). Scores are log-probabilities under the unmodified model."""
+    (Holtzman et al. 2020). Scores are log-probabilities under the unmodified model.
+    `generator`: one for the batch, whose draws then depend on the batch's other rows, or one
+    per row (a sequence of B), each of which draws that row's tokens alone: a row's sample then
+    depends on its generator's seed only, whatever it is batched with."""
+    if isinstance(generator, Sequence) and len(generator) != src.size(0):
+        raise ValueError(f"{len(generator)} generators for a batch of {src.size(0)} sources: give one per source")
 
-    def pick(log_probs: Tensor) -> Tensor:
+    def pick(log_probs: Tensor, rows: Tensor) -> Tensor:
         logits = log_probs / temperature
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -141,7 +148,10 @@ def sample_search(
             mass = sorted_logits.softmax(-1).cumsum(-1)
             drop = mass - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        probs = logits.softmax(-1)
+        if isinstance(generator, Sequence):  # each live row from its own source's generator
+            return torch.cat([torch.multinomial(p, 1, generator=generator[r]) for p, r in zip(probs, rows.tolist())])
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return _one_path(model, src, src_lengths, max_len_a, max_len_b, min_len, pick, None, attention)
 
@@ -187,7 +197,7 @@ def _one_path(
             log_probs = log_softmax_(logits)  # (b, V), in the logits' memory
             if t < min_len:
                 log_probs[:, EOS_ID] = float("-inf")
-            chosen = log_probs.argmax(-1) if pick is GREEDY else pick(log_probs)  # (b,) columns of log_probs
+            chosen = log_probs.argmax(-1) if pick is GREEDY else pick(log_probs, active)  # (b,) columns of log_probs
             row_scores += log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         prev = chosen if vocabulary is None else vocabulary[chosen]  # target ids
         row_tokens[:, t] = prev

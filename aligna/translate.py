@@ -104,9 +104,9 @@ class TextTranslator:
         """Translations in input order with tokens, scores and attention; inputs are
         batched by length. `search_options` override the config's decode section.
         attention False: no `Translation.attention` (None), which the search then need not
-        compute: the same translations, faster. Sampling (sample=True, seed) draws from one
-        generator for the whole call: the same call gives the same samples, but a sentence's
-        sample depends on the others translated with it and on batch_size."""
+        compute: the same translations, faster. Sampling (sample=True, seed): input i draws
+        from a generator seeded by (seed, i) alone, so its sample does not depend on
+        batch_size or on the other inputs' text (`sentence_generator`)."""
         if isinstance(texts, str):  # each character would be a sentence
             raise TypeError("texts: a list of strings, one per sentence; got one str (use [text])")
         texts = list(texts)  # a generator is read once
@@ -316,7 +316,6 @@ class Translator(TextTranslator):
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
         results: list[Translation | None] = [None] * len(src_tokens)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
-        generator = torch.Generator(self.device).manual_seed(decode.seed) if decode.sample else None
         shortlist = self.shortlist() if decode.shortlist else None
         model = self._eval_model()
         for start in range(0, len(order), decode.batch_size):
@@ -324,8 +323,10 @@ class Translator(TextTranslator):
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
             vocabulary = None if shortlist is None else shortlist.candidates(src)
+            # sampling: input i draws from its own generator, so its sample is the seed's and i's alone
+            generators = [sentence_generator(decode.seed, i, self.device) for i in chunk] if decode.sample else None
             with autocast(self.device, self.precision):
-                found = search(model, src, lengths, decode, generator, vocabulary, attention)
+                found = search(model, src, lengths, decode, generators, vocabulary, attention)
             for hyps, i in zip(found.nbest, chunk):
                 best = hyps[0]
                 results[i] = Translation(
@@ -367,6 +368,13 @@ class Translator(TextTranslator):
             _warn_once(f"{pairs.origin}: {examples.report} (for loss and perplexity)")
         with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
             return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
+
+
+def sentence_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random generator that samples input `index` of a call with decode.seed `seed`: one
+    per sentence, so that its sample does not depend on batch_size or on the other inputs."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)  # distinct per (seed, index)
+    return torch.Generator(device).manual_seed(mixed)
 
 
 def _check_strings(values: Sequence[object], name: str) -> None:

@@ -200,6 +200,10 @@ def test_api_misuse_is_a_clear_error_naming_the_argument(two_runs):
     assert empty[0] is not empty[2] and empty[0].nbest == [("", 0.0)]
     without = t.translate_detailed(["a b c"], attention=False, beam_size=2, coverage=0.2)
     assert without[0].attention is None  # the search kept it for the penalty alone
+    texts, sampling = ["a b c d e", "f g", "h i j"], {"sample": True, "seed": 5, "temperature": 3.0}
+    samples = t.translate(texts, **sampling)  # input i's sample is (seed, i)'s: batch_size and later inputs change nothing
+    assert samples == t.translate(texts, batch_size=1, **sampling) == t.translate([*texts, "a"], **sampling)[:3]
+    assert samples != t.translate(texts, **{**sampling, "seed": 6})
 
 
 def test_cli_translates_and_evaluates_with_an_ensemble(two_runs, tmp_path, capsys):

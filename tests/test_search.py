@@ -252,6 +252,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert top1.tokens == nucleus.tokens == greedy_search(model, src, lengths, 1.0, 3).tokens
 
 
+def test_a_row_with_its_own_generator_samples_the_same_whatever_it_is_batched_with():
+    """One generator per row: row i draws only from its own, so its sample does not depend
+    on the batch (a Translator seeds input i's from (seed, i): batch_size changes nothing)."""
+    model = make(seed=1, **VARIANTS["luong-general-feed-bilstm"])
+    src, lengths, _ = random_batch([7, 2, 5, 6], seed=2)
+
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    options = {"max_len_a": 1.0, "max_len_b": 6, "temperature": 3.0}
+    together = sample_search(model, src, lengths, generator=generators(10, 11, 12, 13), **options).tokens
+    for i in range(4):
+        n = int(lengths[i])
+        alone = sample_search(model, src[i : i + 1, :n], lengths[i : i + 1], generator=generators(10 + i), **options)
+        assert alone.tokens == [together[i]], i
+    pair = sample_search(model, src[[2, 0]], lengths[[2, 0]], generator=generators(12, 10), **options).tokens
+    assert pair == [together[2], together[0]]
+    with pytest.raises(ValueError, match="3 generators for a batch of 4 sources"):
+        sample_search(model, src, lengths, generator=generators(1, 2, 3), **options)
+
+
 # --------------------------------------------------------------------------- beam search: back-pointers
 
 from test_transformer import VARIANTS as TRANSFORMERS  # noqa: E402

@@ -21,7 +21,15 @@ _LAZY = {"Translator": "translate", "load": "translate", "load_ensemble": "trans
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _submodules():  # aligna.translate, aligna.search, ... as an eager import made them
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _submodules() -> set[str]:
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
 
 
 def __dir__() -> list[str]:

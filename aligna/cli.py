@@ -264,8 +264,8 @@ def _engine_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool = False, nbest: bool = True) -> None:
-    """MODEL_DIR(s), how to load them, and the search options (`nbest`: with --nbest, for a
-    command that writes n-best lists)."""
+    """MODEL_DIR(s), how to load them, and the search options (`nbest` False: a command that
+    scores each sentence's best translation, which takes --nbest 1 alone and does not list it)."""
     if many:
         p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                        help="directories written by `aligna train` or `aligna export`, each a model; DIR,DIR,... "
@@ -297,10 +297,10 @@ def _model_args(p: argparse.ArgumentParser, many: bool = False, ensemble: bool =
     )
     g = p.add_argument_group("search (defaults: the model config's decode section)")
     g.add_argument("--beam", type=_decode("beam_size"), dest="beam_size", help="beam size (1: greedy)")
-    if nbest:
-        g.add_argument(
-            "--nbest", type=_decode("nbest"), help="hypotheses per sentence, written as `i ||| text ||| score`"
-        )
+    g.add_argument(  # evaluate and compare score the best translation: there, hidden, and 1 at most
+        "--nbest", type=_decode("nbest"),
+        help="hypotheses per sentence, written as `i ||| text ||| score`" if nbest else argparse.SUPPRESS,
+    )
     g.add_argument(
         "--alpha", type=_decode("alpha"), help="GNMT length penalty ((5 + |y|) / 6)^alpha (0: off)"
     )
@@ -402,7 +402,7 @@ def _search_options(args: argparse.Namespace) -> dict[str, object]:
     combine with the model's own decode section is checked when they are applied."""
     options = {}
     for name in SEARCH_OPTIONS:
-        value = getattr(args, name, None)  # evaluate and compare have no --nbest
+        value = getattr(args, name)
         if value is not None:
             flag = "--beam" if name == "beam_size" else "--" + name.replace("_", "-")
             try:
@@ -580,14 +580,16 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
         ]
     if not sources:
         raise DataError(f"{args.tsv or args.src}: the test set is empty; there is nothing to score")
-    lines = sources
-    if group:  # e.g. a word listed once per pronunciation
-        sources, references = group_references(sources, references)
+    if not group:
+        return sources, references, list(range(len(sources)))
+    lines = sources  # e.g. a word listed once per pronunciation: one source, its references pooled
+    sources, references = group_references(sources, references)
     index = {source: i for i, source in enumerate(sources)}
     return sources, references, [index[line] for line in lines]  # each input line's entry in sources
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    _best_only(args)
     _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
     sources, references, rows = _test_set(args, translator.config.data.group_references)
@@ -616,9 +618,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _best_only(args: argparse.Namespace) -> None:
+    if (args.nbest or 1) > 1:
+        raise ValueError(f"--nbest: {args.command} scores each sentence's best translation; n-best lists are translate's")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_by_length
 
+    _best_only(args)
     entries = _entries(args)
     names = args.names.split(",") if args.names else ["+".join(Path(d).name for d in dirs) for dirs in entries]
     if len(names) != len(args.model_dirs):

@@ -151,13 +151,16 @@ class TokenizerConfig(_Section):
     # most frequent tokens kept (0: no limit), specials not counted
     max_size: Annotated[int, Range(0, MAX_VOCAB)] = 0
 
-    def _check_together(self) -> None:
-        if self.type in ("char", "word"):  # a sentencepiece setting would change nothing: say so
+    def unused_settings(self) -> str:
+        """Why a sentencepiece setting given to a word or char tokenizer would change nothing
+        ('' if none is): refused when a vocabulary is built, not when a run's saved config
+        is read (a run made before this check still loads)."""
+        if self.type in ("char", "word"):
             default = TokenizerConfig.__dataclass_fields__
             for key, hint in (("vocab_size", "; max_size caps a word or char vocabulary"), ("character_coverage", "")):
                 if getattr(self, key) != default[key].default:
-                    raise ValueError(f"{key}: applies to the subword tokenizers (type bpe or unigram), "
-                                     f"not to type {self.type}{hint}")  # fmt: skip
+                    return f"{key}: applies to the subword tokenizers (type bpe or unigram), not to type {self.type}{hint}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,14 @@ class DataConfig(_Section):
     too_long: Literal["filter", "truncate"] = "filter"
     # Pairs sharing a source are one example with several references (CMUdict G2P).
     group_references: bool = False
+
+    def check_new_vocabulary(self) -> None:
+        """Refuse tokenizer settings that building a vocabulary would ignore (a ConfigError
+        naming the key); a run's saved config is not held to it, so an older run still loads."""
+        for side in ("src_tokenizer", "tgt_tokenizer"):
+            unused = getattr(self, side).unused_settings()
+            if unused:
+                raise ConfigError(f"data.{side}.{unused}")
 
 
 @dataclass(frozen=True)

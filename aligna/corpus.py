@@ -241,7 +241,7 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         "sources": entries(manifest.get("sources", {}), bytes=int, mtime_ns=int, sha256=(str, type(None))),
         "vocab": isinstance(manifest.get("vocab"), dict),
         "dtype": manifest.get("dtype") in ("uint16", "uint32"),
-        "report": isinstance(report, dict) and isinstance(report.get("split"), str)
+        "report": isinstance(report, dict) and isinstance(report.get("split"), str) and "read" in report
         and report.keys() <= {f.name for f in dataclasses.fields(FilterReport)}
         and all(isinstance(v, int) for k, v in report.items() if k != "split"),
     }
@@ -304,6 +304,8 @@ def prepare(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
     (a resumed run keeps its vocabulary). `workers` (default: the usable cores) encode
     chunks of `chunk_lines` lines each; the result does not depend on either.
     """
+    if pipeline is None:
+        data.check_new_vocabulary()
     sources = source_files(data)  # before reading: a file changed meanwhile is hashed again when used
     text = read_parallel(data.train, "train")
     log.info("preparing %s: %d pairs read from %s", directory, len(text.src), text.origin)

@@ -68,7 +68,8 @@ def decode_lines(raw: bytes, name: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        ending = b"\n" if b"\n" in raw or b"\r" not in raw else b"\r"  # as the lines are split below
+        line = raw.count(ending, 0, e.start) + 1
         bad = raw[e.start : e.end].hex(" ")
         raise DataError(f"{name}:{line}: invalid UTF-8 (bytes {bad})") from None
     text = text.removeprefix("\ufeff")

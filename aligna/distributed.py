@@ -49,9 +49,11 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:  # gloo: "Connection closed by peer"; nccl: the watchdog's timeout
+        if isinstance(e, torch.OutOfMemoryError):  # this rank's own failure
+            raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise PeerStopped(f"rank {dist.get_rank()} stopped: another process of this job stopped first (its "
-                          f"message says why) or left, and {what} failed ({reason})") from None  # fmt: skip
+        raise PeerStopped(f"rank {dist.get_rank()} stopped: {what} failed ({reason}), most often because another "
+                          "process of this job stopped first (its message says why) or left") from e  # fmt: skip
 
 
 @dataclass(frozen=True)

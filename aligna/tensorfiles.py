@@ -9,6 +9,7 @@ Where these files live is `modeldir`'s business; this module only reads and writ
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +46,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
         return
     if path.is_symlink():
-        path = path.resolve()
+        try:
+            path = path.resolve(strict=False)
+        except (RuntimeError, OSError):  # a loop of links (RuntimeError before Python 3.13)
+            raise OSError(errno.ELOOP, "a loop of symbolic links", str(path)) from None
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         with open(tmp, "wb") as f:

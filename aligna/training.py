@@ -287,6 +287,8 @@ class Trainer:
         distributed.join(self.world, self.device)
         try:
             _check_same_settings(config)
+            if not resume:
+                config.data.check_new_vocabulary()
             self._read_eval_sets()
             resuming = False
             if self.world.main:

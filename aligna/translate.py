@@ -129,7 +129,7 @@ class TextTranslator:
             if r is not None and not attention:
                 r.attention = None  # the search kept it for the coverage penalty alone
         # an input with no tokens: an empty translation, one object each (a caller may edit it)
-        return [r if r is not None else Translation("", [], [], 0.0, None, [("", 0.0)]) for r in results]
+        return [r if r is not None else Translation("", [], [], 0.0, None, [("", 0.0)] * decode.nbest) for r in results]
 
     def decode_config(self, **options: object) -> DecodeConfig:
         """The config's decode section with `options` applied and validated, for this engine

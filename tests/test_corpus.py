@@ -157,6 +157,7 @@ def test_a_damaged_ids_file_is_an_error_naming_it(toy_config, damage):
 
 
 @pytest.mark.parametrize("edit", [{"dtype": "uint12"}, {"report": {"split": "train", "read": 3, "extra": 1}},
+                                  {"report": {"split": "train"}},
                                   {"sources": {"t.tsv": {"bytes": 1}}}, {"files": []}, {"vocab": 7}])  # fmt: skip
 def test_a_damaged_manifest_is_an_error_naming_it(toy_config, edit):
     config = toy_config(train={"max_steps": 2, "validate_every": 0})

@@ -38,6 +38,8 @@ def test_reads_plain_gzip_crlf_and_bom(tmp_path):
     # lines ended by \r alone (classic Mac OS) are lines, not one long sentence
     assert read_lines(write(tmp_path / "mac.txt", "a b\rc d\re\r")) == ["a b", "c d", "e"]
     assert read_lines(write(tmp_path / "mixed.txt", "a\rb\nc")) == ["a\rb", "c"]  # with \n, \r is text
+    with pytest.raises(DataError, match=r"mac2\.txt:3: invalid UTF-8"):
+        read_lines(write(tmp_path / "mac2.txt", b"a\rb\rc\xff\r"))
 
 
 def test_line_count_mismatch_names_both_files_and_counts(tmp_path):

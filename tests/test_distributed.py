@@ -82,7 +82,7 @@ def test_two_processes_equal_one_process_accumulating_two_batches(config_file, t
     # rank 0 refuses a run in the way; rank 1, left waiting for it, says so in a line, no traceback
     code, err = finish(torchrun("train", str(config_file("ddp"))))
     assert code != 0 and err.count("already holds a run") == 1, err
-    assert "rank 1 stopped: another process of this job stopped first" in err and "[rank1]: Traceback" not in err, err
+    assert "rank 1 stopped: waiting for rank 0's decision failed" in err and "[rank1]: Traceback" not in err, err
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -197,7 +197,7 @@ def test_api_misuse_is_a_clear_error_naming_the_argument(two_runs):
         t.evaluate([], [], ["bleu"])
     assert t.evaluate((s for s in src), [[r] for r in refs], ["wer", "loss"], hypotheses=refs).values["wer"] == 0.0
     empty = t.translate_detailed(["", "a b", " "], beam_size=2, nbest=2)
-    assert empty[0] is not empty[2] and empty[0].nbest == [("", 0.0)]
+    assert empty[0] is not empty[2] and empty[0].nbest is not empty[2].nbest and empty[0].nbest == [("", 0.0)] * 2
     without = t.translate_detailed(["a b c"], attention=False, beam_size=2, coverage=0.2)
     assert without[0].attention is None  # the search kept it for the penalty alone
     texts, sampling = ["a b c d e", "f g", "h i j"], {"sample": True, "seed": 5, "temperature": 3.0}

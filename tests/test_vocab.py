@@ -82,13 +82,21 @@ def test_sentencepiece_learns_from_lines_over_its_default_length_limit():
     assert tok.decode(tok.encode("an orange hat")) == "an orange hat"
 
 
-def test_subword_settings_on_a_word_or_char_tokenizer_are_refused():
-    from aligna.config import ConfigError, config_from_dict
+def test_subword_settings_on_a_word_or_char_tokenizer_are_refused_for_a_new_vocabulary(tmp_path):
+    """Refused when a run would build its vocabulary with them, before anything is written;
+    a saved config that holds one (a run from before the check) still loads."""
+    from aligna.config import ConfigError, config_from_dict, load_config, save_config
+    from aligna.training import Trainer
 
     for key, value in (("vocab_size", 20), ("character_coverage", 0.9)):
-        raw = {"model_dir": "x", "data": {"train": {"tsv": "t.tsv"}, "tgt_tokenizer": {"type": "char", key: value}}}
-        with pytest.raises(ConfigError, match=rf"^data\.tgt_tokenizer: {key}: applies to the subword tokenizers"):
-            config_from_dict(raw)
+        raw = {"model_dir": str(tmp_path / "run"), "data": {"train": {"tsv": "t.tsv"},
+               "tgt_tokenizer": {"type": "char", key: value}}}  # fmt: skip
+        config = config_from_dict(raw)
+        with pytest.raises(ConfigError, match=rf"^data\.tgt_tokenizer\.{key}: applies to the subword tokenizers"):
+            Trainer(config, progress=False)
+        assert not (tmp_path / "run").exists()
+        save_config(config, tmp_path / "saved.yaml")
+        assert load_config(tmp_path / "saved.yaml").data.tgt_tokenizer.type == "char"
 
 
 def test_sentencepiece_too_large_vocab_is_a_clear_error():

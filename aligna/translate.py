@@ -104,9 +104,10 @@ class TextTranslator:
         """Translations in input order with tokens, scores and attention; inputs are
         batched by length. `search_options` override the config's decode section.
         attention False: no `Translation.attention` (None), which the search then need not
-        compute: the same translations, faster. Sampling (sample=True, seed): input i draws
-        from a generator seeded by (seed, i) alone, so its sample does not depend on
-        batch_size or on the other inputs' text (`sentence_generator`)."""
+        compute: the same translations, faster. Sampling (sample=True, seed), engine aligna:
+        input i draws from a generator seeded by (seed, i) alone, so its sample does not
+        depend on batch_size or on the other inputs' text (`sentence_generator`); CTranslate2
+        samples from one stream per process, seeded when the model loads."""
         if isinstance(texts, str):  # each character would be a sentence
             raise TypeError("texts: a list of strings, one per sentence; got one str (use [text])")
         texts = list(texts)  # a generator is read once

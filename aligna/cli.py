@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-output-len", type=int, default=512, help="largest max_len_b and min_len (default: 512)"
     )
-    g.add_argument("--max-len-a", type=float, default=4.0,
+    g.add_argument("--max-len-a", type=_decode("max_len_a"), default=4.0,
                    help="largest max_len_a, the output limit's tokens per source token (default: 4.0)")  # fmt: skip
     g.add_argument(
         "--max-map-numbers", type=int, default=2_000_000,

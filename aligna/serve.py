@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import BatchWorker, WorkerStopped, check_max_wait
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, DecodeConfig, check_value, config_to_dict, field_type
 from .translate import TextTranslator
 
 log = logging.getLogger("aligna")
@@ -68,8 +68,10 @@ class Settings:
                     "max_map_numbers"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
-        if not 0 <= self.max_len_a <= 100:  # decode.max_len_a's own range
-            raise ValueError(f"max_len_a: {self.max_len_a} is out of range; allowed: [0, 100]")
+        try:
+            check_value(field_type(DecodeConfig, "max_len_a"), self.max_len_a)  # the limit is such a value
+        except ConfigError as e:
+            raise ValueError(f"max_len_a: {e}") from None
         check_max_wait(self.max_wait_ms)  # before any model loads
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is out of range; allowed: 0 to 65535")

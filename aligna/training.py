@@ -316,9 +316,11 @@ class Trainer:
         stops the run before anything in model_dir changes, not after hours of training."""
         data = self.config.data
         self.dev: tuple[list[str], list[list[str]]] | None = None
+        self.dev_origin = ""  # the file(s) it came from, for messages
         self.test: ParallelText | None = None
         if self.world.main and data.dev is not None:
-            self.dev = reference_sets(read_parallel(data.dev, "dev"), data.group_references)
+            dev = read_parallel(data.dev, "dev")
+            self.dev, self.dev_origin = reference_sets(dev, data.group_references), dev.origin
         if self.world.main and data.test is not None:
             self.test = read_parallel(data.test, "test")
 
@@ -408,9 +410,8 @@ class Trainer:
         """--resume needs the data and model of the saved run; other changes are logged."""
         saved = load_config(self.md / CONFIG)
         for section in ("data", "model"):
-            was, now = config_to_dict(saved)[section], config_to_dict(self.config)[section]
-            for key in RESUMABLE_DATA if section == "data" else ():
-                was.pop(key, None), now.pop(key, None)
+            free = RESUMABLE_DATA if section == "data" else ()
+            was, now = ({k: v for k, v in config_to_dict(c)[section].items() if k not in free} for c in (saved, self.config))
             if was != now:
                 raise ValueError(
                     f"--resume: the {section} section differs from the run in {self.dir} "
@@ -582,8 +583,7 @@ class Trainer:
         assert self.dev is not None
         metrics = ["loss", "ppl", *(m for m in self.config.eval.metrics if m not in MODEL_METRICS)]
         self.model.eval()  # train_step switches it back
-        origin = " / ".join(self.config.data.dev.paths)  # type: ignore[union-attr]
-        return self.translator.evaluate(self.dev[0], self.dev[1], metrics, origin=origin, **GREEDY)
+        return self.translator.evaluate(self.dev[0], self.dev[1], metrics, origin=self.dev_origin, **GREEDY)
 
     def _validate_and_save(self) -> bool:
         """Validate (if there is a dev set) and save a checkpoint, on rank 0; True when training

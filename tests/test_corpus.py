@@ -170,22 +170,30 @@ def test_a_damaged_manifest_is_an_error_naming_it(toy_config, edit):
 
 
 def test_a_training_file_that_is_a_pipe_is_read_once(toy_config, tmp_path):
-    """A pipe (`<(zcat ...)`) is read as a file: the check of whether a prepared corpus is
-    current must not use it up, and a corpus made from one is never reused."""
+    """A pipe (`<(zcat ...)`, here /dev/fd/N of an os.pipe) is read as a file: the check of
+    whether a prepared corpus is current must not use it up (a second read finds it empty:
+    "train corpus is empty"), and a corpus made from one is never reused."""
     import dataclasses
     import os
     import threading
 
     config = toy_config()
     text = (tmp_path / "train.tsv").read_bytes()
-    fifo = tmp_path / "train.fifo"
-    os.mkfifo(fifo)
-    data = dataclasses.replace(config.data, train=dataclasses.replace(config.data.train, tsv=str(fifo)))
     for _ in range(2):  # the second time: not taken for the corpus prepared the first time
-        writer = threading.Thread(target=lambda: fifo.write_bytes(text))
+        read_end, write_end = os.pipe()
+
+        def feed(fd: int = write_end) -> None:
+            with os.fdopen(fd, "wb") as f:
+                f.write(text)
+
+        writer = threading.Thread(target=feed)
         writer.start()
-        corpus = prepared(data, tmp_path / "corpus")
-        writer.join()
+        try:
+            train = dataclasses.replace(config.data.train, tsv=f"/dev/fd/{read_end}")
+            corpus = prepared(dataclasses.replace(config.data, train=train), tmp_path / "corpus")
+        finally:
+            writer.join()
+            os.close(read_end)
         assert len(corpus.examples) == 2000
 
 

@@ -61,8 +61,8 @@ def git_commit() -> str:
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (a device machine's): the caller's word
+        return os.environ.get("ALIGNA_GIT_COMMIT", "unknown")
 
 
 def config_hash(config: Config) -> str:

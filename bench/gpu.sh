@@ -13,17 +13,25 @@
 #   full   whole runs of the de->en, en->de and en->fr Transformer configs, bf16, timed.
 #   quality  the published rows that a CPU core needs hours for (issue 16): the three
 #          Transformer-tiny runs side by side (a 2 M-parameter model leaves most of the chip
-#          idle), then the two CMUdict ones, each `bench.published --tune` (weights and length
-#          penalty chosen on the dev set); records and logs to $OUT. Carry data/cmudict too:
-#          run(command="bash bench/gpu.sh quality", carry=[".gpu-data", "data/cmudict"], timeout_s=600)
-#          QUALITY_STEPS=N caps every run at N updates (a dry run of the script, on any device).
+#          idle), each `bench.published --tune` (weights and length penalty chosen on the dev
+#          set); records and logs to $OUT.
+#   g2p    the G2P ensemble's members (bench/published.py G2P_SEEDS): the attention G2P row's
+#          settings, one run per seed, side by side until G2P_DEADLINE seconds (390), then each
+#          recorded (the best checkpoint; alpha chosen on dev) within G2P_RECORD_S seconds (150;
+#          0: record them where the weights come back, with --skip-train --tune --averages). To
+#          $OUT: each run's best weights, and run files and records in g2p_runs.tgz (unpack in
+#          the repository root).
+#          Carry data/cmudict, made here by `aligna prepare-cmudict data/cmudict`:
+#          run(command="ALIGNA_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh g2p",
+#              carry=["data/cmudict"], timeout_s=590)
+#   QUALITY_STEPS=N caps every run at N updates (a dry run of the script, on any device).
 # Records land in bench/results/ and are copied to $OUT, which the device tool brings back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" ../shared/data
-[ -e ../shared/data/multi30k ] || ln -s "$PWD/.gpu-data" ../shared/data/multi30k
+[ -e ../shared/data/multi30k ] || ln -sfn "$PWD/.gpu-data" ../shared/data/multi30k
 PY=${PY:-python3}
 CONFIGS=(configs/multi30k_de_en_transformer.yaml configs/multi30k_en_de_transformer.yaml
          configs/multi30k_en_fr_transformer.yaml)
@@ -68,15 +76,71 @@ quality)
   for row in multi30k_en_de_transformer_tiny multi30k_en_fr_transformer_tiny multi30k_de_en_transformer_tiny; do
     published "$row" &
   done
-  # the G2P settings of the CPU run in progress (bf16, plateau schedule, init 0.1), given the
-  # epochs a GPU affords
-  published cmudict_g2p_attention --set train.precision=bf16 --set train.epochs=60 --set train.schedule=plateau \
-      --set train.plateau_patience=1 --set train.min_lr=0.00001 --set train.early_stopping_patience=8 \
-      --set model.rnn.init_range=0.1 &
-  published cmudict_g2p_transformer --set train.precision=bf16 --set train.epochs=100 &
   wait
   echo "quality: $((SECONDS - started)) s" | tee "$OUT/quality.txt"
-  cp bench/results/published_*tiny*.json bench/results/published_cmudict_*.json "$OUT/" 2>/dev/null || true
+  cp bench/results/published_*tiny*.json "$OUT/" 2>/dev/null || true
+  ;;
+g2p)
+  # The settings of the row's CPU run (fp32, plateau schedule, init 0.1), 4 threads a run.
+  settings=(--set train.epochs=40 --set train.schedule=plateau --set train.plateau_patience=1
+            --set train.min_lr=0.00001 --set train.early_stopping_patience=5 --set model.rnn.init_range=0.1
+            --set train.num_threads=4)
+  cap=()
+  [ -n "${QUALITY_STEPS:-}" ] && cap=(--train-set "train.max_steps=$QUALITY_STEPS")
+  read -r -a seeds <<< "${G2P_SEEDS:-2 3 4}"
+  deadline=$((SECONDS + ${G2P_DEADLINE:-390}))
+  log=$OUT/g2p.log
+  mkdir -p runs/exp
+  cat "$OUT/gpu.txt" > "$log"
+  rm "$OUT/gpu.txt"  # $OUT brings back 8 files at most: logs go into g2p.log and g2p_runs.tgz
+  status() {  # every run's last dev line
+    for seed in "${seeds[@]}"; do
+      echo "$((SECONDS))s seed $seed: $(grep -h " dev: " "runs/exp/g2p_att_gpu_seed$seed/train.log" 2>/dev/null | tail -n 1)"
+    done >> "$log"
+  }
+  until_done() {  # PID...: wait for them until the deadline, then interrupt them; 0 when none was cut short
+    while (( SECONDS < deadline )) && kill -0 "$@" 2>/dev/null; do sleep 10; status; done
+    local cut=0
+    # TERM: a script's background jobs ignore SIGINT; best.safetensors and checkpoints are written whole
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && { kill -TERM "$pid"; cut=1; }; done
+    wait "$@" || true
+    return $cut
+  }
+  pids=()
+  for seed in "${seeds[@]}"; do
+    $PY -m aligna train configs/cmudict_g2p_attention.yaml "${settings[@]}" "${cap[@]/--train-set/--set}" \
+        --set train.seed="$seed" --set model_dir="runs/exp/g2p_att_gpu_seed$seed" --overwrite --no-progress \
+        > "runs/g2p_seed$seed.train.log" 2>&1 &
+    pids+=($!)
+  done
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  note="trained on ${gpu:-the CPU} (fp32), ${#seeds[@]} seeds side by side"
+  if until_done "${pids[@]}"; then
+    note+=", each to its end (early stopping or the last epoch)"
+  else
+    note+=", interrupted at the device session's deadline (${G2P_DEADLINE:-390} s): the best checkpoint is the best dev score until then"
+  fi
+  echo "training: $note" >> "$log"
+  deadline=$((deadline + ${G2P_RECORD_S:-150}))
+  pids=()
+  (( ${G2P_RECORD_S:-150} > 0 )) && for seed in "${seeds[@]}"; do
+    $PY -m bench.published "cmudict_g2p_attention_seed$seed" --skip-train --tune --averages --alphas 0.0 0.6 1.0 1.4 2.0 \
+        "${settings[@]}" "${cap[@]}" --set train.seed="$seed" --set model_dir="runs/exp/g2p_att_gpu_seed$seed" \
+        --note "$note" > "runs/g2p_seed$seed.record.log" 2>&1 &
+    pids+=($!)
+  done
+  (( ${#pids[@]} )) && { until_done "${pids[@]}" || echo "recording: cut short at the deadline" >> "$log"; }
+  for seed in "${seeds[@]}"; do
+    grep -h -E "^(dev|record|.*(met|missed) by)" "runs/g2p_seed$seed.record.log" 2>/dev/null | sed "s/^/seed $seed: /" >> "$log" || true
+    cp "runs/exp/g2p_att_gpu_seed$seed/best.safetensors" "$OUT/g2p_seed$seed.best.safetensors" 2>/dev/null || true
+  done
+  # the run files without their weights (best ones above; checkpoints keep trainer.json and manifest.json)
+  tar czf "$OUT/g2p_runs.tgz" --exclude=best.safetensors --exclude='*/corpus' --exclude='*/tensorboard' --exclude='*.lock' \
+      --exclude='model.safetensors' --exclude='optimizer.safetensors' --exclude='averaged.safetensors' \
+      runs/exp/g2p_att_gpu_seed* runs/g2p_seed*.log \
+      $(ls bench/results/published_cmudict_g2p_attention_seed*.json 2>/dev/null) >> "$log" 2>&1 || true
+  echo "g2p: $((SECONDS))s in all" >> "$log"
+  cat "$log"
   ;;
 *)
   echo "usage: bash bench/gpu.sh {speed|full|quality}" >&2

@@ -9,8 +9,9 @@ test set with beam search, and compare the score with the published anchor and o
     python -m bench.published multi30k_en_de_transformer_tiny --skip-train --tune  # choose on dev
     python -m bench.published cmudict_g2p_ensemble --tune  # the recorded G2P rows' models as one
 
---tune chooses the weights (the best checkpoint, or the average of the last 3, 5 or 10) and
-the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's metric on the dev set, and only then
+--tune chooses the weights (the best checkpoint, or the average of the last 3, 5 or 10, or those
+of --averages) and the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's
+metric on the dev set, and only then
 decodes the test set once, with that choice; every dev score is kept in the record. An ensemble
 row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as one model
 (`aligna.load_ensemble`), each with the checkpoints its own row chose on dev, and --tune
@@ -28,7 +29,8 @@ directory holds another run than its row's record.
 Writes bench/results/published_ROW.json: every metric with its sacreBLEU signature, the
 published number and what it measured, the target, whether it was met and by how much,
 the train time and speed, the machine, and how many times the harness has decoded the row's
-test set (test_decodes). The README table is rendered from these records.
+test set (test_decodes), and a note (--note, and how many times the run was resumed). The
+README table is rendered from these records.
 """
 
 from __future__ import annotations
@@ -132,13 +134,17 @@ ROWS = {
         "Yao & Zweig 2015, alignment-based LSTM G2P on CMUdict (their split, as above)",
         higher_is_better=False,
     ),
-    "cmudict_g2p_ensemble": Row(  # target: issue #16's for aligna's G2P (stress digits kept)
-        "configs/cmudict_g2p_attention.yaml", "wer", 22.1, 26.0,
-        "the best single model above (Yolchuyeva et al. 2019's Transformer); this row is an ensemble of "
-        "aligna's two G2P rows", higher_is_better=False, also=("per", 5.2, 6.5),
-        members=("cmudict_g2p_attention", "cmudict_g2p_transformer"),
-    ),
 }  # fmt: skip
+# More runs of the attention G2P row, each from another seed (--set train.seed=N in its record):
+# the members of the ensemble row below.
+G2P_SEEDS = (2, 3, 4)
+ROWS |= {f"cmudict_g2p_attention_seed{seed}": ROWS["cmudict_g2p_attention"] for seed in G2P_SEEDS}
+ROWS["cmudict_g2p_ensemble"] = Row(  # target: issue #16's for aligna's G2P (stress digits kept)
+    "configs/cmudict_g2p_attention.yaml", "wer", 22.1, 26.0,
+    "the best single model above (Yolchuyeva et al. 2019's Transformer); this row is an ensemble of aligna's "
+    "attention G2P rows, one model per seed", higher_is_better=False, also=("per", 5.2, 6.5),
+    members=("cmudict_g2p_attention", *(f"cmudict_g2p_attention_seed{seed}" for seed in G2P_SEEDS)),
+)
 
 
 def met(value: float, target: float, higher: bool) -> bool:
@@ -158,11 +164,14 @@ def check_options(args: argparse.Namespace, row: Row) -> None:
     decode settings they stand for: a ConfigError or ValueError names the option."""
     checks = [("--beam", "beam_size", args.beam), ("--alpha", "alpha", args.alpha)]
     checks += [("--alphas", "alpha", alpha) for alpha in args.alphas]
-    for option, key, value in checks + [("--average", None, args.average)]:
+    averages = [("--average", None, args.average)] + [("--averages", None, n) for n in args.averages]
+    for option, key, value in checks + averages:
         try:
             check_value(field_type(DecodeConfig, key) if key else AVERAGE, value)
         except ConfigError as e:
             raise ConfigError(f"{option}: {e}") from None
+    if 0 in args.averages:
+        raise ConfigError("--averages: 0 is the best checkpoint, which --tune always tries; give counts of 1 or more")
     for item in args.overrides:
         if item.partition("=")[0].split(".")[0] == "decode":
             raise ConfigError(
@@ -214,15 +223,18 @@ def weights_of(model_dir: Path, last: int) -> str:
 
 
 def choose_on_dev(
-    model_dir: Path, config, row: Row, beam: int, alphas: tuple[float, ...] = ALPHAS
+    model_dir: Path, config, row: Row, beam: int, alphas: tuple[float, ...] = ALPHAS,
+    averages: tuple[int, ...] = AVERAGES,
 ) -> tuple[str, int, float, list[dict]]:
-    """Pick the weights and alpha by `row.metric` on the dev set: returns (checkpoint, averaged
-    count (0: best), alpha, every dev score). Leaves averaged.safetensors holding the choice."""
+    """Pick the weights (the best checkpoint, or the average of the last N for each N of
+    `averages` that the run holds) and alpha by `row.metric` on the dev set: returns
+    (checkpoint, averaged count (0: best), alpha, every dev score). Leaves averaged.safetensors
+    holding the choice."""
     dev = read_parallel(config.data.dev, "dev")
     sources, references = reference_sets(dev, config.data.group_references)
     available = len(ModelDir(model_dir).checkpoints())
     grid = []
-    for last in [0] + [k for k in AVERAGES if k <= available]:
+    for last in [0] + [k for k in dict.fromkeys(averages) if k <= available]:
         translator = aligna.load(model_dir, checkpoint=weights_of(model_dir, last))
         for alpha in alphas if beam > 1 else (0.0,):
             hypotheses = translator.translate(sources, beam_size=beam, alpha=alpha)
@@ -368,6 +380,7 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
             "train_seconds": sum(r[2]["train_seconds"] for r in runs),
             "train_precision": "/".join(sorted({r[2]["train_precision"] for r in runs})),
             "decode_seconds": decode_seconds,
+            "note": args.note,
         },
     )
 
@@ -375,7 +388,7 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
 # --------------------------------------------------------------------------- single rows
 
 
-def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int) -> str:
+def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int, model_dir: Path) -> str:
     """How the weights and alpha were chosen, and what else saw the test set, in words."""
     chosen = chosen_on_dev(grid, {"weights": "the weights", "alpha": "alpha"})
     if chosen:
@@ -387,7 +400,7 @@ def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int
         text = "given on the command line after training (--average, --alpha), not chosen on any set"
     else:
         text = "fixed before training (--average, --alpha), not looked up on any set"
-    if not args.skip_train:
+    if not args.skip_train or (model_dir / "test_scores.json").is_file():
         text += ("; aligna train's own end-of-training test score chose nothing (when training ended it scored the "
                  "best checkpoint on the test set at the config's decoding: MODEL_DIR/test_scores.json)")  # fmt: skip
     return text + decodes_note(decodes)
@@ -405,7 +418,8 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     state = ModelDir(model_dir).trainer_state()
     checkpoint, grid = "best", []
     if args.tune:
-        checkpoint, args.average, args.alpha, grid = choose_on_dev(model_dir, config, row, args.beam, tuple(args.alphas))
+        checkpoint, args.average, args.alpha, grid = choose_on_dev(
+            model_dir, config, row, args.beam, tuple(args.alphas), tuple(args.averages))
     elif args.average:
         args.average = min(args.average, len(ModelDir(model_dir).checkpoints()))
         checkpoint = weights_of(model_dir, args.average)
@@ -439,7 +453,7 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
             if args.average
             else "best checkpoint",
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
-            "chosen_by": chosen_by(args, row, grid, decodes),
+            "chosen_by": chosen_by(args, row, grid, decodes, model_dir),
             "dev_grid": grid,
             "test_decodes": decodes,
             "metrics": scores.values,
@@ -451,8 +465,20 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
             "train_threads": trained.train.num_threads or None,
             "decode_seconds": decode_seconds,
             "dev_history": state.get("history") or [],
+            "note": run_note(args.note, model_dir),
         },
     )
+
+
+def run_note(note: str, model_dir: Path) -> str:
+    """--note, and how many times the run was resumed (its train.log's "resumed from" lines)."""
+    log = model_dir / "train.log"
+    resumes = log.read_text(encoding="utf-8", errors="replace").count(" resumed from ") if log.is_file() else 0
+    parts = [note] if note else []
+    if resumes:
+        parts.append(f"the run was interrupted and resumed (--resume) {resumes} time{'s' * (resumes > 1)} "
+                     "(MODEL_DIR/train.log)")  # fmt: skip
+    return "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -496,6 +522,12 @@ def main() -> None:
         "--alphas", type=float, nargs="+", default=list(ALPHAS),
         help=f"--tune: the length penalties tried (default {' '.join(map(str, ALPHAS))})",
     )
+    parser.add_argument(
+        "--averages", type=int, nargs="*", default=list(AVERAGES), metavar="N",
+        help=f"--tune: the checkpoint averages tried beside the best checkpoint (default {' '.join(map(str, AVERAGES))}; "
+        "none: the best checkpoint alone)",
+    )
+    parser.add_argument("--note", default="", help="a sentence for the record (how the run was made, say)")
     parser.add_argument(
         "--ensemble-weights", type=float, nargs="+", metavar="W",
         help="an ensemble row: its members' weights (default: equal; for two members --tune tries the first "

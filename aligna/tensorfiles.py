@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 DIGEST_KEY = "aligna.sha256"  # safetensors header metadata: the digest of the tensors
@@ -153,24 +153,55 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
+def tied_names(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """The names whose tensor is another name's tensor (tied weights: the same memory, shape and
+    strides), each mapped to the one of its group stored in a weights file: the first in sorted
+    order, as safetensors' `save_model` chose, so files written before read the same. Views
+    that are parts of one buffer are not tied (an LSTM's weights on a GPU, which cuDNN keeps in
+    one flat buffer: `save_model` refused those)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        groups.setdefault(key, []).append(name)
+    return {name: min(names) for names in groups.values() for name in names if name != min(names)}
+
+
+def _own(t: Tensor) -> Tensor:
+    """`t` on the CPU in memory of its own (a view of a larger buffer is copied out)."""
+    t = t.detach().to("cpu")
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone(memory_format=torch.contiguous_format)
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    """A model's weights (tied weights stored once) with their digest, written atomically."""
-    model = unwrap(model)
+    """A model's weights (tied weights stored once, `tied_names`) with their digest, written
+    atomically."""
+    state = unwrap(model).state_dict()
+    tied = tied_names(state)
+    tensors = {name: _own(t) for name, t in state.items() if name not in tied}
     tmp = path.with_name(f".tmp-{path.name}")
     with _writing(tmp, path):
-        save_model(model, str(tmp), metadata={DIGEST_KEY: tensor_digest(model.state_dict())})
+        save_file(tensors, str(tmp), metadata={DIGEST_KEY: tensor_digest(state)})
         _fsync(tmp)
     os.replace(tmp, path)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load `path` into `model` in place; the file must fit the model exactly and match its
-    digest (files written before digests existed are loaded unchecked)."""
+    """Load `path` into `model` in place; the file must fit the model exactly (of tied weights,
+    one name of each group) and match its digest (files written before digests existed are
+    loaded unchecked)."""
     model = unwrap(model)
-    try:
-        (missing, unexpected), metadata = _read(path, lambda: load_model(model, str(path), strict=False))
-    except RuntimeError as e:  # load_state_dict: shapes that differ
-        raise DamagedFileError(f"{path}: weights do not fit this model ({_short(e)})") from None
+    state = model.state_dict()
+    tensors, metadata = _read(path, lambda: load_file(str(path)))
+    tied = tied_names(state)
+    stored = {tied.get(name, name) for name in tensors}  # the groups the file holds
+    missing = [name for name in state if name not in tensors and tied.get(name, name) not in stored]
+    unexpected = [name for name in tensors if name not in state]
+    if not missing and not unexpected:
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:  # shapes that differ
+            raise DamagedFileError(f"{path}: weights do not fit this model ({_short(e)})") from None
     if missing or unexpected:
         raise DamagedFileError(
             f"{path}: weights do not fit this model (missing {_names(missing)}, unexpected {_names(unexpected)})"

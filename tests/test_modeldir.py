@@ -317,3 +317,42 @@ def test_nbest_gives_a_block_for_an_empty_line(toy_config, tmp_path, capsys):
     assert main(["translate", str(md.path), "-i", str(src), "--beam", "3", "--nbest", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" ||| ")[0] for line in lines] == [str(i) for i in range(4) for _ in range(3)]
+
+
+def _one_buffer(model: torch.nn.Module) -> None:
+    """Make every LSTM's parameters views of one flat buffer, as cuDNN keeps them on a GPU."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LSTM):
+            params = list(module.parameters())
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            offset = 0
+            for p in params:
+                p.data = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_weights_round_trip_with_tied_and_flattened_parameters(toy_config, tmp_path, arch):
+    """An LSTM on a GPU keeps its weights in one buffer (safetensors' save_model refused them);
+    tied embeddings are stored once and load into both names."""
+    from aligna.build import build_model
+    from aligna.tensorfiles import save_weights, tied_names
+
+    model_config = toy_config(model={"arch": arch, "share_embeddings": arch == "transformer", "tie_embeddings": True,
+                                     "rnn": {"cell": "lstm"}}, data={"shared_vocab": True}).model  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(model_config, 20, 20)
+    _one_buffer(model)
+    state = model.state_dict()
+    tied = tied_names(state)
+    assert tied  # the output layer is the target embedding
+    save_weights(model, tmp_path / "w.safetensors")
+    with open(tmp_path / "w.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert set(header) - {"__metadata__"} == set(state) - set(tied)  # each tied group once
+    for flattened in (False, True):
+        fresh = build_model(model_config, 20, 20)
+        if flattened:
+            _one_buffer(fresh)
+        load_weights(fresh, tmp_path / "w.safetensors")
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())

@@ -114,19 +114,25 @@ g2p)
     pids+=($!)
   done
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
-  note="trained on ${gpu:-the CPU} (fp32), ${#seeds[@]} seeds side by side"
-  if until_done "${pids[@]}"; then
-    note+=", each to its end (early stopping or the last epoch)"
-  else
-    note+=", interrupted at the device session's deadline (${G2P_DEADLINE:-390} s): the best checkpoint is the best dev score until then"
-  fi
-  echo "training: $note" >> "$log"
+  until_done "${pids[@]}" || true
+  notes=()
+  for seed in "${seeds[@]}"; do  # how each run ended: its own end (early stopping, the last epoch) or the deadline
+    note="trained on ${gpu:-the CPU} (fp32), ${#seeds[@]} runs side by side"
+    if grep -q "^trained [0-9]* updates" "runs/g2p_seed$seed.train.log"; then
+      note+=", to its end ($(grep -h -o -E "early stopping|max_steps|[0-9]+ epochs" "runs/g2p_seed$seed.train.log" | head -n 1 || true))"
+    else
+      note+=", stopped at the device session's deadline (${G2P_DEADLINE:-390} s) at $(grep -h -o -E "step [0-9]+/" "runs/g2p_seed$seed.train.log" | tail -n 1 | tr -d / || true): its best checkpoint is the best dev score until then"
+    fi
+    notes+=("$note")
+    echo "seed $seed: $note" >> "$log"
+  done
   deadline=$((deadline + ${G2P_RECORD_S:-150}))
   pids=()
-  (( ${G2P_RECORD_S:-150} > 0 )) && for seed in "${seeds[@]}"; do
+  (( ${G2P_RECORD_S:-150} > 0 )) && for i in "${!seeds[@]}"; do
+    seed=${seeds[$i]}
     $PY -m bench.published "cmudict_g2p_attention_seed$seed" --skip-train --tune --averages --alphas 0.0 0.6 1.0 1.4 2.0 \
         "${settings[@]}" "${cap[@]}" --set train.seed="$seed" --set model_dir="runs/exp/g2p_att_gpu_seed$seed" \
-        --note "$note" > "runs/g2p_seed$seed.record.log" 2>&1 &
+        --note "${notes[$i]}" > "runs/g2p_seed$seed.record.log" 2>&1 &
     pids+=($!)
   done
   (( ${#pids[@]} )) && { until_done "${pids[@]}" || echo "recording: cut short at the deadline" >> "$log"; }

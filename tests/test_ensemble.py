@@ -296,7 +296,8 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     monkeypatch.setattr(published, "RESULTS", results)
     monkeypatch.setattr(published, "write_record", lambda name, record: written.update(record, name=name))
     monkeypatch.setattr(published, "MEMBER_WEIGHTS", (0.3, 0.5))
-    args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0], ensemble_weights=None)
+    args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0], ensemble_weights=None,
+                              note="")
     config = load_config(configs[0])
     published.ensemble_row(args, "both", rows["both"], config)
     assert written["name"] == "published_both"

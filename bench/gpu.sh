@@ -121,7 +121,8 @@ g2p)
     if grep -q "^trained [0-9]* updates" "runs/g2p_seed$seed.train.log"; then
       note+=", to its end ($(grep -h -o -E "early stopping|max_steps|[0-9]+ epochs" "runs/g2p_seed$seed.train.log" | head -n 1 || true))"
     else
-      note+=", stopped at the device session's deadline (${G2P_DEADLINE:-390} s) at $(grep -h -o -E "step [0-9]+/" "runs/g2p_seed$seed.train.log" | tail -n 1 | tr -d / || true): its best checkpoint is the best dev score until then"
+      step=$(grep -h -o -E "step [0-9]+/" "runs/g2p_seed$seed.train.log" | tail -n 1 | tr -d / || true)
+      note+=", stopped at the device session's deadline (${G2P_DEADLINE:-390} s) at ${step:-its start}: its best checkpoint is the best dev score until then"
     fi
     notes+=("$note")
     echo "seed $seed: $note" >> "$log"

@@ -139,7 +139,8 @@ def test_skip_train_records_how_the_run_was_trained_and_quotes_its_reproduce_lin
     r = record(bench)
     assert r["run_train_differences"] == {"train.lr": {"run": 0.001, "config": 0.002}}
     assert r["chosen_by"].startswith("given on the command line after training (--average, --alpha)")
-    assert "fixed before training" not in r["chosen_by"] and "aligna train's own" not in r["chosen_by"]
+    assert "fixed before training" not in r["chosen_by"]
+    assert "aligna train's own end-of-training test score chose nothing" in r["chosen_by"]  # test_scores.json
     assert "per" in r["metrics"]
     words = shlex.split(r["reproduce"])
     cut = words.index("&&")
@@ -148,6 +149,23 @@ def test_skip_train_records_how_the_run_was_trained_and_quotes_its_reproduce_lin
     assert words[cut + 1 :] == shlex.split(r["command"])
     assert shlex.split(r["command"])[:3] == ["python", "-m", "bench.published"] and metrics in shlex.split(r["command"])
     assert r["overrides"] == ["train.lr=0.002", metrics] and r["train_overrides"] == [f"train.max_steps={TRAIN_STEPS}"]
+
+
+def test_a_record_says_what_else_scored_the_test_set_and_how_often_the_run_was_resumed(bench, monkeypatch):
+    (bench / "run" / "test_scores.json").unlink()  # aligna train's own test score, when it ended
+    log = bench / "run" / "train.log"
+    log.write_text(log.read_text() + "2026-01-01 00:00:00,000 INFO resumed from run/checkpoints/step-000004\n" * 2)
+    bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--average", "0", "--note", "made by hand")
+    r = record(bench)
+    assert "aligna train's own" not in r["chosen_by"]
+    assert r["note"] == "made by hand; the run was interrupted and resumed (--resume) 2 times (MODEL_DIR/train.log)"
+
+
+def test_a_tune_over_the_best_checkpoint_alone(bench, monkeypatch, capsys):
+    bench_run(monkeypatch, "toy", "--skip-train", "--tune", "--beam", "1", "--averages")
+    assert [g["weights"] for g in record(bench)["dev_grid"]] == ["best checkpoint"]
+    err = refused(monkeypatch, capsys, "toy", "--skip-train", "--tune", "--averages", "0", "3")
+    assert "--averages: 0 is the best checkpoint" in err
 
 
 def test_a_greedy_tune_says_it_chose_the_weights_alone(bench, monkeypatch):

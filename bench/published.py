@@ -465,9 +465,18 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
             "train_threads": trained.train.num_threads or None,
             "decode_seconds": decode_seconds,
             "dev_history": state.get("history") or [],
+            "train_devices": train_devices(model_dir),
             "note": run_note(args.note, model_dir),
         },
     )
+
+
+def train_devices(model_dir: Path) -> list[str]:
+    """The devices the run trained on (cpu, cuda, cuda:1), from its train.log's "model: ...
+    on DEVICE" lines, one a start or resume: the record's machine is where it was scored."""
+    log = model_dir / "train.log"
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    return list(dict.fromkeys(re.findall(r" parameters, on (\S+)", text)))
 
 
 def run_note(note: str, model_dir: Path) -> str:

@@ -36,6 +36,14 @@ def _machine(m: dict) -> str:
     return f"{m['device'] if m['device'] != 'cpu' else cpu}, {m['cores']} cores, torch {m['torch']}"
 
 
+def _trained_on(record: dict) -> str:
+    """The machine a published record was scored on, and the devices it trained on where those
+    were not that machine's CPU (a lent GPU)."""
+    devices = [d for d in record.get("train_devices", []) if d != "cpu"]
+    where = _machine(record["machine"])
+    return f"trained on {' + '.join(record['train_devices'])}, scored on {where}" if devices else where
+
+
 def _search(beam: int, alpha: float | None = None) -> str:
     return ("greedy" if beam == 1 else f"beam {beam}") + (f", alpha {alpha}" if alpha else "")
 
@@ -321,7 +329,7 @@ def published_rows(records: list[dict]) -> list[str]:
                 f"{v['aligna']:.2f} | {v['published']} | {v['target']} | {verdict} | {scores} | "
                 f"{r['weights']}; {r['search']}{_chosen_on_dev(r)} | "
                 f"{r['train_seconds'] / 60:.0f} min, {r['train_steps']} steps, "
-                f"{r['train_precision']}, {_machine(r['machine'])} | `{r['reproduce']}` |"
+                f"{r['train_precision']}, {_trained_on(r)} | `{r['reproduce']}` |"
             )
     notes = [f"- {r['row']}: {r['note']}" for r in records if r.get("note")]
     return rows + (["", *notes] if notes else [])

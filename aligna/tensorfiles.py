@@ -197,15 +197,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     stored = {tied.get(name, name) for name in tensors}  # the groups the file holds
     missing = [name for name in state if name not in tensors and tied.get(name, name) not in stored]
     unexpected = [name for name in tensors if name not in state]
-    if not missing and not unexpected:
-        try:
-            model.load_state_dict(tensors, strict=False)
-        except RuntimeError as e:  # shapes that differ
-            raise DamagedFileError(f"{path}: weights do not fit this model ({_short(e)})") from None
     if missing or unexpected:
         raise DamagedFileError(
             f"{path}: weights do not fit this model (missing {_names(missing)}, unexpected {_names(unexpected)})"
         )
+    try:
+        model.load_state_dict(tensors, strict=False)  # strict would ask for every tied name
+    except RuntimeError as e:  # shapes that differ
+        raise DamagedFileError(f"{path}: weights do not fit this model ({_short(e)})") from None
     _check_digest(path, metadata, model.state_dict())
 
 

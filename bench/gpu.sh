@@ -115,16 +115,20 @@ g2p)
   done
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
   until_done "${pids[@]}" || true
-  notes=()
+  notes=() stops=()
   for seed in "${seeds[@]}"; do  # how each run ended: its own end (early stopping, the last epoch) or the deadline
     note="trained on ${gpu:-the CPU} (fp32), ${#seeds[@]} runs side by side"
+    stop=""
     if grep -q "^trained [0-9]* updates" "runs/g2p_seed$seed.train.log"; then
       note+=", to its end ($(grep -h -o -E "early stopping|max_steps|[0-9]+ epochs" "runs/g2p_seed$seed.train.log" | head -n 1 || true))"
     else
       step=$(grep -h -o -E "step [0-9]+/" "runs/g2p_seed$seed.train.log" | tail -n 1 | tr -d / || true)
       note+=", stopped at the device session's deadline (${G2P_DEADLINE:-390} s) at ${step:-its start}: its best checkpoint is the best dev score until then"
+      # the reproduce line's aligna train stops at the latest checkpoint, as this run did
+      latest=$(grep -o -E "step-[0-9]+" "runs/exp/g2p_att_gpu_seed$seed/latest.json" 2>/dev/null | tr -dc 0-9 || true)
+      [ -n "$latest" ] && stop="train.max_steps=$((10#$latest))"
     fi
-    notes+=("$note")
+    notes+=("$note") stops+=("$stop")
     echo "seed $seed: $note" >> "$log"
   done
   deadline=$((deadline + ${G2P_RECORD_S:-150}))
@@ -132,8 +136,8 @@ g2p)
   (( ${G2P_RECORD_S:-150} > 0 )) && for i in "${!seeds[@]}"; do
     seed=${seeds[$i]}
     $PY -m bench.published "cmudict_g2p_attention_seed$seed" --skip-train --tune --averages --alphas 0.0 0.6 1.0 1.4 2.0 \
-        "${settings[@]}" "${cap[@]}" --set train.seed="$seed" --set model_dir="runs/exp/g2p_att_gpu_seed$seed" \
-        --note "${notes[$i]}" > "runs/g2p_seed$seed.record.log" 2>&1 &
+        "${settings[@]}" "${cap[@]}" ${stops[$i]:+--train-set "${stops[$i]}"} --set train.seed="$seed" \
+        --set model_dir="runs/exp/g2p_att_gpu_seed$seed" --note "${notes[$i]}" > "runs/g2p_seed$seed.record.log" 2>&1 &
     pids+=($!)
   done
   (( ${#pids[@]} )) && { until_done "${pids[@]}" || echo "recording: cut short at the deadline" >> "$log"; }
@@ -150,7 +154,7 @@ g2p)
   cat "$log"
   ;;
 *)
-  echo "usage: bash bench/gpu.sh {speed|full|quality}" >&2
+  echo "usage: bash bench/gpu.sh {speed|full|quality|g2p}" >&2
   exit 2
   ;;
 esac

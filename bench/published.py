@@ -474,15 +474,18 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
 def train_devices(model_dir: Path) -> list[str]:
     """The devices the run trained on (cpu, cuda, cuda:1), from its train.log's "model: ...
     on DEVICE" lines, one a start or resume: the record's machine is where it was scored."""
+    return list(dict.fromkeys(re.findall(r" parameters, on (\S+)", run_log(model_dir))))
+
+
+def run_log(model_dir: Path) -> str:
+    """The run's train.log ("" where it has none)."""
     log = model_dir / "train.log"
-    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
-    return list(dict.fromkeys(re.findall(r" parameters, on (\S+)", text)))
+    return log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
 
 
 def run_note(note: str, model_dir: Path) -> str:
     """--note, and how many times the run was resumed (its train.log's "resumed from" lines)."""
-    log = model_dir / "train.log"
-    resumes = log.read_text(encoding="utf-8", errors="replace").count(" resumed from ") if log.is_file() else 0
+    resumes = run_log(model_dir).count(" resumed from ")
     parts = [note] if note else []
     if resumes:
         parts.append(f"the run was interrupted and resumed (--resume) {resumes} time{'s' * (resumes > 1)} "

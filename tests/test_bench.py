@@ -159,6 +159,7 @@ def test_a_record_says_what_else_scored_the_test_set_and_how_often_the_run_was_r
     r = record(bench)
     assert "aligna train's own" not in r["chosen_by"]
     assert r["note"] == "made by hand; the run was interrupted and resumed (--resume) 2 times (MODEL_DIR/train.log)"
+    assert r["train_devices"] == ["cpu"]
 
 
 def test_a_tune_over_the_best_checkpoint_alone(bench, monkeypatch, capsys):

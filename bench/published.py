@@ -15,8 +15,8 @@ metric on the dev set, and only then
 decodes the test set once, with that choice; every dev score is kept in the record. An ensemble
 row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as one model
 (`aligna.load_ensemble`), each with the checkpoints its own row chose on dev, and --tune
-chooses the members' weights in the ensemble (for two, the first's from 0.3 to 0.7) and the
-length penalty on dev.
+chooses the length penalty and the members' weights in the ensemble on dev (a coordinate
+search from equal weights: `tune_ensemble`).
 
 --train-set KEY=VALUE sets a train.* key for training alone: the harness trains with it, and
 the record keeps it apart (train_overrides) and puts it in the reproduce line's `aligna train`.
@@ -39,6 +39,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -311,32 +312,81 @@ def member_run(name: str) -> tuple[Path, int, dict]:
     return model_dir, int(averaged.group(1)) if averaged else 0, record
 
 
-# --tune, a 2-model ensemble: the first model's weights tried, equal first (a tie goes to the mix tried first)
-MEMBER_WEIGHTS = (0.5, 0.4, 0.6, 0.3, 0.7)
+# --tune on an ensemble row, after alpha with equal weights: each member's weight in turn is tried
+# times each factor (the others as they are; all normalized to sum 1), a change kept where it
+# improves the dev score; rounds over the members until one changes nothing, at most WEIGHT_ROUNDS
+WEIGHT_FACTORS = (0.5, 2.0)
+WEIGHT_ROUNDS = 2
+
+
+def tune_ensemble(
+    evaluate: Callable[[list[float], float], float], members: int, alphas: Sequence[float], higher: bool, key: str,
+) -> list[dict]:  # fmt: skip
+    """The dev grid of an ensemble's --tune, in the order tried: (1) each alpha with equal
+    weights; (2) at the best of those alphas, the member weights by coordinate search
+    (`WEIGHT_FACTORS`, `WEIGHT_ROUNDS`); (3) each alpha again at the weights found. Each entry
+    is {"member_weights": the normalized weights, "alpha", key: evaluate(weights, alpha)}, and
+    each (weights, alpha) is evaluated once; the best entry (the first of equals) is the choice.
+    A change is kept only where it is strictly better, so a tie keeps the weights tried first."""
+    grid: list[dict] = []
+    scores: dict[tuple, float] = {}
+    sign = 1 if higher else -1
+
+    def score(raw: list[float], alpha: float) -> float:
+        mix = [round(w, 6) for w in ensemble_weights(raw, members)]
+        if (tuple(mix), alpha) not in scores:
+            scores[tuple(mix), alpha] = value = evaluate(mix, alpha)
+            grid.append({"member_weights": mix, "alpha": alpha, key: value})
+        return scores[tuple(mix), alpha]
+
+    raw = [1.0] * members
+    for alpha in alphas:
+        score(raw, alpha)
+    alpha = max(grid, key=lambda g: sign * g[key])["alpha"]  # the first of equals
+    current = score(raw, alpha)
+    for _ in range(WEIGHT_ROUNDS):
+        changed = False
+        for i in range(members):
+            trials = [raw[:i] + [raw[i] * factor] + raw[i + 1 :] for factor in WEIGHT_FACTORS]
+            value, trial = max(((score(t, alpha), t) for t in trials), key=lambda v: sign * v[0])
+            if sign * value > sign * current:
+                raw, current, changed = trial, value, True
+        if not changed:
+            break
+    for other in alphas:
+        score(raw, other)
+    return grid
 
 
 def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) -> None:
     """An ensemble of the member rows' recorded runs, each with the weights its row chose; with
-    --tune the ensemble's weights of its members (`MEMBER_WEIGHTS`, for two) and the length
-    penalty are chosen on dev, as a single row's checkpoints and length penalty are."""
+    --tune the length penalty and the ensemble's weights of its members (`tune_ensemble`; with
+    --ensemble-weights, the length penalty alone) are chosen on dev, as a single row's
+    checkpoints and length penalty are."""
     runs = [member_run(m) for m in row.members]  # all checked before any is used
     dirs = [r[0] for r in runs]
     checkpoints = [weights_of(d, last) for d, last, _ in runs]  # rewritten as each row chose
     mixes = [args.ensemble_weights] if args.ensemble_weights else [None]
     grid = []
+    key = f"dev_{row.metric}"
     if args.tune:
-        if len(runs) == 2 and not args.ensemble_weights:
-            mixes = [[w, round(1 - w, 6)] for w in MEMBER_WEIGHTS]
         dev = read_parallel(config.data.dev, "dev")
         sources, references = reference_sets(dev, config.data.group_references)
-        for mix in mixes:
+
+        def evaluate(mix: list[float] | None, alpha: float) -> float:
             translator = aligna.load_ensemble(dirs, checkpoints, weights=mix)
-            for alpha in args.alphas if args.beam > 1 else (0.0,):
-                hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
-                value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
-                print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}")
-                grid.append({"member_weights": mix, "alpha": alpha, f"dev_{row.metric}": value})
-        best = max(grid, key=lambda g: g[f"dev_{row.metric}"] * (1 if row.higher_is_better else -1))  # first wins a tie
+            hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
+            value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
+            print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}", flush=True)
+            return value
+
+        alphas = args.alphas if args.beam > 1 else (0.0,)
+        if args.ensemble_weights:
+            grid = [{"member_weights": args.ensemble_weights, "alpha": a, key: evaluate(args.ensemble_weights, a)}
+                    for a in alphas]  # fmt: skip
+        else:
+            grid = tune_ensemble(evaluate, len(runs), alphas, row.higher_is_better, key)
+        best = max(grid, key=lambda g: g[key] * (1 if row.higher_is_better else -1))  # first wins a tie
         args.alpha, mixes = best["alpha"], [best["member_weights"]]
     translator = aligna.load_ensemble(dirs, checkpoints, weights=mixes[0])
     mix = translator.member_weights
@@ -347,6 +397,11 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
                for m, (d, _, r), w in zip(row.members, runs, mix)]  # fmt: skip
     given = f"member weights {'given (--ensemble-weights)' if args.ensemble_weights else 'equal'}"
     chosen = chosen_on_dev(grid, {"member_weights": "the member weights", "alpha": "alpha"})
+    searched = "the member weights" in chosen
+    factors = " and ".join(f"x{f:g}" for f in WEIGHT_FACTORS)
+    chosen = [c + (f" (a coordinate search from equal weights, at the alpha they chose: each member's weight "
+                   f"{factors} in turn, a change kept where dev improved, at most {WEIGHT_ROUNDS} rounds)"
+                   if c == "the member weights" else "") for c in chosen]  # fmt: skip
     write_record(
         f"published_{name}",
         {
@@ -367,7 +422,7 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
             "chosen_by": (
                 "each member's checkpoints by its own row's choice; "
-                + ("" if "the member weights" in chosen else f"{given}; ")
+                + ("" if searched else f"{given}; ")
                 + (f"{' and '.join(chosen)} by the dev set's {row.metric} (dev_grid); the test set was decoded once, "
                    "with that choice" if chosen else "alpha fixed (--alpha) or greedy, not looked up on any set")
                 + decodes_note(decodes)
@@ -542,8 +597,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a sentence for the record (how the run was made, say)")
     parser.add_argument(
         "--ensemble-weights", type=float, nargs="+", metavar="W",
-        help="an ensemble row: its members' weights (default: equal; for two members --tune tries the first "
-        f"at {', '.join(map(str, MEMBER_WEIGHTS))})",
+        help="an ensemble row: its members' weights (default: equal; --tune searches them on dev, "
+        "or with this option chooses alpha alone)",
     )
     args = parser.parse_args()
     if args.list or args.row is None:

@@ -255,6 +255,35 @@ def test_the_table_says_what_was_chosen_on_dev(grid, phrase):
     assert render_table._chosen_on_dev({"dev_grid": grid}) == phrase
 
 
+def test_the_ensemble_weights_are_searched_member_by_member_on_dev(monkeypatch):
+    """tune_ensemble: alpha with equal weights, then each member's weight halved and doubled at
+    that alpha, a change kept only where dev improves, in rounds until one changes nothing, then
+    alpha again at the weights found; nothing decoded twice."""
+    monkeypatch.setattr(published, "WEIGHT_FACTORS", (0.5, 2.0))
+    monkeypatch.setattr(published, "WEIGHT_ROUNDS", 2)
+    calls = []
+
+    def evaluate(mix, alpha):  # best at weights (0.5, 0.25, 0.25) and alpha 0.6
+        calls.append((tuple(mix), alpha))
+        return -sum((w - t) ** 2 for w, t in zip(mix, (0.5, 0.25, 0.25))) - abs(alpha - 0.6)
+
+    grid = published.tune_ensemble(evaluate, 3, [0.0, 0.6, 1.0], True, "dev_x")
+    equal, found = [0.333333] * 3, [0.5, 0.25, 0.25]
+    assert [(g["member_weights"], g["alpha"]) for g in grid] == [
+        (equal, 0.0), (equal, 0.6), (equal, 1.0),
+        ([0.2, 0.4, 0.4], 0.6), (found, 0.6),  # round 1, member 1 halved and doubled: doubled is kept
+        ([0.571429, 0.142857, 0.285714], 0.6), ([0.4, 0.4, 0.2], 0.6),  # member 2, from there: not kept
+        ([0.571429, 0.285714, 0.142857], 0.6), ([0.4, 0.2, 0.4], 0.6),  # member 3: not kept
+        ([0.666667, 0.166667, 0.166667], 0.6),  # round 2: only member 1 doubled again is new; nothing kept
+        (found, 0.0), (found, 1.0),  # alpha again, at the weights found
+    ]  # fmt: skip
+    assert len(calls) == len(set(calls)) == len(grid)
+    assert max(grid, key=lambda g: g["dev_x"])["member_weights"] == found
+
+    flat = published.tune_ensemble(lambda mix, alpha: 1.0, 2, [0.0], False, "dev_x")  # ties keep what came first
+    assert [g["member_weights"] for g in flat] == [[0.5, 0.5], [0.333333, 0.666667], [0.666667, 0.333333]]
+
+
 # --------------------------------------------------------------------------- bench.train_eval and common
 
 

@@ -295,15 +295,18 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     monkeypatch.setattr(published, "ROWS", rows)
     monkeypatch.setattr(published, "RESULTS", results)
     monkeypatch.setattr(published, "write_record", lambda name, record: written.update(record, name=name))
-    monkeypatch.setattr(published, "MEMBER_WEIGHTS", (0.3, 0.5))
+    monkeypatch.setattr(published, "WEIGHT_ROUNDS", 1)
     args = argparse.Namespace(overrides=[], tune=True, beam=2, alpha=0.6, alphas=[0.0, 1.0], ensemble_weights=None,
                               note="")
     config = load_config(configs[0])
     published.ensemble_row(args, "both", rows["both"], config)
     assert written["name"] == "published_both"
-    assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [
-        ([0.3, 0.7], 0.0), ([0.3, 0.7], 1.0), ([0.5, 0.5], 0.0), ([0.5, 0.5], 1.0)]  # fmt: skip
-    best = min(written["dev_grid"], key=lambda g: g["dev_wer"])  # the first of equals
+    grid = written["dev_grid"]
+    first_alpha = min(grid[:2], key=lambda g: g["dev_wer"])["alpha"]  # equal weights, each alpha; then the search
+    assert [(g["member_weights"], g["alpha"]) for g in grid[:4]] == [
+        ([0.5, 0.5], 0.0), ([0.5, 0.5], 1.0), ([0.333333, 0.666667], first_alpha), ([0.666667, 0.333333], first_alpha)]
+    assert len({(tuple(g["member_weights"]), g["alpha"]) for g in grid}) == len(grid)  # each decoded once
+    best = min(grid, key=lambda g: g["dev_wer"])  # the first of equals
     alpha = float(written["search"].split("alpha ")[1])
     assert alpha == best["alpha"] and [m["member_weight"] for m in written["members"]] == pytest.approx(best["member_weights"])
     ensemble = aligna.load_ensemble([a, b], ["best", "averaged"], weights=best["member_weights"])
@@ -312,10 +315,12 @@ def test_the_bench_ensemble_row_decodes_its_member_rows_runs(two_runs, tmp_path,
     assert written["metrics"]["wer"] == pytest.approx(expected.values["wer"])
     assert written["reproduce"].startswith("train m1 && train m2 && ")
     assert written["train_steps"] == "30 + 30" and written["train_seconds"] == 120.0
-    assert "the member weights and alpha by the dev set's wer" in written["chosen_by"]
+    assert "the member weights (a coordinate search" in written["chosen_by"]
+    assert "rounds) and alpha by the dev set's wer" in written["chosen_by"]
     published.ensemble_row(argparse.Namespace(**{**vars(args), "beam": 1}), "both", rows["both"], config)  # greedy
-    assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]] == [([0.3, 0.7], 0.0), ([0.5, 0.5], 0.0)]
-    assert "the member weights by the dev set's wer" in written["chosen_by"] and written["search"] == "greedy"
+    assert [(g["member_weights"], g["alpha"]) for g in written["dev_grid"]][:3] == [
+        ([0.5, 0.5], 0.0), ([0.333333, 0.666667], 0.0), ([0.666667, 0.333333], 0.0)]
+    assert "the member weights (a coordinate search" in written["chosen_by"] and written["search"] == "greedy"
     published.ensemble_row(argparse.Namespace(**{**vars(args), "ensemble_weights": [1.0, 3.0]}), "both", rows["both"],
                            config)
     assert [g["member_weights"] for g in written["dev_grid"]] == [[1.0, 3.0]] * 2

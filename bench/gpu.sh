@@ -81,10 +81,8 @@ quality)
   cp bench/results/published_*tiny*.json "$OUT/" 2>/dev/null || true
   ;;
 g2p)
-  # The settings of the row's CPU run (fp32, plateau schedule, init 0.1), 4 threads a run.
-  settings=(--set train.epochs=40 --set train.schedule=plateau --set train.plateau_patience=1
-            --set train.min_lr=0.00001 --set train.early_stopping_patience=5 --set model.rnn.init_range=0.1
-            --set train.num_threads=4)
+  # The config's recipe (fp32, plateau schedule, init 0.1), 4 threads a run.
+  settings=(--set train.num_threads=4)
   cap=()
   [ -n "${QUALITY_STEPS:-}" ] && cap=(--train-set "train.max_steps=$QUALITY_STEPS")
   read -r -a seeds <<< "${G2P_SEEDS:-2 3 4}"

@@ -108,8 +108,16 @@ def join(world: World, device: torch.device) -> None:
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
 
 
-def leave() -> None:
-    if dist.is_initialized():
+def leave(together: bool = False) -> None:
+    """Leave the process group (idempotent). `together`: this rank ended well, so first wait for
+    every rank to be done with the group (a barrier): no rank then tears its connections down
+    while another is still in a collective or still writing."""
+    if not dist.is_initialized():
+        return
+    try:
+        if together:
+            barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ run would have reached.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -677,6 +678,7 @@ def train(
     """Train, then score the best weights on the test set if one is configured (`Trainer` for
     the arguments)."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress, keep_freed=keep_freed)
+    ended = False
     try:
         trainer.train()
         if trainer.test is not None:  # read when training began (rank 0 only)
@@ -692,9 +694,14 @@ def train(
             for name, signature in scores.signatures.items():
                 log.info("  %s signature: %s", name, signature)
             atomic_write_text(trainer.md / TEST_SCORES, json.dumps(asdict(scores), indent=1) + "\n")
+        ended = True
     finally:
         trainer.close()
-        distributed.leave()
+        # DDP holds the process group: let it go now, so that the group is torn down here, once
+        # every rank is done with it, and not at interpreter exit (where gloo's threads could abort)
+        trainer.train_model = trainer.model
+        gc.collect()
+        distributed.leave(together=ended)
     return trainer.dir
 
 

@@ -180,3 +180,22 @@ def test_an_epoch_smaller_than_an_update_is_refused(config_file):
     trainer = Trainer(config, progress=False)
     with pytest.raises(ValueError, match="fewer than one update takes"):
         trainer.train()
+
+
+def test_a_rank_leaves_the_group_with_the_others_only_when_its_run_ended_well(config_file, monkeypatch):
+    """train() lets go of the DDP wrapper (which holds the process group) before leaving the
+    group, and waits for the other ranks (a barrier) only on a run that ended well: after a
+    failure the others may never come."""
+    from aligna import distributed, training
+
+    trainers, calls = [], []
+    close = training.Trainer.close
+    monkeypatch.setattr(training.Trainer, "close", lambda self: trainers.append(self) or close(self))
+    monkeypatch.setattr(distributed, "leave", lambda together=False: calls.append(
+        (together, trainers[-1].train_model is trainers[-1].model)))  # fmt: skip
+    train(config_from_dict(yaml.safe_load(config_file("well").read_text())), progress=False)
+    wrapper = object()  # as DDP, around the model
+    monkeypatch.setattr(training.Trainer, "train", lambda self: setattr(self, "train_model", wrapper) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(config_from_dict(yaml.safe_load(config_file("failed").read_text())), progress=False)
+    assert calls == [(True, True), (False, True)]

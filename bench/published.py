@@ -223,6 +223,11 @@ def weights_of(model_dir: Path, last: int) -> str:
     return "averaged"
 
 
+def best_on_dev(grid: list[dict], key: str, higher: bool) -> dict:
+    """The grid entry with the best `key` (the first of equals: the choice tried first wins a tie)."""
+    return max(grid, key=lambda g: g[key] if higher else -g[key])
+
+
 def choose_on_dev(
     model_dir: Path, config, row: Row, beam: int, alphas: tuple[float, ...] = ALPHAS,
     averages: tuple[int, ...] = AVERAGES,
@@ -244,7 +249,7 @@ def choose_on_dev(
             print(f"dev {row.metric} {value:6.2f}  {label}, alpha {alpha}")
             grid.append({"weights": label, "average": last, "alpha": alpha, f"dev_{row.metric}": value})
     key = f"dev_{row.metric}"
-    best = max(grid, key=lambda g: g[key] if row.higher_is_better else -g[key])  # first wins a tie
+    best = best_on_dev(grid, key, row.higher_is_better)
     # the last candidate tried may have been another average
     return weights_of(model_dir, best["average"]), best["average"], best["alpha"], grid
 
@@ -342,7 +347,7 @@ def tune_ensemble(
     raw = [1.0] * members
     for alpha in alphas:
         score(raw, alpha)
-    alpha = max(grid, key=lambda g: sign * g[key])["alpha"]  # the first of equals
+    alpha = best_on_dev(grid, key, higher)["alpha"]
     current = score(raw, alpha)
     for _ in range(WEIGHT_ROUNDS):
         changed = False
@@ -366,18 +371,18 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
     runs = [member_run(m) for m in row.members]  # all checked before any is used
     dirs = [r[0] for r in runs]
     checkpoints = [weights_of(d, last) for d, last, _ in runs]  # rewritten as each row chose
-    mixes = [args.ensemble_weights] if args.ensemble_weights else [None]
+    mix = args.ensemble_weights  # None: equal weights
     grid = []
     key = f"dev_{row.metric}"
     if args.tune:
         dev = read_parallel(config.data.dev, "dev")
         sources, references = reference_sets(dev, config.data.group_references)
 
-        def evaluate(mix: list[float] | None, alpha: float) -> float:
-            translator = aligna.load_ensemble(dirs, checkpoints, weights=mix)
+        def evaluate(weights: list[float], alpha: float) -> float:
+            translator = aligna.load_ensemble(dirs, checkpoints, weights=weights)
             hypotheses = translator.translate(sources, beam_size=args.beam, alpha=alpha)
             value = translator.evaluate(sources, references, [row.metric], hypotheses).values[row.metric]
-            print(f"dev {row.metric} {value:6.2f}  member weights {mix or 'equal'}, alpha {alpha}", flush=True)
+            print(f"dev {row.metric} {value:6.2f}  member weights {weights}, alpha {alpha}", flush=True)
             return value
 
         alphas = args.alphas if args.beam > 1 else (0.0,)
@@ -386,10 +391,10 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
                     for a in alphas]  # fmt: skip
         else:
             grid = tune_ensemble(evaluate, len(runs), alphas, row.higher_is_better, key)
-        best = max(grid, key=lambda g: g[key] * (1 if row.higher_is_better else -1))  # first wins a tie
-        args.alpha, mixes = best["alpha"], [best["member_weights"]]
-    translator = aligna.load_ensemble(dirs, checkpoints, weights=mixes[0])
-    mix = translator.member_weights
+        best = best_on_dev(grid, key, row.higher_is_better)
+        args.alpha, mix = best["alpha"], best["member_weights"]
+    translator = aligna.load_ensemble(dirs, checkpoints, weights=mix)
+    mix = translator.member_weights  # normalized
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
     decodes = test_decodes(name)
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)

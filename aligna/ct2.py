@@ -45,7 +45,7 @@ from .config import Config, ConfigError, DecodeConfig, load_config
 from .data import ParallelText, Pipeline, encode_pairs
 from .export import TOKEN_NAMES, ExportError, ct2_tokens, ctranslate2_module, export_ctranslate2, export_info
 from .modeldir import CONFIG
-from .search import length_penalty, max_lengths
+from .search import NEVER, length_penalty, max_lengths
 from .shortlist import VMAP
 from .translate import TextTranslator, Translation
 from .vocab import EOS, EOS_ID, PAD_ID, SOS_ID
@@ -144,6 +144,7 @@ class CT2Translator(TextTranslator):
         options: dict[str, Any] = dict(
             beam_size=beam, num_hypotheses=beam, length_penalty=0.0, min_decoding_length=decode.min_len,
             max_input_length=0, return_end_token=True, return_scores=True, return_attention=attention,
+            suppress_sequences=[[self.tgt_names[i]] for i in NEVER],  # as aligna's search, never <pad> or <sos>
         )  # fmt: skip
         if decode.shortlist:
             options["use_vmap"] = True

@@ -9,7 +9,8 @@ the encoder output and decoder state, which reorder themselves along the batch.
   with the GNMT length and coverage penalties (Wu et al. 2016, eq. 14), a minimum
   length, n-gram blocking and n-best output.
 
-All three drop finished sentences from the batch, so no work is spent on them.
+All three drop finished sentences from the batch, so no work is spent on them, and none
+emits `<pad>` or `<sos>` (`NEVER`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from .model import Seq2Seq
 from .vocab import EOS_ID, PAD_ID, SOS_ID
 
 Generators = torch.Generator | Sequence[torch.Generator] | None  # sampling's: one for the batch, or one per row
+# Tokens no output holds (`never_emit_`). Emitted, they vanished from the text: an empty
+# translation, or an n-best list with the same text twice.
+NEVER = (PAD_ID, SOS_ID)
 
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]  # output ids without <sos> and <eos>
+    tokens: list[int]  # output ids without <eos> (never <pad> or <sos>: `NEVER`)
     score: float  # what hypotheses are ranked by (log_prob, length- and coverage-normalized)
-    log_prob: float  # sum of token log-probabilities under the model, <eos> included
+    log_prob: float  # sum of token log-probabilities under the model (`never_emit_`), <eos> included
     attention: Tensor | None  # (rows, S_src): a row per emitted token, <eos> included
 
 
@@ -72,6 +76,16 @@ def length_penalty(length: int, alpha: float) -> float:
 def coverage_penalty(coverage: Tensor, beta: float) -> float:
     """GNMT's cp = beta * sum_j log(min(sum_i p_ij, 1)) over the source positions j."""
     return beta * float(torch.log(coverage.clamp(min=1e-10, max=1.0)).sum()) if beta else 0.0
+
+
+def never_emit_(logits: Tensor) -> Tensor:
+    """A step's logits (rows, V) with those of `NEVER` set to -inf, in place (a search owns the
+    logits a `decode_step` returns): the step's distribution is the model's over the tokens an
+    output can hold, renormalized, as CTranslate2's `suppress_sequences` makes it (the CTranslate2
+    engine forbids the same ones), and a trained model gives them next to no mass."""
+    for token in NEVER:
+        logits[:, token] = float("-inf")
+    return logits
 
 
 def search(
@@ -188,6 +202,7 @@ def _one_path(
     for t in range(steps):
         logits, state, attn = model.decode_step(prev, state, enc, need_attention)  # (b, V), (b, S) or None
         attn = attn if need_attention else None
+        never_emit_(logits)
         fused = log_softmax_top_(logits, None, 1, 1) if pick is GREEDY and t >= min_len else None
         if fused is not None:  # the most probable token of each row, found in the same pass
             _, best, chosen = fused
@@ -297,6 +312,7 @@ def beam_search(
         live, vocab = len(sentence), logits.size(-1)
         # log P(y_t | y_<t, x) + the row's log P(y_<t | x): each row's candidates, in the logits'
         # memory, and where no token is forbidden, the 2k best of each sentence in the same pass
+        never_emit_(logits)
         fused = None if t < min_len or no_repeat_ngram else log_softmax_top_(logits, scores.view(-1), k, 2 * k)
         if fused is not None:
             candidates, top_scores, top = fused  # (b * k, V), (b, 2k), (b, 2k)

@@ -43,7 +43,7 @@ class Translation:
     text: str  # detokenized output
     tokens: list[str]  # output tokens, <eos> not included
     src_tokens: list[str]  # the source tokens the model saw
-    score: float  # sum of token log-probabilities under the model
+    score: float  # sum of token log-probabilities under the model, never emitting <pad> or <sos> (`search.never_emit_`)
     attention: Tensor | None  # (rows, len(src_tokens)): a row per output token, and <eos> if emitted
     nbest: list[tuple[str, float]] = field(default_factory=list)  # (text, score) best first, beam search
 

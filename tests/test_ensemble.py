@@ -14,7 +14,7 @@ from aligna.cli import main
 from aligna.compiled import CompiledTransformer
 from aligna.config import config_from_dict, config_to_dict, load_config
 from aligna.ensemble import Ensemble, mean_probabilities
-from aligna.search import beam_search, greedy_search
+from aligna.search import NEVER, beam_search, greedy_search
 from aligna.vocab import EOS_ID, SOS_ID
 
 
@@ -33,11 +33,14 @@ def members(eos_bias=0.0):
 
 
 def teacher_forced_log_prob(model, src, lengths, tokens, ended):
-    """log P(tokens [<eos> where ended] | src) of one sentence from a teacher-forced pass of `model`."""
+    """log P(tokens [<eos> where ended] | src) of one sentence from a teacher-forced pass of `model`,
+    over the tokens an output can hold, as the searches' (`search.never_emit_`)."""
     row = tokens + [EOS_ID] if ended else tokens
     tgt_in, tgt_out = torch.tensor([[SOS_ID, *row[:-1]]]), torch.tensor([row])
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(src, lengths, tgt_in).float(), -1)
+        outputs = model(src, lengths, tgt_in).float()
+        outputs[..., list(NEVER)] = float("-inf")
+        log_probs = torch.log_softmax(outputs, -1)
     return log_probs.gather(2, tgt_out.unsqueeze(2)).sum()
 
 

@@ -13,8 +13,11 @@ import torch
 from conftest import reverse_pairs, write_tsv
 
 import aligna
+import aligna.export as export_module
 from aligna.config import ConfigError, config_from_dict
 from aligna.export import EXPORT_INFO, ExportError, export_ctranslate2, export_info
+from aligna.search import NEVER
+from aligna.tensorfiles import load_weights
 from aligna.training import train
 from aligna.vocab import EOS_ID, SOS_ID
 
@@ -74,7 +77,8 @@ def exported(trained, corpus) -> dict[str, Path]:
 
 
 def _forced_score(translator, source: str, tokens: list[str]) -> float:
-    """log P(tokens [<eos> unless cut at the length limit] | source) from a teacher-forced pass."""
+    """log P(tokens [<eos> unless cut at the length limit] | source) from a teacher-forced pass,
+    over the tokens an output can hold, as the searches' (`search.never_emit_`)."""
     src = translator.pipeline.src_vocab.encode(translator.pipeline.src_tokens(source))
     row = translator.pipeline.tgt_vocab.encode(tokens)
     if len(tokens) < len(src) + 3:  # ended by <eos> (the limit: max_len_a 1.0, max_len_b 3)
@@ -82,6 +86,7 @@ def _forced_score(translator, source: str, tokens: list[str]) -> float:
     model = translator.model.eval()
     with torch.no_grad():
         logits = model(torch.tensor([src]), torch.tensor([len(src)]), torch.tensor([[SOS_ID, *row[:-1]]]))
+        logits[..., list(NEVER)] = float("-inf")
     return float(torch.log_softmax(logits.float(), -1)[0, torch.arange(len(row)), torch.tensor(row)].sum())
 
 
@@ -340,3 +345,25 @@ def test_an_export_description_without_a_field_is_named(exported, tmp_path):
     (copy / EXPORT_INFO).write_text(json.dumps(info))
     with pytest.raises(ExportError, match=f"{EXPORT_INFO}: max_positions must be a positive integer"):
         aligna.load(copy)
+
+
+def test_neither_engine_emits_pad_or_sos(trained, corpus, tmp_path, monkeypatch):
+    """A model that prefers <pad> and <sos> (their output biases raised): no engine emits them.
+    They left no text (an attention row each, and n-best entries with the same text twice)."""
+
+    def prefer_never(model, weights):
+        load_weights(model, weights)
+        with torch.no_grad():
+            model.output.bias[list(NEVER)] += 30.0
+
+    monkeypatch.setattr(export_module, "load_weights", prefer_never)
+    ours, theirs = aligna.load(trained["pre"]), aligna.load(export_ctranslate2(trained["pre"], tmp_path / "never"))
+    with torch.no_grad():
+        ours.model.output.bias[list(NEVER)] += 30.0
+    sources = _sources(corpus)[:40]
+    for translator in (ours, theirs):
+        for search in ({"beam_size": 1}, {"beam_size": 5, "nbest": 5}, {"sample": True}):
+            for t in translator.translate_detailed(sources, **search):
+                assert t.attention.size(0) - len(t.tokens) in (0, 1), (translator.engine, search, t.tokens)
+                texts = [text for text, _ in t.nbest]
+                assert len(set(texts)) == len(texts), (translator.engine, search, texts)

@@ -56,15 +56,18 @@ def test_a_model_in_training_mode_is_refused_not_switched(toy_config):
 
 
 def test_attention_rows_keep_their_labels_when_a_model_emits_specials(toy_config):
-    from aligna.vocab import PAD_ID
+    """<unk> is the special a search can emit (never <pad> or <sos>, however likely: `search.NEVER`)."""
+    from aligna.vocab import PAD_ID, SOS_ID, UNK_ID
 
     config = toy_config(model={"rnn": {"attention": "bahdanau"}}, train={"max_steps": 3, "validate_every": 0})
     train(config, progress=False)
     translator = aligna.load(config.model_dir)
     with torch.no_grad():
-        translator.model.decoder.output.bias[PAD_ID] = 100.0  # an untrained model's habit, exaggerated
+        bias = translator.model.decoder.output.bias
+        bias[PAD_ID] = bias[SOS_ID] = 200.0
+        bias[UNK_ID] = 100.0  # an untrained model's habit, exaggerated
     (t,) = translator.translate_detailed(["a b c"])
-    assert t.text == "" and t.tokens and set(t.tokens) == {"<pad>"}
+    assert t.tokens and set(t.tokens) == {"<unk>"}
     record = translator.attention_record(t, every_map=True)
     assert len(record["weights"]) == len(record["tgt_tokens"]) == len(t.tokens)
     assert len(record["maps"]["cross"]["rows"]) == len(record["maps"]["cross"]["weights"][0][0])

@@ -10,8 +10,8 @@ from torch import Tensor
 from aligna.config import ConfigError, DecodeConfig
 from aligna.kernels import log_softmax_
 from aligna.model import Reorderable, Seq2Seq
-from aligna.search import greedy_search, max_lengths, search, top_k
-from aligna.vocab import EOS_ID, SOS_ID
+from aligna.search import NEVER, greedy_search, max_lengths, search, top_k
+from aligna.vocab import EOS_ID, PAD_ID, SOS_ID
 
 
 def manual_greedy(model, src, lengths, limit):
@@ -21,6 +21,7 @@ def manual_greedy(model, src, lengths, limit):
     prev, out = torch.tensor([SOS_ID]), []
     for _ in range(limit):
         logits, state, _ = model.decode_step(prev, state, enc)
+        logits[:, NEVER] = float("-inf")  # tokens no output holds
         prev = logits.argmax(-1)
         if prev.item() == EOS_ID:
             break
@@ -77,7 +78,8 @@ def test_finished_sentences_stop_and_leave_the_batch():
     src = torch.ones(3, 2, dtype=torch.long)
     result = greedy_search(model, src, torch.tensor([2, 2, 2]), max_len_a=0.0, max_len_b=5)
     assert result.tokens == [[5], [4, 4, 4], [6, 6, 6, 6, 6]]  # the last hits the length limit
-    expected = torch.tensor([2, 4, 5]) * torch.tensor(0.9).log()
+    step = 0.9 / (1 - 2 * 0.1 / 7)  # renormalized without <pad> and <sos> (`never_emit_`)
+    expected = torch.tensor([2, 4, 5]) * torch.tensor(step).log()
     torch.testing.assert_close(result.scores, expected)
 
 
@@ -158,6 +160,24 @@ def test_beam_finds_what_greedy_misses():
     assert [h.tokens for h in beam.nbest[0]] == [[Bt], [A, C]]
     scores = [h.score for h in beam.nbest[0]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_no_search_emits_pad_or_sos_and_scores_stay_the_models():
+    """<pad> and <sos> vanish from a translation's text: emitted, they gave an empty output, or
+    n-best entries with the same text. No search emits them: each step's distribution is the
+    model's over the other tokens, renormalized (as CTranslate2's suppressed tokens)."""
+    model = MarkovModel({SOS_ID: {PAD_ID: 0.5, A: 0.3, Bt: 0.2}, PAD_ID: {EOS_ID: 1.0},
+                         A: {SOS_ID: 0.5, EOS_ID: 0.3, C: 0.2}, Bt: {EOS_ID: 1.0}, C: {EOS_ID: 1.0}})  # fmt: skip
+    greedy = run(model, greedy_search)
+    assert greedy.tokens == [[A]]
+    torch.testing.assert_close(greedy.scores, torch.tensor([0.6 * 0.6]).log(), atol=1e-4, rtol=0)
+    beam = run(model, beam_search, beam_size=3, nbest=3)
+    assert [h.tokens for h in beam.nbest[0]] == [[Bt], [A], [A, C]]
+    torch.testing.assert_close(torch.tensor([h.log_prob for h in beam.nbest[0]]),
+                               torch.tensor([0.4, 0.36, 0.24]).log(), atol=1e-4, rtol=0)  # fmt: skip
+    src = torch.ones(50, 3, dtype=torch.long)
+    sampled = sample_search(model, src, torch.full((50,), 3), 0.0, 6, generator=torch.Generator().manual_seed(0))
+    assert {tuple(t) for t in sampled.tokens} == {(Bt,), (A,), (A, C)}
 
 
 def test_length_penalty_prefers_longer_hypotheses():
@@ -311,6 +331,7 @@ def _reference_beam_search(
     for t in range(int(limit.max())):
         logits, state, attn = model.decode_step(prev, state, enc)  # (b * k, V), (b * k, S) or None
         # the search's own arithmetic: log P(y_t | ...) with the row's score added, in one rounding
+        logits[:, NEVER] = float("-inf")  # tokens no output holds
         log_probs = log_softmax_(logits.float(), scores.view(-1))
         vocab = log_probs.size(-1)
         eos = log_probs[:, EOS_ID].clone()

@@ -5,7 +5,8 @@ threads) `submit` a job: some texts and a hashable `key` that stands for everyth
 must be equal for jobs to share a batch (the search options, the attention wanted). The
 worker thread takes the oldest waiting job, adds later jobs with the same key up to
 `max_batch` texts, waiting at most `max_wait_ms` after the oldest job arrived for more to
-come, then calls ``run_batch(texts, key)`` once and hands each job its slice of the results.
+come, then calls ``run_batch(texts, key, places)`` once (places[i]: text i's place in its own
+job, for a result that must not depend on the batch) and hands each job its slice of the results.
 
 * FIFO: the oldest job always heads the next batch, so a job with rare options waits for
   at most one batch per job ahead of it; jobs with the same key never overtake it either.
@@ -29,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger("aligna")
 
-RunBatch = Callable[[list[str], Any], Sequence[Any]]  # (texts, key) -> one result per text
+RunBatch = Callable[[list[str], Any, list[int]], Sequence[Any]]  # (texts, key, places) -> one result per text
 
 
 @dataclass
@@ -211,7 +212,8 @@ class BatchWorker:
 
     def _resolve(self, jobs: list[Job]) -> None:
         texts = [t for job in jobs for t in job.texts]
-        results = list(self.run_batch(texts, jobs[0].key)) if texts else []
+        places = [i for job in jobs for i in range(len(job.texts))]
+        results = list(self.run_batch(texts, jobs[0].key, places)) if texts else []
         if len(results) != len(texts):
             raise RuntimeError(f"run_batch returned {len(results)} results for {len(texts)} texts")
         self.batches += 1

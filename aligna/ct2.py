@@ -35,6 +35,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class CT2Translator(TextTranslator):
     None: the type the weights were stored in)."""
 
     engine = "ctranslate2"
+    samples_each_input = False  # one random stream per process, seeded when the model loads
 
     def __init__(
         self, path: str | Path, pipeline: Pipeline, config: Config, info: dict[str, Any], device: torch.device,
@@ -154,8 +156,9 @@ class CT2Translator(TextTranslator):
         return options
 
     def _translate_tokens(
-        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
-    ) -> list[Translation | None]:
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True,
+        sample_ids: Sequence[int] | None = None,
+    ) -> list[Translation | None]:  # fmt: skip
         options = self.options(decode, attention)
         lengths = torch.tensor([len(t) for t in src_tokens])
         limits = max_lengths(lengths, decode.max_len_a, decode.max_len_b, self.max_len).tolist()

@@ -309,17 +309,21 @@ class ServedModel:
     _sampling: count = field(default_factory=count)
 
     def key(self, options: dict[str, Any], attention: str) -> Hashable:
-        """What a batch shares: the resolved search settings and the attention mode. Sampled
-        jobs are never merged, so a seed gives the same output whatever else is queued."""
+        """What a batch shares: the resolved search settings and the attention mode. A sampled
+        text draws from the generator of its seed and its place in its own request
+        (`run_batch`), so a seed gives the same output whatever else shares its batch; an
+        engine that samples a batch from one stream (CTranslate2) decodes each sampled job alone."""
         decode = config_to_dict(self.translator.decode_config(**options))
         decode.pop("batch_size")
-        alone = next(self._sampling) if decode["sample"] else None
+        alone = next(self._sampling) if decode["sample"] and not self.translator.samples_each_input else None
         return attention, tuple(sorted(decode.items())), alone
 
-    def run_batch(self, texts: list[str], key: Hashable, max_batch: int) -> list[dict[str, Any]]:
-        """In the worker thread: translate `texts` in one call, then build each result."""
+    def run_batch(self, texts: list[str], key: Hashable, places: list[int], max_batch: int) -> list[dict[str, Any]]:
+        """In the worker thread: translate `texts` in one call, then build each result.
+        places[i]: text i's place in its own request, which its sampling generator is seeded with."""
         attention, options, _ = key  # type: ignore[misc]
-        translations = self.translator.translate_detailed(texts, max_batch, attention != "none", **dict(options))
+        translations = self.translator.translate_detailed(texts, max_batch, attention != "none", sample_ids=places,
+                                                          **dict(options))  # fmt: skip
         results = []
         for t in translations:
             record = None
@@ -491,7 +495,7 @@ def create_app(models: dict[str, TextTranslator], settings: Settings | None = No
     async def lifespan(app: FastAPI):
         for s in served.values():
             run = s.run_batch
-            s.worker = BatchWorker(lambda texts, key, run=run: run(texts, key, settings.max_batch),
+            s.worker = BatchWorker(lambda texts, key, places, run=run: run(texts, key, places, settings.max_batch),
                                    settings.max_batch, settings.max_wait_ms, s.name).start()  # fmt: skip
             i = s.info
             log.info("serving %r: %s, %s parameters, %s %s on %s", s.name, i["architecture"], f"{i['parameters']:,}",

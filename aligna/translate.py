@@ -62,6 +62,7 @@ class TextTranslator:
     model exported with `aligna export`)."""
 
     engine = "aligna"
+    samples_each_input = True  # sampling: each input from its own generator (False: the batch from one stream)
     members: tuple[Config, ...] = ()  # an ensemble's members' configs; () for one model
     member_weights: tuple[float, ...] = ()  # an ensemble's weight of each member's probabilities, summing to 1
 
@@ -84,10 +85,12 @@ class TextTranslator:
         raise NotImplementedError
 
     def _translate_tokens(
-        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
-    ) -> list[Translation | None]:
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True,
+        sample_ids: Sequence[int] | None = None,
+    ) -> list[Translation | None]:  # fmt: skip
         """Translations of tokenized inputs (None for an input with no tokens), with their
-        attention where asked for and the model has it."""
+        attention where asked for and the model has it; sampling, input i from the generator of
+        (decode.seed, sample_ids[i]) where the engine `samples_each_input` (None: i)."""
         raise NotImplementedError
 
     def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
@@ -99,19 +102,25 @@ class TextTranslator:
         return [t.text for t in self.translate_detailed(texts, batch_size, attention=False, **search)]
 
     def translate_detailed(
-        self, texts: Sequence[str], batch_size: int | None = None, attention: bool = True, **search_options: object
-    ) -> list[Translation]:
+        self, texts: Sequence[str], batch_size: int | None = None, attention: bool = True, *,
+        sample_ids: Sequence[int] | None = None, **search_options: object,
+    ) -> list[Translation]:  # fmt: skip
         """Translations in input order with tokens, scores and attention; inputs are
         batched by length. `search_options` override the config's decode section.
         attention False: no `Translation.attention` (None), which the search then need not
         compute: the same translations, faster. Sampling (sample=True, seed), engine aligna:
-        input i draws from a generator seeded by (seed, i) alone, so its sample does not
-        depend on batch_size or on the other inputs' text (`sentence_generator`); CTranslate2
-        samples from one stream per process, seeded when the model loads."""
+        input i draws from a generator seeded by (seed, sample_ids[i]) alone (sample_ids None:
+        (seed, i)), so its sample does not depend on batch_size or on the other inputs' text
+        (`sentence_generator`; a server that merges requests gives each input its place in its
+        own request); CTranslate2 samples from one stream per process, seeded when the model loads."""
         if isinstance(texts, str):  # each character would be a sentence
             raise TypeError("texts: a list of strings, one per sentence; got one str (use [text])")
         texts = list(texts)  # a generator is read once
         _check_strings(texts, "texts")
+        if sample_ids is not None:
+            sample_ids = list(sample_ids)
+            if len(sample_ids) != len(texts) or not all(isinstance(i, int) and i >= 0 for i in sample_ids):
+                raise ValueError(f"sample_ids: one integer >= 0 for each of the {len(texts)} texts")
         if batch_size is not None:
             search_options["batch_size"] = batch_size
         decode = self.decode_config(**search_options)
@@ -125,7 +134,7 @@ class TextTranslator:
                 len(cut), limit, limit, ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""),
             )  # fmt: skip
             src_tokens = [toks[:limit] for toks in src_tokens]
-        results = self._translate_tokens(src_tokens, decode, attention)
+        results = self._translate_tokens(src_tokens, decode, attention, sample_ids)
         for r in results:
             if r is not None and not attention:
                 r.attention = None  # the search kept it for the coverage penalty alone
@@ -312,9 +321,11 @@ class Translator(TextTranslator):
 
     @torch.inference_mode()
     def _translate_tokens(
-        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True
-    ) -> list[Translation | None]:
+        self, src_tokens: list[list[str]], decode: DecodeConfig, attention: bool = True,
+        sample_ids: Sequence[int] | None = None,
+    ) -> list[Translation | None]:  # fmt: skip
         ids = [self.pipeline.src_vocab.encode(toks) for toks in src_tokens]
+        sample_ids = range(len(ids)) if sample_ids is None else sample_ids
         results: list[Translation | None] = [None] * len(src_tokens)
         order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
         shortlist = self.shortlist() if decode.shortlist else None
@@ -324,16 +335,16 @@ class Translator(TextTranslator):
             src = pad_batch([torch.tensor(ids[i]) for i in chunk]).to(self.device)  # (B, S)
             lengths = torch.tensor([len(ids[i]) for i in chunk], device=self.device)
             vocabulary = None if shortlist is None else shortlist.candidates(src)
-            # sampling: input i draws from its own generator, so its sample is the seed's and i's alone
-            generators = [sentence_generator(decode.seed, i, self.device) for i in chunk] if decode.sample else None
+            generators = None
+            if decode.sample:  # input i draws from its own generator: its sample is the seed's and its id's alone
+                generators = [sentence_generator(decode.seed, sample_ids[i], self.device) for i in chunk]
             with autocast(self.device, self.precision):
                 found = search(model, src, lengths, decode, generators, vocabulary, attention)
             for hyps, i in zip(found.nbest, chunk):
                 best = hyps[0]
                 results[i] = Translation(
                     text=self.pipeline.detokenize(best.tokens),
-                    # every emitted id, so that the attention rows keep their labels (an under-trained
-                    # model may emit <pad> or <sos>; the text leaves them out)
+                    # every emitted id, <unk> included, so that the attention rows keep their labels
                     tokens=self.pipeline.tgt_vocab.itos_of(best.tokens),
                     src_tokens=src_tokens[i],
                     score=best.log_prob,

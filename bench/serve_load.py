@@ -3,6 +3,7 @@
     python -m bench.serve_load runs/multi30k_de_en_transformer
     python -m bench.serve_load runs/multi30k_de_en_bahdanau runs/multi30k_de_en_transformer --clients 100 --duration 30
     python -m bench.serve_load runs/toy --clients 10 --duration 5 --src data/toy/test.src --name serve_load_toy
+    python -m bench.serve_load runs/quickstart --sample 1 --name serve_load_sampled_cpu
 
 For each mode, dynamic batching on (`--max-batch`, default 32) and off (`--max-batch 1`), a
 fresh `python -m aligna serve MODEL_DIR ...` is started on a free loopback port, and
@@ -155,6 +156,8 @@ def main() -> None:
         "--max-wait-ms", type=float, default=10.0, help="the server's --max-wait-ms (default: 10)"
     )
     parser.add_argument("--beam", type=int, help="beam_size of every request (default: the models' own)")
+    parser.add_argument("--sample", type=int, metavar="SEED", help="sample every request with this seed instead of "
+                        "searching: the sampled outputs must not change with batching either")  # fmt: skip
     parser.add_argument("--device", default="auto", help="the server's --device (default: auto)")
     parser.add_argument("--threads", type=int, help="the server's --threads (default: torch's choice)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
@@ -170,7 +173,11 @@ def main() -> None:
     for model_dir in args.model_dirs:  # the directories' names, made distinct
         name = Path(model_dir).resolve().name
         names.append(name if name not in names else f"{name}-{len(names) + 1}")
+    if args.beam is not None and args.sample is not None:
+        parser.error("--beam and --sample exclude each other")
     search = {} if args.beam is None else {"beam_size": args.beam}
+    if args.sample is not None:
+        search = {"sample": True, "seed": args.sample}
     extra = ["--max-wait-ms", str(args.max_wait_ms), "--device", args.device]
     if args.threads is not None:
         extra += ["--threads", str(args.threads)]

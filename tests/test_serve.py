@@ -466,6 +466,42 @@ def test_concurrent_requests_share_one_batch(translators, monkeypatch):
         assert [r["text"] for r in responses[i]["results"]] == expected
 
 
+def test_sampled_requests_share_a_batch_and_sample_as_alone(translators, monkeypatch):
+    """Sampled requests with the same settings are decoded together, and each text samples from
+    its seed and its place in its own request: each response is the request's translation alone."""
+    translator = translators["tf"]
+    gate = Gate(translator)
+    monkeypatch.setattr(translator, "translate_detailed", gate)
+    app = create_app({"tf": translator}, Settings(max_wait_ms=0, max_batch=32))
+    sampled = {"sample": True, "seed": 5, "top_k": 4}
+    requests = [{"texts": TEXTS[:2], **sampled}, {"texts": TEXTS[2:], **sampled}, {"texts": TEXTS[1:3], **sampled}]
+    with TestClient(app) as client:
+        worker = app.state.served["tf"].worker
+        first = threading.Thread(target=post, args=(client, {"texts": ["a"]}))
+        first.start()
+        assert gate.entered.wait(30)
+        responses: dict[int, dict] = {}
+        threads = [threading.Thread(target=lambda i=i, r=r: responses.__setitem__(i, post(client, r).json()))
+                   for i, r in enumerate(requests)]  # fmt: skip
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while worker.pending() < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.release.set()
+        for t in [first, *threads]:
+            t.join(30)
+    assert len(gate.calls) == 2  # the gate, then the three sampled requests in one call
+    assert sorted(gate.calls[1][0]) == sorted(TEXTS[:2] + TEXTS[2:] + TEXTS[1:3])
+    for i, request in enumerate(requests):
+        options = {k: v for k, v in request.items() if k != "texts"}
+        expected = gate.original(request["texts"], **options)
+        assert [r["tokens"] for r in responses[i]["results"]] == [t.tokens for t in expected]
+        assert [r["score"] for r in responses[i]["results"]] == pytest.approx([t.score for t in expected], abs=1e-4)
+    with pytest.raises(ValueError, match="sample_ids: one integer >= 0 for each of the 2 texts"):
+        translator.translate_detailed(TEXTS[:2], sample_ids=[0], **sampled)
+
+
 def test_a_client_that_leaves_is_not_decoded(translators, monkeypatch):
     translator = translators["rnn"]
     gate = Gate(translator)
@@ -516,10 +552,11 @@ class FakeModel:
     """run_batch for BatchWorker: records calls; the key "gate" blocks until released."""
 
     def __init__(self):
-        self.calls, self.release, self.entered = [], threading.Event(), threading.Event()
+        self.calls, self.places, self.release, self.entered = [], [], threading.Event(), threading.Event()
 
-    def __call__(self, texts, key):
+    def __call__(self, texts, key, places):
         self.calls.append((key, list(texts)))
+        self.places.append(places)
         if key == "gate":
             self.entered.set()
             assert self.release.wait(10)
@@ -545,6 +582,7 @@ def test_worker_batches_same_options_fifo():
     assert gate.future.result(10) == ["gate:x"]
     assert results == [["A:a1", "A:a2"], ["B:b1"], ["A:a3"], ["C:c1"], ["B:b2", "B:b3"]]
     assert model.calls[1:] == [("A", ["a1", "a2", "a3"]), ("B", ["b1", "b2", "b3"]), ("C", ["c1"])]
+    assert model.places[1:] == [[0, 1, 0], [0, 0, 1], [0]]  # each text's place in its own job
     assert worker.batches == 4 and worker.texts == 8
     worker.stop()
 
@@ -634,13 +672,13 @@ def test_a_worker_that_dies_fails_the_jobs_it_had_taken_too():
         def __eq__(self, other: object) -> bool:
             raise RuntimeError("a bug")
 
-    worker = BatchWorker(lambda texts, key: list(texts), max_wait_ms=2000, name="m").start()
+    worker = BatchWorker(lambda texts, key, places: list(texts), max_wait_ms=2000, name="m").start()
     head, behind = worker.submit(["a"], Touchy()), worker.submit(["b"], "B")  # within the head's wait
     for job in (head, behind):
         with pytest.raises(WorkerStopped):
             job.future.result(10)
 
-    def leave(texts, key):
+    def leave(texts, key, places):
         raise SystemExit(3)
 
     worker = BatchWorker(leave, max_wait_ms=1, name="m").start()
@@ -658,7 +696,7 @@ def test_worker_with_a_real_model_makes_one_call(translators, monkeypatch):
         return original(texts, *args, **kwargs)
 
     monkeypatch.setattr(translator, "translate_detailed", counting)
-    worker = BatchWorker(lambda texts, key: [t.text for t in translator.translate_detailed(texts, **dict(key))],
+    worker = BatchWorker(lambda texts, key, places: [t.text for t in translator.translate_detailed(texts, **dict(key))],
                          max_batch=16, max_wait_ms=500, name="tf").start()  # fmt: skip
     key = (("beam_size", 2),)
     jobs = [worker.submit([text], key) for text in TEXTS]

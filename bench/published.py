@@ -8,6 +8,8 @@ test set with beam search, and compare the score with the published anchor and o
     python -m bench.published cmudict_g2p_transformer --train-set train.batch_tokens=6000  # training alone
     python -m bench.published multi30k_en_de_transformer_tiny --skip-train --tune  # choose on dev
     python -m bench.published cmudict_g2p_ensemble --tune  # the recorded G2P rows' models as one
+    python -m bench.published multi30k_en_fr_transformer_tiny --skip-train --tune --challenge \
+        --set model_dir=runs/second --set train.seed=2  # another run: the record's only if dev says so
 
 --tune chooses the weights (the best checkpoint, or the average of the last 3, 5 or 10, or those
 of --averages) and the length penalty (alpha 0, 0.6, 1.0, or those of --alphas) by the row's
@@ -17,6 +19,12 @@ row (`Row.members`) trains nothing: it decodes its member rows' recorded runs as
 (`aligna.load_ensemble`), each with the checkpoints its own row chose on dev, and --tune
 chooses the length penalty and the members' weights in the ensemble on dev (a coordinate
 search from equal weights: `tune_ensemble`).
+
+--challenge (with --tune) puts another run of a row against the one its record holds: the new
+run's best dev score (after its own dev choice) is compared with the best of the record's
+dev_grid, and only if it is better is the test set decoded and the record replaced; otherwise
+the test set is not decoded, and the try is added to the record (dev_challenges). Which run a
+row shows is so chosen on dev too, whatever their test scores.
 
 --train-set KEY=VALUE sets a train.* key for training alone: the harness trains with it, and
 the record keeps it apart (train_overrides) and puts it in the reproduce line's `aligna train`.
@@ -67,6 +75,7 @@ from bench.common import (
     command_line,
     config_hash,
     differences,
+    git_commit,
     other_model_or_data,
     run_config,
     train_command,
@@ -188,6 +197,10 @@ def check_options(args: argparse.Namespace, row: Row) -> None:
                               "others with --set, which the evaluation uses too")  # fmt: skip
     if row.members and args.train_overrides:
         raise ConfigError(f"--train-set: {args.row} is an ensemble row, which trains nothing")
+    if args.challenge and not args.tune:
+        raise ConfigError("--challenge: compares the best dev scores of two runs, so it needs --tune")
+    if args.challenge and row.members:
+        raise ConfigError(f"--challenge: {args.row} is an ensemble row, which has no run of its own")
     if args.ensemble_weights and not row.members:
         raise ConfigError(f"--ensemble-weights: {args.row} is not an ensemble row")
     if args.ensemble_weights:
@@ -254,6 +267,48 @@ def choose_on_dev(
     best = best_on_dev(grid, key, row.higher_is_better)
     # the last candidate tried may have been another average
     return weights_of(model_dir, best["average"]), best["average"], best["alpha"], grid
+
+
+def recorded_dev_best(name: str, row: Row) -> tuple[dict, dict]:
+    """--challenge: the row's record and the best entry of its dev_grid (a ValueError where there
+    is none to challenge)."""
+    path = RESULTS / f"published_{name}.json"
+    if not path.is_file():
+        raise ValueError(f"--challenge: {name} has no record ({path.name}) to challenge; record it without --challenge")
+    recorded = json.loads(path.read_text())
+    key = f"dev_{row.metric}"
+    grid = [g for g in recorded.get("dev_grid") or [] if key in g]
+    if not grid:
+        raise ValueError(f"--challenge: {path.name} has no dev scores ({key} in dev_grid) to compare with; "
+                         "record it with --tune first")  # fmt: skip
+    return recorded, best_on_dev(grid, key, row.higher_is_better)
+
+
+def challenge(args: argparse.Namespace, row: Row, grid: list[dict], train_steps: int) -> list[dict] | None:
+    """--challenge: this run's best dev score against the recorded run's. The tries so far, this
+    one last, where this run is better (the new record keeps them); None where it is not: then
+    the try is added to the record, which stands, and the test set is not decoded."""
+    recorded, theirs = recorded_dev_best(args.row, row)
+    key = f"dev_{row.metric}"
+    ours = best_on_dev(grid, key, row.higher_is_better)
+    better = ours[key] > theirs[key] if row.higher_is_better else ours[key] < theirs[key]  # a tie keeps the record
+    entry = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": git_commit(), "command": command_line(),
+        "overrides": args.overrides, "train_steps": train_steps, "dev_best": ours,
+        "record": {"git_commit": recorded.get("git_commit"), "overrides": recorded.get("overrides"),
+                   "dev_best": theirs, "value": recorded.get("value")},
+        "replaced_the_record": better,
+    }  # fmt: skip
+    tries = [*recorded.get("dev_challenges", []), entry]
+    print(f"--challenge: dev {row.metric} {ours[key]:.2f} ({ours['weights']}, alpha {ours['alpha']}) against the "
+          f"record's {theirs[key]:.2f} ({theirs['weights']}, alpha {theirs['alpha']}): "
+          f"{'this run replaces the record' if better else 'the record stands; the test set is not decoded'}")  # fmt: skip
+    if better:
+        return tries
+    path = RESULTS / f"published_{args.row}.json"
+    path.write_text(json.dumps(recorded | {"dev_challenges": tries}, indent=1) + "\n", encoding="utf-8")
+    print(f"the try is added to {path.relative_to(ROOT)} (dev_challenges)")
+    return None
 
 
 def test_decodes(name: str) -> int:
@@ -450,8 +505,11 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
 # --------------------------------------------------------------------------- single rows
 
 
-def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int, model_dir: Path) -> str:
-    """How the weights and alpha were chosen, and what else saw the test set, in words."""
+def chosen_by(
+    args: argparse.Namespace, row: Row, grid: list[dict], decodes: int, model_dir: Path, tries: list[dict] | None = None
+) -> str:  # fmt: skip
+    """How the weights and alpha were chosen (and, with --challenge, the run), and what else
+    saw the test set, in words."""
     chosen = chosen_on_dev(grid, {"weights": "the weights", "alpha": "alpha"})
     if chosen:
         text = (f"the dev set's {row.metric}: {' and '.join(chosen)} of the best dev score in dev_grid; "
@@ -462,6 +520,11 @@ def chosen_by(args: argparse.Namespace, row: Row, grid: list[dict], decodes: int
         text = "given on the command line after training (--average, --alpha), not chosen on any set"
     else:
         text = "fixed before training (--average, --alpha), not looked up on any set"
+    if tries:
+        last = tries[-1]
+        text += (f"; the run was chosen on dev too (--challenge): its best dev {row.metric} "
+                 f"{last['dev_best'][f'dev_{row.metric}']:.2f} against the earlier record's "
+                 f"{last['record']['dev_best'][f'dev_{row.metric}']:.2f} (dev_challenges)")  # fmt: skip
     if not args.skip_train or (model_dir / "test_scores.json").is_file():
         text += ("; aligna train's own end-of-training test score chose nothing (when training ended it scored the "
                  "best checkpoint on the test set at the config's decoding: MODEL_DIR/test_scores.json)")  # fmt: skip
@@ -472,16 +535,22 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     """Train the row (or, with --skip-train, take the run in model_dir if it was trained with
     the row's model and data), choose its weights and alpha, decode the test set once, record."""
     model_dir = Path(config.model_dir)
+    if args.challenge:
+        recorded_dev_best(args.row, row)  # before anything trains: a record with dev scores to challenge
     if args.skip_train:
         trained = checked_run(model_dir, config, row.config)
     else:
         train(train_config, overwrite=True, progress=False)
         trained = train_config
     state = ModelDir(model_dir).trainer_state()
-    checkpoint, grid = "best", []
+    checkpoint, grid, tries = "best", [], None
     if args.tune:
         checkpoint, args.average, args.alpha, grid = choose_on_dev(
             model_dir, config, row, args.beam, tuple(args.alphas), tuple(args.averages))
+    if args.challenge:
+        tries = challenge(args, row, grid, state["step"])
+        if tries is None:
+            return
     elif args.average:
         args.average = min(args.average, len(ModelDir(model_dir).checkpoints()))
         checkpoint = weights_of(model_dir, args.average)
@@ -515,8 +584,9 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
             if args.average
             else "best checkpoint",
             "search": f"beam {args.beam}, alpha {search['alpha']}" if args.beam > 1 else "greedy",
-            "chosen_by": chosen_by(args, row, grid, decodes, model_dir),
+            "chosen_by": chosen_by(args, row, grid, decodes, model_dir, tries),
             "dev_grid": grid,
+            **({"dev_challenges": tries} if tries else {}),
             "test_decodes": decodes,
             "metrics": scores.values,
             "signatures": scores.signatures,
@@ -600,6 +670,11 @@ def main() -> None:
         "--averages", type=int, nargs="*", default=list(AVERAGES), metavar="N",
         help=f"--tune: the checkpoint averages tried beside the best checkpoint (default {' '.join(map(str, AVERAGES))}; "
         "none: the best checkpoint alone)",
+    )
+    parser.add_argument(
+        "--challenge", action="store_true",
+        help="with --tune: another run of the row, which decodes the test set and replaces the record only if its "
+        "best dev score beats the record's",
     )
     parser.add_argument("--note", default="", help="a sentence for the record (how the run was made, say)")
     parser.add_argument(

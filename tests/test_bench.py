@@ -62,6 +62,7 @@ def harness_in(mp: pytest.MonkeyPatch, root: Path) -> None:
         mp.setattr(module, "RESULTS", root / "results")
     mp.setattr(published, "ROWS", TOY_ROWS)
     mp.setattr(common, "git_commit", lambda: "test")
+    mp.setattr(published, "git_commit", lambda: "test")
     mp.setattr(sys.modules["__main__"], "__spec__", types.SimpleNamespace(name="bench.published"))
 
 
@@ -186,6 +187,32 @@ def test_the_harness_counts_its_decodings_of_a_rows_test_set(bench, monkeypatch)
     (bench / "results" / "published_toy.json").write_text(json.dumps(r))
     bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--average", "0")
     assert record(bench)["test_decodes"] == 2
+
+
+def test_a_challenger_run_replaces_the_record_only_if_it_is_better_on_dev(bench, monkeypatch, capsys):
+    """--challenge: a second run of a row decodes the test set and replaces the record only if its
+    best dev score beats the record's; a tie or worse leaves the record, and the try is kept."""
+    assert "needs --tune" in refused(monkeypatch, capsys, "toy", "--skip-train", "--beam", "1", "--challenge")
+    err = refused(monkeypatch, capsys, "toy", "--skip-train", "--tune", "--beam", "1", "--challenge")
+    assert "published_toy.json has no dev scores" in err  # recorded without --tune
+    bench_run(monkeypatch, "toy", "--skip-train", "--tune", "--beam", "1")
+    recorded = record(bench)
+    score_test = published.score_test
+    monkeypatch.setattr(published, "score_test", lambda *a, **k: pytest.fail("decoded the test set"))
+    bench_run(monkeypatch, "toy", "--skip-train", "--tune", "--beam", "1", "--challenge")  # the same run: a tie
+    r = record(bench)
+    assert {k: v for k, v in r.items() if k != "dev_challenges"} == recorded
+    (tie,) = r["dev_challenges"]
+    assert not tie["replaced_the_record"] and tie["dev_best"]["dev_wer"] == tie["record"]["dev_best"]["dev_wer"]
+    assert "the record stands; the test set is not decoded" in capsys.readouterr().out
+    worse = r | {"dev_grid": [g | {"dev_wer": 1000.0} for g in r["dev_grid"]]}  # as if its run were worse on dev
+    (bench / "results" / "published_toy.json").write_text(json.dumps(worse))
+    monkeypatch.setattr(published, "score_test", score_test)
+    bench_run(monkeypatch, "toy", "--skip-train", "--tune", "--beam", "1", "--challenge")
+    r = record(bench)
+    assert [c["replaced_the_record"] for c in r["dev_challenges"]] == [False, True]
+    assert r["test_decodes"] == recorded["test_decodes"] + 1
+    assert "the run was chosen on dev too (--challenge)" in r["chosen_by"] and "against the earlier record's 1000.00" in r["chosen_by"]
 
 
 def test_an_ensemble_member_must_still_be_its_recorded_run(bench, monkeypatch):

@@ -433,19 +433,18 @@ class Gate:
         return self.original(texts, *args, **kwargs)
 
 
-def test_concurrent_requests_share_one_batch(translators, monkeypatch):
-    translator = translators["rnn"]
+def queued_behind_a_gate(translator, name: str, requests: list[dict], monkeypatch) -> tuple[Gate, dict[int, dict]]:
+    """Serve `translator` alone, hold its worker on a first request until every one of `requests`
+    is queued, then let them go: the Gate (its calls) and each request's response by index."""
     gate = Gate(translator)
     monkeypatch.setattr(translator, "translate_detailed", gate)
-    app = create_app({"rnn": translator}, Settings(max_wait_ms=0, max_batch=32))
+    app = create_app({name: translator}, Settings(max_wait_ms=0, max_batch=32))
+    responses: dict[int, dict] = {}
     with TestClient(app) as client:
-        worker = app.state.served["rnn"].worker
+        worker = app.state.served[name].worker
         first = threading.Thread(target=post, args=(client, {"texts": ["a"]}))
         first.start()
         assert gate.entered.wait(30)
-        requests = [{"texts": TEXTS[:2]}, {"texts": TEXTS[2:], "beam_size": 1}, {"texts": ["e e"]},
-                    {"texts": ["f g"], "beam_size": 2}]  # fmt: skip
-        responses: dict[int, dict] = {}
         threads = [threading.Thread(target=lambda i=i, r=r: responses.__setitem__(i, post(client, r).json()))
                    for i, r in enumerate(requests)]  # fmt: skip
         for t in threads:
@@ -456,6 +455,13 @@ def test_concurrent_requests_share_one_batch(translators, monkeypatch):
         gate.release.set()
         for t in [first, *threads]:
             t.join(30)
+    return gate, responses
+
+
+def test_concurrent_requests_share_one_batch(translators, monkeypatch):
+    requests = [{"texts": TEXTS[:2]}, {"texts": TEXTS[2:], "beam_size": 1}, {"texts": ["e e"]},
+                {"texts": ["f g"], "beam_size": 2}]  # fmt: skip
+    gate, responses = queued_behind_a_gate(translators["rnn"], "rnn", requests, monkeypatch)
     # the gate; then the three greedy requests (beam_size 1 is the default) in one call, and the beam one alone
     assert len(gate.calls) == 3 and gate.calls[0][0] == ["a"]
     batches = sorted(sorted(texts) for texts, _ in gate.calls[1:])
@@ -470,27 +476,9 @@ def test_sampled_requests_share_a_batch_and_sample_as_alone(translators, monkeyp
     """Sampled requests with the same settings are decoded together, and each text samples from
     its seed and its place in its own request: each response is the request's translation alone."""
     translator = translators["tf"]
-    gate = Gate(translator)
-    monkeypatch.setattr(translator, "translate_detailed", gate)
-    app = create_app({"tf": translator}, Settings(max_wait_ms=0, max_batch=32))
     sampled = {"sample": True, "seed": 5, "top_k": 4}
     requests = [{"texts": TEXTS[:2], **sampled}, {"texts": TEXTS[2:], **sampled}, {"texts": TEXTS[1:3], **sampled}]
-    with TestClient(app) as client:
-        worker = app.state.served["tf"].worker
-        first = threading.Thread(target=post, args=(client, {"texts": ["a"]}))
-        first.start()
-        assert gate.entered.wait(30)
-        responses: dict[int, dict] = {}
-        threads = [threading.Thread(target=lambda i=i, r=r: responses.__setitem__(i, post(client, r).json()))
-                   for i, r in enumerate(requests)]  # fmt: skip
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while worker.pending() < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.release.set()
-        for t in [first, *threads]:
-            t.join(30)
+    gate, responses = queued_behind_a_gate(translator, "tf", requests, monkeypatch)
     assert len(gate.calls) == 2  # the gate, then the three sampled requests in one call
     assert sorted(gate.calls[1][0]) == sorted(TEXTS[:2] + TEXTS[2:] + TEXTS[1:3])
     for i, request in enumerate(requests):

@@ -38,6 +38,7 @@ from .data import (
     reference_sets,
     write_report,
 )
+from .eventlog import EventLog
 from .loss import sequence_loss
 from .metrics import HIGHER_IS_BETTER, MODEL_METRICS, Scores
 from .model import Seq2Seq
@@ -278,7 +279,7 @@ class Trainer:
         self.md = ModelDir(config.model_dir)
         self.dir = self.md.path
         self.lock = None
-        self._writer: Any = None
+        self.events = EventLog(self.md / TENSORBOARD)  # written by the main process only
         setup_logging(level=logging.INFO if self.world.main else logging.WARNING)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
@@ -432,9 +433,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the model directory (idempotent)."""
-        if getattr(self, "_writer", None):
-            self._writer.close()
-            self._writer = None
+        if getattr(self, "events", None) is not None:
+            self.events.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -503,8 +503,7 @@ class Trainer:
         if st.skipped_updates:
             log.warning("%d updates were skipped for a non-finite loss or gradient", st.skipped_updates)
         self.model.eval()  # done training: the translator may use it
-        if self._writer:
-            self._writer.close()
+        self.events.close()
         return st
 
     def _update(self, group: list[list[int]], window: _Window) -> None:
@@ -642,20 +641,7 @@ class Trainer:
             )
 
     def _log_scalars(self, prefix: str, values: dict[str, float]) -> None:
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time
-                self._writer = False
-            else:
-                try:
-                    self._writer = SummaryWriter(str(self.md / TENSORBOARD))
-                except OSError as e:  # TensorBoard is a view of train.log: training goes on without it
-                    log.warning("no TensorBoard logs: %s: %s", self.md / TENSORBOARD, e.strerror or e)
-                    self._writer = False
-        if self._writer:
-            for key, value in values.items():
-                self._writer.add_scalar(f"{prefix}/{key}", value, self.state.step)
+        self.events.scalars(prefix, values, self.state.step)
 
 
 def _check_same_settings(config: Config) -> None:

@@ -1,4 +1,5 @@
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import aligna
-from aligna import kernels, modeldir, tensorfiles, training
+from aligna import eventlog, kernels, modeldir, tensorfiles, training
 from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
 from aligna.modeldir import ModelDir
@@ -224,6 +225,31 @@ def test_early_stopping_stops(toy_config, aligna_log):
     assert "the run stopped early" in aligna_log.text
     more = toy_config(train={"epochs": 50, "validate_every": 5, "early_stopping_patience": 3, "lr": 1e-9})
     assert Trainer(more, resume=True, progress=False).train().step == state.step + 5  # more patience: on
+
+
+def test_tensorboard_shows_the_logged_scalars_and_a_full_disk_is_one_warning(toy_config, aligna_log, monkeypatch):
+    """torch's SummaryWriter wrote from a thread: on a full disk that thread printed a traceback
+    and the next scalar raised the error in the training loop."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = toy_config(train={"max_steps": 40})
+    state = Trainer(config, progress=False).train()
+    events = EventAccumulator(str(Path(config.model_dir) / modeldir.TENSORBOARD))
+    events.Reload()
+    assert {"train/loss", "train/lr", "dev/loss", "dev/wer"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40]  # train.log_every 10
+    dev = [(e.step, e.value) for e in events.Scalars("dev/wer")]
+    assert dev == [(h["step"], pytest.approx(h["wer"])) for h in state.history] and len(dev) == 2
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    monkeypatch.setattr(eventlog, "open", lambda *args: open("/dev/full", "ab"), raising=False)  # ENOSPC
+    full = toy_config(train={"max_steps": 40}, model_dir=str(Path(config.model_dir).parent / "full"))
+    state = Trainer(full, progress=False).train()
+    assert state.step == 40 and ModelDir(full.model_dir).latest() is not None  # trained on
+    warnings = [line for line in aligna_log.lines if "TensorBoard" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert not thread_errors
 
 
 def test_validation_ignores_a_decode_shortlist_and_numbers_epochs_from_1(toy_config):

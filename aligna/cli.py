@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -477,6 +478,19 @@ def _check_outputs(outputs: dict[str, str | None], inputs: Sequence[str | None])
             raise ValueError(f"{flag} {path}: another output goes to that file too")
 
 
+def _check_output_dir(flag: str, path: Path) -> None:
+    """Before any work: `path` is a directory, or one can be made there."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; give a directory")
+    there = path
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir():
+        raise ValueError(f"{flag} {path}: {there} is a file, so the directory cannot be made")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {there} is not writable")
+
+
 def _translate(args: argparse.Namespace) -> int:
     from .data import decode_lines, read_lines
 
@@ -485,6 +499,8 @@ def _translate(args: argparse.Namespace) -> int:
     if args.input == "-":
         args.input = None  # standard input
     _check_outputs({"--output": args.output}, [args.input])
+    if args.attention:
+        _check_output_dir("--attention", Path(args.attention))
     if args.attention_maps is not None and not args.attention:
         raise ValueError("--attention-maps chooses which maps --attention DIR writes: give --attention DIR too")
     translator = _load(args)

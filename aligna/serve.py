@@ -64,14 +64,15 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for key in ("max_batch", "max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len",
-                    "max_map_numbers"):  # fmt: skip
+        for key in ("max_body_bytes", "max_texts", "max_chars", "max_beam", "max_output_len", "max_map_numbers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: {getattr(self, key)} is out of range; allowed: integers >= 1")
-        try:
-            check_value(field_type(DecodeConfig, "max_len_a"), self.max_len_a)  # the limit is such a value
-        except ConfigError as e:
-            raise ValueError(f"max_len_a: {e}") from None
+        # limits that are decode settings too (a batch is decoded with batch_size max_batch)
+        for key, setting in (("max_batch", "batch_size"), ("max_len_a", "max_len_a")):
+            try:
+                check_value(field_type(DecodeConfig, setting), getattr(self, key))
+            except ConfigError as e:
+                raise ValueError(f"{key}: {e}") from None
         check_max_wait(self.max_wait_ms)  # before any model loads
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is out of range; allowed: 0 to 65535")
@@ -231,12 +232,23 @@ def _loc(loc: tuple | list) -> str | None:
     return out or None
 
 
+MAX_ERRORS = 20  # validation errors listed in one reply
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 when json.loads fails otherwise
+
+
+def _parse_failure(cause: BaseException | None) -> str:
+    """What json.loads raised other than a syntax error (Guard has checked the UTF-8)."""
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    return type(cause).__name__ if cause is not None else "unreadable"
+
+
 def _validation_error(exc: RequestValidationError, content_type: str) -> Response:
     if content_type and "json" not in content_type.lower():
         message = f"body: not JSON (Content-Type: {content_type[:60]}); send a JSON object with Content-Type: application/json"
         return error_response(422, message, "body")
-    errors = []
-    for e in exc.errors():
+    errors, more = [], max(0, len(exc.errors()) - MAX_ERRORS)
+    for e in exc.errors()[:MAX_ERRORS]:
         message = e.get("msg", "invalid")
         if e.get("type") == "json_invalid":
             message = f"invalid JSON ({e.get('ctx', {}).get('error', 'cannot parse')})"
@@ -247,7 +259,8 @@ def _validation_error(exc: RequestValidationError, content_type: str) -> Respons
     first = errors[0] if errors else {"field": "body", "message": "invalid request"}
     if first["field"] == "body" and first.get("type") == "missing":
         first["message"] = 'missing: send a JSON object such as {"texts": ["..."]}'
-    return error_response(422, f"{first['field']}: {first['message']}", first["field"], errors=errors)
+    extra = {"more_errors": more} if more else {}  # a body of 10^5 wrong items is not answered with 10^5 errors
+    return error_response(422, f"{first['field']}: {first['message']}", first["field"], errors=errors, **extra)
 
 
 # --------------------------------------------------------------------------- a served model
@@ -306,17 +319,19 @@ class ServedModel:
     translator: TextTranslator
     info: dict[str, Any]
     worker: BatchWorker | None = None
-    _sampling: count = field(default_factory=count)
+    _alone: count = field(default_factory=count)
 
     def key(self, options: dict[str, Any], attention: str) -> Hashable:
-        """What a batch shares: the resolved search settings and the attention mode. A sampled
-        text draws from the generator of its seed and its place in its own request
-        (`run_batch`), so a seed gives the same output whatever else shares its batch; an
-        engine that samples a batch from one stream (CTranslate2) decodes each sampled job alone."""
+        """What a batch shares: the resolved search settings and the attention mode, so that a
+        request gets what it would get alone. A sampled text draws from the generator of its
+        seed and its place in its own request (`run_batch`), so a seed gives the same output
+        whatever else shares its batch. Two kinds of job are decoded alone: sampled ones on an
+        engine that samples a batch from one stream (CTranslate2), and shortlist ones, which a
+        batch decodes over the union of its sentences' candidates (either engine)."""
         decode = config_to_dict(self.translator.decode_config(**options))
         decode.pop("batch_size")
-        alone = next(self._sampling) if decode["sample"] and not self.translator.samples_each_input else None
-        return attention, tuple(sorted(decode.items())), alone
+        alone = decode["shortlist"] or (decode["sample"] and not self.translator.samples_each_input)
+        return attention, tuple(sorted(decode.items())), next(self._alone) if alone else None
 
     def run_batch(self, texts: list[str], key: Hashable, places: list[int], max_batch: int) -> list[dict[str, Any]]:
         """In the worker thread: translate `texts` in one call, then build each result.
@@ -526,6 +541,8 @@ def create_app(models: dict[str, TextTranslator], settings: Settings | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:  # FastAPI's for what json.loads raised
+            return error_response(422, f"body: cannot be parsed as JSON ({_parse_failure(exc.__cause__)})", "body")
         return error_response(exc.status_code, str(exc.detail), None, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -414,6 +414,11 @@ def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_pa
     out = tmp_path / "o.txt"
     refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", tmp_path / "maps", says="no attention")
     assert not out.exists()  # refused before translating, not after writing the output
+    (tmp_path / "afile").write_text("kept\n")
+    for maps, says in ((tmp_path / "afile", f"--attention {tmp_path / 'afile'}: is a file; give a directory"),
+                       (tmp_path / "afile" / "maps", "afile is a file, so the directory cannot be made")):  # fmt: skip
+        refused("translate", plain.model_dir, "-i", src, "-o", out, "--attention", maps, says=says)
+        assert not out.exists()  # before any work (it failed after writing the translations)
     refused("serve", plain.model_dir, "--api-key-file", tmp_path / "nope", says=f"{tmp_path / 'nope'}: No such file")
     for command in ("evaluate", "compare"):  # they score each sentence's best translation: --nbest 1 at most
         refused(command, plain.model_dir, "--tsv", test, "--beam", 2, "--nbest", 2, says=f"--nbest: {command} scores")

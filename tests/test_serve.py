@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -360,6 +361,11 @@ def test_malformed_bodies_are_422(client):
     for request, field in wrong_types:
         body = error_of(post(client, request), 422)
         assert body["field"] == field, (request, body)
+    deep = b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # json.loads: RecursionError (FastAPI: 400)
+    body = error_of(client.post("/v1/translate", content=deep, headers={"content-type": "application/json"}), 422)
+    assert body["field"] == "body" and "cannot be parsed as JSON (nested too deeply)" in body["error"]
+    many = error_of(post(client, {"model": "rnn", "texts": list(range(5000))}), 422)  # one error per text
+    assert many["field"] == "texts[0]" and len(many["errors"]) == 20 and many["more_errors"] == 4980
     form = error_of(client.post("/v1/translate", data={"texts": "a"}), 422)
     assert "Content-Type: application/json" in form["error"]
     assert error_of(client.get("/v1/nothing"), 404)["error"]
@@ -387,6 +393,14 @@ def test_api_key(translators, tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         read_api_key(str(tmp_path / "empty"))
+
+
+def test_limits_that_are_decode_settings_are_checked_as_those():
+    """--max-batch over decode.batch_size's range started a server that failed every request."""
+    with pytest.raises(ValueError, match=r"max_batch: 200000 is out of range; allowed: integers in \[1, 100000\]"):
+        Settings(max_batch=200_000)
+    with pytest.raises(ValueError, match="max_len_a: -1"):
+        Settings(max_len_a=-1)
 
 
 def test_cors_only_when_asked(translators):
@@ -488,6 +502,24 @@ def test_sampled_requests_share_a_batch_and_sample_as_alone(translators, monkeyp
         assert [r["score"] for r in responses[i]["results"]] == pytest.approx([t.score for t in expected], abs=1e-4)
     with pytest.raises(ValueError, match="sample_ids: one integer >= 0 for each of the 2 texts"):
         translator.translate_detailed(TEXTS[:2], sample_ids=[0], **sampled)
+
+
+def test_shortlist_requests_are_decoded_alone(model_dirs, tmp_path, monkeypatch):
+    """A batch is decoded over the union of its sentences' candidates, so a shortlist request
+    that shared a batch could get another translation than alone: each is decoded alone."""
+    from aligna import shortlist
+
+    listed = shutil.copytree(model_dirs["tf"], tmp_path / "tf")
+    shortlist.make(listed, frequent=4, per_source=1)
+    translator = aligna.load(listed, device="cpu")
+    options = {"shortlist": True, "beam_size": 2}
+    requests = [{"texts": TEXTS[:2], **options}, {"texts": TEXTS[2:], **options}, {"texts": TEXTS[1:3]}, {"texts": ["e"]}]
+    gate, responses = queued_behind_a_gate(translator, "tf", requests, monkeypatch)
+    batches = sorted(sorted(call[0]) for call in gate.calls[1:])  # after the gate's
+    assert batches == sorted([sorted(TEXTS[:2]), sorted(TEXTS[2:]), sorted(TEXTS[1:3] + ["e"])])
+    for i, request in enumerate(requests):
+        expected = gate.original(request["texts"], **{k: v for k, v in request.items() if k != "texts"})
+        assert [r["tokens"] for r in responses[i]["results"]] == [t.tokens for t in expected]
 
 
 def test_a_client_that_leaves_is_not_decoded(translators, monkeypatch):

@@ -605,13 +605,17 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .data import require_a_scorable_pair
+
     _best_only(args)
     _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
     sources, references, rows = _test_set(args, translator.config.data.group_references)
     metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
-    hypotheses = translator.translate(sources, **_search_options(args))
     origin = args.tsv or " / ".join([args.src, *args.ref])
+    if {"loss", "ppl"} & set(metrics):  # before translating it all
+        require_a_scorable_pair(sources, [refs[0] for refs in references], f"{origin} (loss, ppl)")
+    hypotheses = translator.translate(sources, **_search_options(args))
     scores = translator.evaluate(sources, references, metrics, hypotheses, origin=origin)
     for name, value in scores.values.items():
         signature = scores.signatures.get(name)

@@ -13,7 +13,6 @@ YAML is read by `yamlsafe`, which refuses duplicate keys and aliases that expand
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import functools
@@ -446,10 +445,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _unshared(value: Any) -> Any:
+    """A copy in which no two places share a mapping or list. A YAML alias (`test: *held_out`)
+    is the very object of its anchor, and deepcopy keeps that: an override of one place
+    would change the other too (`--set data.test.tsv=...` would move dev as well)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `raw` with each ``a.b.c=value`` set: a list or mapping parsed as YAML,
     any other value as `_Typed` (its field's type says how it reads)."""
-    raw = copy.deepcopy(raw)
+    raw = _unshared(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

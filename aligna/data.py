@@ -253,6 +253,13 @@ class Examples:
         return src, np.fromiter((len(t) - 1 for t in self.tgt), np.int64, len(self.tgt))
 
 
+def require_a_scorable_pair(src: Sequence[str], tgt: Sequence[str], what: str) -> None:
+    """Loss and perplexity need a pair with text on both sides: a set without one is refused
+    before any work, not after it has been decoded (or at a run's first validation)."""
+    if not any(s.strip() and t.strip() for s, t in zip(src, tgt)):
+        raise DataError(f"{what}: no pair has text on both sides ({len(src)} read), so no loss can be computed")
+
+
 def pair_ids(
     pipeline: Pipeline, src: str, tgt: str, max_len: int, too_long: str, report: FilterReport
 ) -> tuple[list[int], list[int]] | None:

@@ -33,9 +33,11 @@ from .data import (
     ParallelText,
     Pipeline,
     collate,
+    encode_pairs,
     epoch_batches,
     read_parallel,
     reference_sets,
+    require_a_scorable_pair,
     write_report,
 )
 from .eventlog import EventLog
@@ -320,11 +322,14 @@ class Trainer:
         self.dev: tuple[list[str], list[list[str]]] | None = None
         self.dev_origin = ""  # the file(s) it came from, for messages
         self.test: ParallelText | None = None
+        self._eval_texts: dict[str, ParallelText] = {}
         if self.world.main and data.dev is not None:
-            dev = read_parallel(data.dev, "dev")
+            dev = self._eval_texts["dev"] = read_parallel(data.dev, "dev")
             self.dev, self.dev_origin = reference_sets(dev, data.group_references), dev.origin
         if self.world.main and data.test is not None:
-            self.test = read_parallel(data.test, "test")
+            self.test = self._eval_texts["test"] = read_parallel(data.test, "test")
+        for split, text in self._eval_texts.items():  # else the first validation would end the run
+            require_a_scorable_pair(text.src, text.tgt, f"{split}: {text.origin}")
 
     def _setup_data(self, resume: bool) -> None:
         """The pipeline (built by rank 0, or the saved one), training pairs as ids, dev text."""
@@ -335,6 +340,8 @@ class Trainer:
             pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
             corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
             self.pipeline = pipeline or corpus.pipeline
+            for split, text in self._eval_texts.items():  # a set with no pair the pipeline can use stops
+                encode_pairs(self.pipeline, text, 1_000_000, "truncate", split)  # the run now, not when scored
             if not resume:
                 self.pipeline.save(self.dir)
                 save_config(config, self.md / CONFIG)

@@ -41,6 +41,16 @@ class _Loader(yaml.SafeLoader):
                 break
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors raise KeyError, IndexError, TypeError... for some explicitly
+        tagged values (`!!bool maybe`, `!!int ''`): each becomes a YAMLProblem naming the line."""
+        try:
+            return super().construct_object(node, deep)
+        except (YAMLProblem, yaml.YAMLError, RecursionError):
+            raise
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+            raise YAMLProblem(_unreadable(node, e)) from None
+
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         if len(node.value) > 100:  # 1:2:3:... (base 60) of 1 MiB would take hours
             raise YAMLProblem(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} characters")
@@ -87,8 +97,15 @@ def load_yaml(text: str) -> Any:
         raise YAMLProblem(f"not valid YAML: {_one_line(str(e))}") from None
     except RecursionError:
         raise YAMLProblem("not valid YAML: nested too deeply") from None
-    except ValueError as e:  # e.g. a date that does not exist
-        raise YAMLProblem(f"not valid YAML: {_one_line(str(e))}") from None
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:  # a constructor's, outside
+        raise YAMLProblem(f"not valid YAML: {type(e).__name__}: {_one_line(str(e))}") from None  # construct_object
+
+
+def _unreadable(node: yaml.Node, error: Exception) -> str:
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    what = f"{_quoted(node.value)} is not a valid {tag}" if isinstance(node, yaml.ScalarNode) else f"not a valid {tag}"
+    why = f" ({_one_line(str(error))})" if isinstance(error, ValueError) and str(error) else ""
+    return f"line {node.start_mark.line + 1}: {what}{why}"
 
 
 def _quoted(value: Any, limit: int = 60) -> str:

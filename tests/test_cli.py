@@ -423,6 +423,8 @@ def test_bad_command_lines_lose_nothing_and_say_what_is_wrong(toy_config, tmp_pa
     for command in ("evaluate", "compare"):  # they score each sentence's best translation: --nbest 1 at most
         refused(command, plain.model_dir, "--tsv", test, "--beam", 2, "--nbest", 2, says=f"--nbest: {command} scores")
     assert cli("evaluate", plain.model_dir, "--tsv", test, "--nbest", 1) == 0  # as scripts have passed it
+    (tmp_path / "blank.tsv").write_text("a b\t\n")  # no reference: refused before translating, not after
+    refused("evaluate", plain.model_dir, "--tsv", tmp_path / "blank.tsv", says="blank.tsv (loss, ppl): no pair has text")
     with pytest.raises(SystemExit):
         cli("evaluate", "--help")
     assert "--nbest" not in capsys.readouterr().out  # not listed where it cannot be more than 1

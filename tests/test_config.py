@@ -288,6 +288,12 @@ def test_alias_bomb_is_refused_quickly_in_little_memory(tmp_path):
 def test_aliases_that_stay_small_are_fine_and_cycles_are_refused(tmp_path):
     config = load_text(tmp_path, "model_dir: x\ndata: {train: &c {tsv: t.tsv}, dev: *c, test: *c}\n")
     assert config.data.dev == config.data.test == config.data.train
+    path = tmp_path / "c.yaml"  # an override of one place an anchor is used changes that place only
+    path.write_text("model_dir: x\ndata: {train: {tsv: t.tsv}, dev: &h {tsv: dev.tsv}, test: *h,\n"
+                    "  src_tokenizer: &k {type: bpe}, tgt_tokenizer: *k}\n")  # fmt: skip
+    config = load_config(path, ["data.test.tsv=test.tsv", "data.tgt_tokenizer.type=char"])
+    assert (config.data.dev.tsv, config.data.test.tsv) == ("dev.tsv", "test.tsv")  # dev was the test set too
+    assert (config.data.src_tokenizer.type, config.data.tgt_tokenizer.type) == ("bpe", "char")
     with pytest.raises(ConfigError, match=r"line 3: an alias inside its own anchor"):
         load_text(tmp_path, MINIMAL + "name: &a [1, *a]\n")
     with pytest.raises(ConfigError, match=r"line 3: an alias inside its own anchor"):
@@ -307,6 +313,24 @@ def test_big_files_and_deep_nesting_are_refused(tmp_path):
     path.write_bytes(MINIMAL.encode() + b"name: \xff\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8 text \(byte \d+\)"):
         load_config(path)
+
+
+def test_explicitly_tagged_values_that_cannot_be_read_name_their_line(tmp_path):
+    """PyYAML's constructors raise KeyError, IndexError, TypeError... for these: tracebacks."""
+    cases = [
+        ("train: {compile: !!bool maybe}", r"line 3: 'maybe' is not a valid !!bool"),
+        ("name: !!int ''", r"line 3: '' is not a valid !!int"),
+        ("name: !!float '_'", r"line 3: '_' is not a valid !!float"),
+        ("name: !!timestamp soon", r"line 3: 'soon' is not a valid !!timestamp"),
+        ("name: 2024-02-30", r"line 3: '2024-02-30' is not a valid !!timestamp \(day is out of range for month\)"),
+        ("name: !!set [a]", r"not valid YAML: TypeError"),
+    ]
+    for text, message in cases:
+        with pytest.raises(ConfigError, match=r"c\.yaml: " + message):
+            load_text(tmp_path, MINIMAL + text + "\n")
+    load_text(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"override 'train.compile=!!bool maybe': line 1: 'maybe' is not a valid !!bool"):
+        load_config(tmp_path / "c.yaml", ["train.compile=!!bool maybe"])
 
 
 def test_quoted_values_are_cut(tmp_path):

@@ -196,6 +196,11 @@ def test_a_bad_dev_or_test_set_stops_the_run_before_anything_changes(toy_config,
         with pytest.raises(DataError, match=r"bad\.tsv:1"):
             Trainer(toy_config(data={split: {"tsv": str(tmp_path / "bad.tsv")}}), overwrite=True, progress=False)
     assert sorted(p.name for p in Path(config.model_dir).iterdir()) == before  # the run is still there
+    (tmp_path / "blank.tsv").write_text("a b\t\n\tc\n \t \n")  # read, but no pair to score (at the first validation)
+    for split in ("dev", "test"):
+        with pytest.raises(DataError, match=rf"{split}: .*blank\.tsv: no pair has text on both sides \(3 read\)"):
+            Trainer(toy_config(data={split: {"tsv": str(tmp_path / "blank.tsv")}}), overwrite=True, progress=False)
+    assert sorted(p.name for p in Path(config.model_dir).iterdir()) == before
 
 
 def test_a_resumed_run_trains_with_the_optimizer_settings_it_logs(toy_config):

@@ -121,8 +121,9 @@ import torch._dynamo  # noqa: E402,F401  (the first optimizer imports it otherwi
 import aligna.cli  # noqa: E402
 import aligna.training  # noqa: E402,F401
 
-try:
-    import torch.utils.tensorboard  # noqa: F401
+try:  # what aligna.eventlog imports at the first logged scalar
+    import tensorboard.compat.proto.event_pb2  # noqa: F401
+    import tensorboard.summary.writer.record_writer  # noqa: F401
 except ImportError:
     pass
 

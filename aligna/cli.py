@@ -606,12 +606,19 @@ def _test_set(args: argparse.Namespace, group: bool) -> tuple[list[str], list[li
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import require_a_scorable_pair
+    from .metrics import HIGHER_IS_BETTER
 
     _best_only(args)
+    if args.metrics is not None:  # before any work
+        args.metrics = [name.strip() for name in args.metrics.split(",")]
+        unknown = [name for name in args.metrics if name not in HIGHER_IS_BETTER]
+        if unknown:
+            raise ValueError(f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}; choose from "
+                             f"{', '.join(HIGHER_IS_BETTER)}")  # fmt: skip
     _check_outputs({"--hyp-output": args.hyp_output, "--json": args.json}, [args.src, *(args.ref or []), args.tsv])
     translator = _load(args)
     sources, references, rows = _test_set(args, translator.config.data.group_references)
-    metrics = args.metrics.split(",") if args.metrics else ["ppl", *translator.config.eval.metrics]
+    metrics = args.metrics or ["ppl", *translator.config.eval.metrics]
     origin = args.tsv or " / ".join([args.src, *args.ref])
     if {"loss", "ppl"} & set(metrics):  # before translating it all
         require_a_scorable_pair(sources, [refs[0] for refs in references], f"{origin} (loss, ppl)")
@@ -653,8 +660,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--names has {len(names)} names for {len(args.model_dirs)} models")
     if len(set(names)) != len(names) or not all(names):
         raise ValueError(f"the models' names must be distinct and non-empty, got {names}: give --names a,b,...")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: a file; give a directory for compare.json and compare.png")
+    if args.out:
+        _check_output_dir("--out", Path(args.out))  # for compare.json and compare.png
     translators = {n: _load(args, dirs) for n, dirs in zip(names, entries)}
     first = next(iter(translators.values()))
     sources, references, _ = _test_set(args, first.config.data.group_references)

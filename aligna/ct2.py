@@ -43,12 +43,12 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, DecodeConfig, load_config
-from .data import ParallelText, Pipeline, encode_pairs
+from .data import ParallelText, Pipeline
 from .export import TOKEN_NAMES, ExportError, ct2_tokens, ctranslate2_module, export_ctranslate2, export_info
 from .modeldir import CONFIG
 from .search import NEVER, length_penalty, max_lengths
 from .shortlist import VMAP
-from .translate import TextTranslator, Translation
+from .translate import TextTranslator, Translation, loss_examples
 from .vocab import EOS, EOS_ID, PAD_ID, SOS_ID
 
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8", "bf16": "bfloat16", "fp16": "float16"}
@@ -232,8 +232,7 @@ class CT2Translator(TextTranslator):
     def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
         """CTranslate2's `score_batch` over the pairs aligna's engine would score (same
         cutting and filtering): mean per-token cross-entropy, `<eos>` included."""
-        limit = self.max_len
-        examples = encode_pairs(self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate", "evaluation")
+        examples = loss_examples(self.pipeline, pairs, self.max_len)
         sources = [[self.src_names[i] for i in s.tolist()] for s in examples.src]
         targets = [[self.tgt_names[i] for i in t.tolist() if i not in (SOS_ID, EOS_ID, PAD_ID)] for t in examples.tgt]
         if not sources:

@@ -27,6 +27,7 @@ CTranslate2 has no RNN decoder: an RNN model is refused, with what to use instea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ def export_ctranslate2(
         raise ExportError(f"--quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     md = ModelDir(model_dir)
     md.require()
-    out = Path(out)
+    out = Path(out).absolute()  # "." or "..": the staging directory goes beside it, not into it
     _check_target(out, md, overwrite)
     config = load_config(md / CONFIG)
     if config.model.arch != "transformer":
@@ -118,6 +119,7 @@ def export_ctranslate2(
     old: Path | None = None
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the export from other users
         spec.save(str(staging))
         pipeline.save(staging)
         shutil.copyfile(md / CONFIG, staging / CONFIG)
@@ -145,13 +147,21 @@ def export_ctranslate2(
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not out.exists():  # the earlier export back in its place
-            (old / out.name).rename(out)
-            old.rmdir()
+        if old is not None:
+            if not out.exists():  # the earlier export back in its place
+                (old / out.name).rename(out)
+            if not any(old.iterdir()):
+                old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_target(out: Path, md: ModelDir, overwrite: bool) -> None:

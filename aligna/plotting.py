@@ -38,9 +38,9 @@ def _style() -> dict[str, Any]:
 def _save(fig: Any, path: str | Path, dpi: int) -> None:
     """Write the figure whole or not at all: into a file beside `path`, renamed into place."""
     path = Path(path)
-    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # the same suffix: the same format
-    try:
-        fig.savefig(partial, dpi=dpi)
+    partial = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:  # the format of path's suffix (PNG without one: savefig would add ".png" to the partial file)
+        fig.savefig(partial, dpi=dpi, format=path.suffix[1:].lower() or "png")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 from .build import build_model
 from .compiled import compile_decoding
 from .config import Config, ConfigError, DecodeConfig, load_config, replace_validated
-from .data import DataError, ParallelText, Pipeline, encode_pairs, pad_batch
+from .data import DataError, Examples, ParallelText, Pipeline, encode_pairs, pad_batch
 from .ensemble import Ensemble, ensemble_weights
 from .loss import corpus_loss
 from .metrics import MODEL_METRICS, Scores, perplexity, score
@@ -372,12 +372,7 @@ class Translator(TextTranslator):
 
     @torch.inference_mode()
     def _corpus_loss(self, pairs: ParallelText) -> tuple[float, int]:
-        limit = self.model.max_len  # tgt_in is <sos> + the reference
-        examples = encode_pairs(
-            self.pipeline, pairs, limit - 1 if limit else 1_000_000, "truncate" if limit else "filter", "evaluation"
-        )
-        if examples.report.empty or examples.report.truncated or examples.report.too_long:
-            _warn_once(f"{pairs.origin}: {examples.report} (for loss and perplexity)")
+        examples = loss_examples(self.pipeline, pairs, self.model.max_len)
         with autocast(self.device, self.precision):  # the loss of the model that translates, bf16 and fp16 too
             return corpus_loss(self._eval_model(), examples, self.config.train.batch_tokens, self.device)
 
@@ -397,6 +392,17 @@ def _check_strings(values: Sequence[object], name: str) -> None:
 
 
 _WARNED: set[str] = set()  # warnings this process has given: a dev set's at every validation is said once
+
+
+def loss_examples(pipeline: Pipeline, pairs: ParallelText, max_len: int | None) -> Examples:
+    """The pairs that loss and perplexity are computed over, whichever engine scores them:
+    references cut to the model's `max_len` positions (<sos> + the reference), pairs with an
+    empty side left out, and a warning that says how many where any are."""
+    limit = max_len - 1 if max_len else 1_000_000
+    examples = encode_pairs(pipeline, pairs, limit, "truncate", "evaluation")
+    if examples.report.empty or examples.report.truncated or examples.report.too_long:
+        _warn_once(f"{pairs.origin}: {examples.report} (for loss and perplexity)")
+    return examples
 
 
 def _warn_once(message: str) -> None:

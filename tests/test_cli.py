@@ -187,6 +187,12 @@ def test_attention_maps_and_compare(toy_config, tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
     assert main(["compare", plain.model_dir, attentive.model_dir, "--tsv", str(test), "--names", "a,a"]) == 1
     assert "names must be distinct" in capsys.readouterr().err  # one of them was dropped silently
+    (tmp_path / "afile").write_text("")
+    assert main(["compare", plain.model_dir, "--tsv", str(test), "--out", str(tmp_path / "afile" / "sub")]) == 1
+    assert "--out " in capsys.readouterr().err  # before translating (it failed after, the table lost)
+    assert main(["evaluate", plain.model_dir, "--tsv", str(test), "--metrics", "bleu,blue"]) == 1
+    assert "--metrics: unknown metric(s) 'blue'; choose from bleu, chrf" in capsys.readouterr().err
+    assert main(["evaluate", plain.model_dir, "--tsv", str(test), "--metrics", "bleu, exact"]) == 0
     for metric in ("ppl", "blue"):  # refused before any model translates (ppl was a KeyError traceback)
         assert main(["compare", plain.model_dir, "--tsv", str(test), "--metric", metric]) == 1
         err = capsys.readouterr().err

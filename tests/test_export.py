@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,14 +139,17 @@ def test_ctranslate2_searches_as_aligna_fp32(trained, exported, corpus, variant,
         assert torch.allclose(y.attention, x.attention, atol=1e-4)
 
 
-def test_loss_and_scores_agree(trained, exported, corpus):
+def test_loss_and_scores_agree(trained, exported, corpus, aligna_log):
     sources = _sources(corpus)[:100]
     references = [[" ".join(reversed(s.split()))] for s in sources]
+    references[3] = [""]  # left out of the loss by both engines, and both say so (CTranslate2's did not)
     ours, theirs = aligna.load(trained["pre"]), aligna.load(exported["pre"])
-    a = ours.evaluate(sources, references, ["exact", "loss"])
-    b = theirs.evaluate(sources, references, ["exact", "loss"])
+    a = ours.evaluate(sources, references, ["exact", "loss"], origin="ours")
+    b = theirs.evaluate(sources, references, ["exact", "loss"], origin="theirs")
     assert b.values["exact"] == a.values["exact"]
     assert b.values["loss"] == pytest.approx(a.values["loss"], rel=1e-4)
+    for origin in ("ours", "theirs"):
+        assert f"{origin}: evaluation: 100 pairs read, 99 kept; 1 with an empty side filtered" in aligna_log.text
 
 
 def test_int8_export_translates_close_to_fp32(trained, corpus, tmp_path):
@@ -221,6 +225,20 @@ def test_export_never_overwrites_what_it_did_not_write(trained, tmp_path):
     assert export_ctranslate2(trained["pre"], out, checkpoint="latest", overwrite=True) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2", "thesis"]  # no staging directory left
     assert (out / EXPORT_INFO).is_file() and (out / "config.yaml").is_file()
+
+
+def test_export_to_the_working_directory_with_the_users_permissions(trained, tmp_path, monkeypatch):
+    """"." staged the export inside itself (EBUSY, a .old-* left behind), and every export was
+    mode 0700 (mkdtemp's), whatever the umask: a server run by another user could not read it."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    old_mask = os.umask(0o022)
+    try:
+        assert export_ctranslate2(trained["pre"], ".") == tmp_path / "here"
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "here" / EXPORT_INFO).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    assert (tmp_path / "here").stat().st_mode & 0o777 == 0o755
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

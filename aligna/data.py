@@ -62,6 +62,21 @@ def read_lines(path: str | Path) -> list[str]:
     return decode_lines(raw, str(path))
 
 
+def check_readable(corpus: CorpusConfig, split: str) -> None:
+    """Each file of `corpus` exists and opens (it is read in full later): a typo stops a run
+    before anything is changed, such as an old run that --overwrite clears."""
+    for path in map(Path, corpus.paths):
+        if path.is_dir():
+            raise DataError(f"{split}: {path}: a directory, not a file")
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise DataError(f"{split}: file not found: {path}") from None
+        except OSError as e:
+            raise DataError(f"{split}: {path}: cannot read: {e.strerror or e}") from None
+
+
 def decode_lines(raw: bytes, name: str) -> list[str]:
     """UTF-8 bytes -> lines without endings (\n, \r\n, or \r in a file without \n); `name` (a
     file, stdin) is named in errors."""

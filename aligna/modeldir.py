@@ -32,7 +32,8 @@ Nothing is lost to a crash, a second run or a damaged file:
   loading checks them. `--resume` skips a damaged checkpoint, says so, and continues from
   the newest intact one; loading for inference names the damaged file.
 - `--overwrite` clears only a directory that carries aligna's marker, and never the current
-  directory, a parent of it, home or `/`.
+  directory, a parent of it, home or `/`. Without it, a directory is cleared only when it
+  holds no checkpoint and nothing but what a run writes before its first (EARLY_RUN_FILES).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from .tensorfiles import (
     set_rng_state,
     unwrap,
 )
+from .vocab import PIPELINE_FILES
 
 log = logging.getLogger("aligna")
 T = TypeVar("T")
@@ -97,6 +99,9 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
 MANIFEST = "manifest.json"
 STEP = re.compile(r"step-(\d+)")
+# what a run writes before its first checkpoint (besides the corpus): a directory holding only
+# these and no checkpoint is a run killed early, which starts over
+EARLY_RUN_FILES = (CONFIG, TRAIN_LOG, DATA_REPORT, TENSORBOARD, BEST, BEST_SCORES, LATEST, CHECKPOINTS, *PIPELINE_FILES)
 TMP = ".tmp-"  # prefix of files and directories being written
 DAMAGED = "damaged-"  # prefix of checkpoints set aside by --resume
 
@@ -200,7 +205,13 @@ class ModelDir:
                 f"{'resume from' if resume else 'continue'}: nothing was deleted; use --overwrite to start over, "
                 "or another model_dir"
             )
-        elif self._entries(ignore=(MARKER, LOCK, CORPUS, CORPUS_LOCK)):
+        elif left := self._entries(ignore=(MARKER, LOCK, CORPUS, CORPUS_LOCK)):
+            if others := [name for name in left if name not in EARLY_RUN_FILES]:
+                raise ModelDirError(
+                    f"model_dir {self.path} holds no checkpoint, so this run would start over and clear it, but it "
+                    f"also holds files that a run does not write before its first checkpoint ({_listing(others)}): "
+                    "nothing was deleted; move them out of it, or train into another model_dir"
+                )
             why = "--resume: no checkpoint to resume from" if resume else "no checkpoint yet"
             log.info("%s in %s (the run stopped before its first one): starting from the beginning", why, self.path)
             self._clear()
@@ -211,11 +222,11 @@ class ModelDir:
 
     def _trained_files(self) -> list[str]:
         """What a run leaves once it has written a checkpoint (latest.json, written after the
-        first one, and the best weights; averaged weights; checkpoints set aside): a directory
+        first one, and the best weights; averaged weights; test scores; checkpoints set aside): a directory
         that holds any is never cleared without --overwrite. (A run killed between its first
         best.safetensors and its first checkpoint has no latest.json: it starts over.)"""
         found = [name for name in (BEST, BEST_SCORES) if (self / name).exists() and (self / LATEST).exists()]
-        found += [AVERAGED] if (self / AVERAGED).exists() else []
+        found += [name for name in (AVERAGED, TEST_SCORES) if (self / name).exists()]
         if (self / CHECKPOINTS).is_dir():
             found += sorted(f"{CHECKPOINTS}/{p.name}" for p in (self / CHECKPOINTS).glob(f"{DAMAGED}*"))
         return found
@@ -465,6 +476,11 @@ class ModelDir:
             return self / AVERAGED
         if checkpoint == "best" and (self / BEST).is_file():
             return self / BEST
+        if checkpoint == "best" and (self / BEST_SCORES).is_file():  # a validation chose weights: not others
+            raise ModelDirError(
+                f"{self / BEST} is missing, though {BEST_SCORES} says a validation chose it: "
+                "use --checkpoint latest, averaged or a checkpoint directory"
+            )
         if checkpoint in ("best", "latest"):
             latest = self.latest()
             if latest is None:

@@ -32,6 +32,7 @@ from .data import (
     Batch,
     ParallelText,
     Pipeline,
+    check_readable,
     collate,
     encode_pairs,
     epoch_batches,
@@ -294,6 +295,8 @@ class Trainer:
             if not resume:
                 config.data.check_new_vocabulary()
             self._read_eval_sets()
+            if self.world.main and not resume:  # before --overwrite (or starting over) clears the old run
+                check_readable(config.data.train, "train")
             resuming = False
             if self.world.main:
                 self.lock, resuming = self.md.claim(resume, overwrite)

@@ -24,6 +24,7 @@ SPECIALS = (PAD, UNK, SOS, EOS)
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = range(4)
 # the pipeline's files in a model directory, one set per side (src, tgt)
 TOKENIZER_FILE, SPM_FILE, VOCAB_FILE = "{side}_tokenizer.json", "{side}.spm.model", "{side}_vocab.txt"
+PIPELINE_FILES = tuple(name.format(side=side) for side in ("src", "tgt") for name in (TOKENIZER_FILE, SPM_FILE, VOCAB_FILE))
 SPACE = "\u2581"  # "▁", stands for a space in character and subword tokens
 
 

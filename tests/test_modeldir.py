@@ -16,6 +16,7 @@ import aligna
 from aligna import modeldir, training
 from aligna.cli import main
 from aligna.config import save_config
+from aligna.data import DataError
 from aligna.modeldir import BusyError, ModelDir, ModelDirError
 from aligna.tensorfiles import DamagedFileError, load_weights
 from aligna.training import Trainer, TrainingDiverged, train
@@ -83,6 +84,51 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(toy_config, aligna
     Trainer(config, resume=True, progress=False).train()
     assert "no checkpoint to resume from" in aligna_log.text and md.latest().name == "step-000010"
     assert not list(md.path.glob(".tmp-*"))
+
+
+def test_starting_over_clears_only_what_an_early_run_writes(toy_config, tmp_path, aligna_log):
+    """A directory without checkpoints starts over, but only if it holds nothing else: after
+    `aligna prepare` (which marks it as aligna's) a user's notes and config were deleted."""
+    from aligna.corpus import prepare_model_dir
+
+    config = toy_config(train={"max_steps": 10, "validate_every": 10})
+    prepare_model_dir(config)
+    md = ModelDir(config.model_dir)
+    (md / "NOTES.md").write_text("why I ran this")
+    (md / "experiment.yaml").write_text("model_dir: .")
+    for flags in ({}, {"resume": True}):
+        with pytest.raises(ModelDirError, match=r"holds files that a run does not write before its first checkpoint "
+                                                r"\(NOTES.md, experiment.yaml\): nothing was deleted"):  # fmt: skip
+            Trainer(config, progress=False, **flags)
+    assert (md / "NOTES.md").read_text() == "why I ran this" and (md / "experiment.yaml").is_file()
+    (md / "NOTES.md").unlink()
+    (md / "experiment.yaml").unlink()
+    Trainer(config, progress=False).train()  # the prepared corpus is kept and used
+    assert md.latest().name == "step-000010"
+
+
+def test_a_typo_in_the_training_data_stops_overwrite_before_it_clears(toy_config, tmp_path):
+    config, md = trained(toy_config)
+    before = sorted(str(p.relative_to(md.path)) for p in md.path.rglob("*"))
+    typo = toy_config(data={"train": {"tsv": str(tmp_path / "trian.tsv")}})
+    with pytest.raises(DataError, match=r"train: file not found: .*trian\.tsv"):
+        Trainer(typo, overwrite=True, progress=False)
+    assert sorted(str(p.relative_to(md.path)) for p in md.path.rglob("*")) == before
+
+
+def test_best_weights_that_are_gone_are_not_replaced_by_others(toy_config):
+    """best.json says a validation chose best.safetensors: without it, "best" used to load the
+    latest checkpoint silently."""
+    config, md = trained(toy_config)
+    (md / modeldir.BEST).unlink()
+    with pytest.raises(ModelDirError, match=r"best.safetensors is missing, though best.json says a validation chose it"):
+        aligna.load(config.model_dir)
+    assert aligna.load(config.model_dir, checkpoint="latest") is not None
+    (md / modeldir.TEST_SCORES).write_text("{}")  # only a run that trained to its end writes it
+    shutil.rmtree(md / modeldir.CHECKPOINTS)
+    (md / modeldir.LATEST).unlink()
+    with pytest.raises(FileExistsError, match=r"holds a trained model \(.*test_scores.json\)"):
+        Trainer(config, progress=False)
 
 
 # --------------------------------------------------------------------------- the lock

@@ -367,23 +367,28 @@ def prepare(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
 
 
 def prepared(data: DataConfig, directory: Path, pipeline: Pipeline | None = None,
-             workers: int | None = None, repair: bool = False) -> PreparedCorpus:  # fmt: skip
+             workers: int | None = None, repair: bool = False, resuming: bool = False) -> PreparedCorpus:  # fmt: skip
     """The corpus in `directory` if it was prepared from `data` (and, given `pipeline`, with
     its vocabularies); otherwise prepare it now. A damaged corpus is a CorpusError naming the
     file, or with `repair` (`aligna prepare`) is encoded again. Safe to call from several
     processes at once (the ranks of a distributed run): one prepares, the others wait for
-    it and then map the same files."""
+    it and then map the same files. `resuming`: a corpus whose files have changed is said
+    louder, as the resumed run then trains on other pairs than the run it continues."""
     with _exclusive(directory.parent / CORPUS_LOCK):  # one prepares; the others wait, then reuse it
-        return _prepared(data, directory, pipeline, workers, repair)
+        return _prepared(data, directory, pipeline, workers, repair, resuming)
 
 
 def _prepared(data: DataConfig, directory: Path, pipeline: Pipeline | None, workers: int | None,
-              repair: bool) -> PreparedCorpus:  # fmt: skip
+              repair: bool, resuming: bool) -> PreparedCorpus:  # fmt: skip
     if (directory / MANIFEST).is_file():
         try:
             corpus = open_corpus(directory, data)
         except StaleCorpus as e:
-            log.info("%s; preparing it again", e)
+            if resuming:
+                log.warning("%s; preparing it again: the resumed run goes on with other training pairs (in "
+                            "another order) than the run it continues, so it is not an exact continuation", e)  # fmt: skip
+            else:
+                log.info("%s; preparing it again", e)
         except CorpusError as e:
             if not repair:
                 raise CorpusError(f"{e}; run `aligna prepare CONFIG` to encode the corpus again") from None

@@ -341,7 +341,7 @@ class Trainer:
             raise ValueError("train.teacher_forcing < 1 (scheduled sampling) trains in one process only")
         if self.world.main:
             pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
-            corpus = prepared(data, self.md / CORPUS, pipeline)  # encoded once, then memory-mapped
+            corpus = prepared(data, self.md / CORPUS, pipeline, resuming=resume)  # encoded once, then memory-mapped
             self.pipeline = pipeline or corpus.pipeline
             for split, text in self._eval_texts.items():  # a set with no pair the pipeline can use stops
                 encode_pairs(self.pipeline, text, 1_000_000, "truncate", split)  # the run now, not when scored

@@ -257,6 +257,15 @@ def test_tensorboard_shows_the_logged_scalars_and_a_full_disk_is_one_warning(toy
     assert not thread_errors
 
 
+def test_resuming_on_changed_training_data_says_it_is_not_exact(toy_config, tmp_path, aligna_log):
+    Trainer(toy_config(train={"max_steps": 10}), progress=False).train()
+    longer = toy_config(train={"max_steps": 20})
+    write_tsv(tmp_path / "train.tsv", reverse_pairs(2000, seed=5))  # the same file, other pairs
+    assert Trainer(longer, resume=True, progress=False).train().step == 20
+    assert "has changed since the corpus was prepared" in aligna_log.text
+    assert "so it is not an exact continuation" in aligna_log.text
+
+
 def test_validation_ignores_a_decode_shortlist_and_numbers_epochs_from_1(toy_config):
     """decode.shortlist (made from a trained model, after training) stopped the first validation
     with an error, before any checkpoint; and a validation at an epoch's end was numbered as the

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -284,6 +285,24 @@ def recorded_dev_best(name: str, row: Row) -> tuple[dict, dict]:
     return recorded, best_on_dev(grid, key, row.higher_is_better)
 
 
+def check_challenger(args: argparse.Namespace, row: Row, config: Config) -> None:
+    """--challenge, before anything trains: the record exists with dev scores, this run is scored
+    on its dev set with its beam (else the dev scores would not compare), and a run trained here
+    does not go into the recorded run's directory (it would replace that run whatever dev says)."""
+    recorded, _ = recorded_dev_best(args.row, row)
+    theirs = load_config(ROOT / row.config, recorded["overrides"])
+    if config.data.dev != theirs.data.dev:
+        raise ValueError(f"--challenge: this run's dev set ({config.data.dev}) is not the record's ({theirs.data.dev}), "
+                         "so their dev scores do not compare")  # fmt: skip
+    beam = int(m.group(1)) if (m := re.match(r"beam (\d+)", recorded.get("search", ""))) else 1
+    if args.beam != beam:
+        raise ValueError(f"--challenge: the record searched with beam {beam}, so give --beam {beam} (not {args.beam}) "
+                         "for dev scores that compare")  # fmt: skip
+    if not args.skip_train and Path(config.model_dir).resolve() == Path(theirs.model_dir).resolve():
+        raise ValueError(f"--challenge: {config.model_dir} holds the recorded run, which training the challenger "
+                         "there would replace whatever dev says: --set model_dir=ANOTHER_DIR")  # fmt: skip
+
+
 def challenge(args: argparse.Namespace, row: Row, grid: list[dict], train_steps: int) -> list[dict] | None:
     """--challenge: this run's best dev score against the recorded run's. The tries so far, this
     one last, where this run is better (the new record keeps them); None where it is not: then
@@ -313,9 +332,16 @@ def challenge(args: argparse.Namespace, row: Row, grid: list[dict], train_steps:
 
 def test_decodes(name: str) -> int:
     """How many times the harness has decoded row `name`'s test set, this time included: one more
-    than the row's record in RESULTS says (a record from before the count: 1), or 1 without one."""
+    than the row's record in RESULTS says (a record from before the count: 1), or 1 without one.
+    Called just before the decode, it writes the new count into the record at once, so that a
+    run that fails after decoding is still counted."""
     path = RESULTS / f"published_{name}.json"
-    return json.loads(path.read_text()).get("test_decodes", 1) + 1 if path.is_file() else 1
+    if not path.is_file():
+        return 1
+    record = json.loads(path.read_text())
+    decodes = record.get("test_decodes", 1) + 1
+    path.write_text(json.dumps(record | {"test_decodes": decodes}, indent=1) + "\n", encoding="utf-8")
+    return decodes
 
 
 def decodes_note(decodes: int) -> str:
@@ -329,8 +355,9 @@ def score_test(translator, config, row: Row, search: dict) -> tuple:
     started = time.perf_counter()
     hypotheses = translator.translate(sources, **search)
     decode_seconds = time.perf_counter() - started
-    scores = translator.evaluate(sources, references, ["ppl", *config.eval.metrics], hypotheses)
     targets = [(row.metric, row.published, row.target)] + ([row.also] if row.also else [])
+    metrics = ["ppl", *dict.fromkeys([*config.eval.metrics, *(m for m, _, _ in targets)])]  # the verdicts' too
+    scores = translator.evaluate(sources, references, metrics, hypotheses)
     verdicts = {
         m: {"published": p, "target": t, "aligna": scores.values[m], "met": met(scores.values[m], t, row.higher_is_better),
             "margin": (scores.values[m] - t) * (1 if row.higher_is_better else -1)}
@@ -363,7 +390,14 @@ def member_run(name: str) -> tuple[Path, int, dict]:
         found = ("it holds no checkpoint" if step is None else f"its latest checkpoint is step {step}") + (
             f", the record's run ended at step {record['train_steps']}")  # fmt: skip
     else:
-        found = other_model_or_data(run_config(model_dir), config)
+        run = run_config(model_dir)
+        found = other_model_or_data(run, config)
+        if not found and "run_train_differences" in record:  # another seed or lr that ended at the same step
+            trained = load_config(ROOT / ROWS[name].config, record["overrides"] + record.get("train_overrides", []))
+            now = json.loads(json.dumps(differences(run, trained, "train")))
+            if now != record["run_train_differences"]:
+                found = (f"its train settings differ from the row's config as {now}, the record's run's as "
+                         f"{record['run_train_differences']}")  # fmt: skip
     if found:
         raise SystemExit(
             f"the ensemble member {name}: {model_dir} no longer holds the run of its record {path.name} ({found}); "
@@ -496,6 +530,7 @@ def ensemble_row(args: argparse.Namespace, name: str, row: Row, config: Config) 
             "train_steps": " + ".join(str(r[2]["train_steps"]) for r in runs),
             "train_seconds": sum(r[2]["train_seconds"] for r in runs),
             "train_precision": "/".join(sorted({r[2]["train_precision"] for r in runs})),
+            "train_devices": list(dict.fromkeys(d for _, _, r in runs for d in r.get("train_devices", ["cpu"]))),
             "decode_seconds": decode_seconds,
             "note": args.note,
         },
@@ -535,14 +570,17 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     """Train the row (or, with --skip-train, take the run in model_dir if it was trained with
     the row's model and data), choose its weights and alpha, decode the test set once, record."""
     model_dir = Path(config.model_dir)
-    if args.challenge:
-        recorded_dev_best(args.row, row)  # before anything trains: a record with dev scores to challenge
+    if args.challenge:  # before anything trains: a record with dev scores that this run can be compared with
+        check_challenger(args, row, config)
     if args.skip_train:
         trained = checked_run(model_dir, config, row.config)
     else:
         train(train_config, overwrite=True, progress=False)
         trained = train_config
     state = ModelDir(model_dir).trainer_state()
+    if "step" not in state:  # before any decode: the record could not say what was trained
+        raise ValueError(f"{model_dir} holds no checkpoint (checkpoints/step-*), so the record could not say how long "
+                         "the run trained; score a run that still has its checkpoints")  # fmt: skip
     checkpoint, grid, tries = "best", [], None
     if args.tune:
         checkpoint, args.average, args.alpha, grid = choose_on_dev(
@@ -558,7 +596,9 @@ def single_row(args: argparse.Namespace, row: Row, config: Config, train_config:
     search = {"beam_size": args.beam, "alpha": args.alpha if args.beam > 1 else 0.0}
     decodes = test_decodes(args.row)
     test, scores, verdicts, decode_seconds = score_test(translator, config, row, search)
-    command = command_line()
+    # --challenge compared this run with the record it replaces (dev_challenges): run again, the
+    # command reproduces the run, and would only be compared with itself
+    command = shlex.join(word for word in shlex.split(command_line()) if word != "--challenge")
     if args.skip_train:  # the training happened before this command: the recipe names it, its data made first
         command = train_command(row.config, train_config, args.overrides + args.train_overrides) + " && " + command
     write_record(

@@ -213,6 +213,29 @@ def test_a_challenger_run_replaces_the_record_only_if_it_is_better_on_dev(bench,
     assert [c["replaced_the_record"] for c in r["dev_challenges"]] == [False, True]
     assert r["test_decodes"] == recorded["test_decodes"] + 1
     assert "the run was chosen on dev too (--challenge)" in r["chosen_by"] and "against the earlier record's 1000.00" in r["chosen_by"]
+    assert "--challenge" not in r["reproduce"] and "--challenge" in r["command"]  # run again, it reproduces the run
+    # refused before anything trains: scores that would not compare, and a challenger trained over the record's run
+    assert "give --beam 1 (not 2)" in refused(monkeypatch, capsys, "toy", "--skip-train", "--tune", "--challenge", "--beam", "2")
+    err = refused(monkeypatch, capsys, "toy", "--skip-train", "--tune", "--beam", "1", "--challenge", "--set", "data.dev.tsv=./x.tsv")
+    assert "this run's dev set" in err and "is not the record's" in err
+    err = refused(monkeypatch, capsys, "toy", "--tune", "--beam", "1", "--challenge", "--set", "train.seed=7")
+    assert "holds the recorded run, which training the challenger there would replace" in err
+
+
+def test_a_decode_is_counted_even_if_the_run_fails_after_it(bench, monkeypatch):
+    """A row whose eval.metrics lacks its verdict's metric failed after decoding (KeyError), and
+    the decode went uncounted."""
+    first = record(bench)["test_decodes"]
+    bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1", "--set", "eval.metrics=[per]")  # the verdict's wer too
+    assert record(bench)["test_decodes"] == first + 1 and "wer" in record(bench)["metrics"]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("after the decode")
+
+    monkeypatch.setattr(published, "write_record", fails)
+    with pytest.raises(RuntimeError):
+        bench_run(monkeypatch, "toy", "--skip-train", "--beam", "1")
+    assert record(bench)["test_decodes"] == first + 2
 
 
 def test_an_ensemble_member_must_still_be_its_recorded_run(bench, monkeypatch):
@@ -226,6 +249,12 @@ def test_an_ensemble_member_must_still_be_its_recorded_run(bench, monkeypatch):
     path.write_text(json.dumps(original | {"overrides": ["model.hidden_size=24"]}))
     with pytest.raises(SystemExit, match=r"model.hidden_size is 32 there, 24 here.*Record the member row again"):
         bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+    path.write_text(json.dumps(original | {"overrides": ["train.seed=7"]}))  # another seed, the same step count
+    with pytest.raises(SystemExit, match=r"its train settings differ .*Record the member row again"):
+        bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+    path.write_text(json.dumps(original))
+    bench_run(monkeypatch, "toy_ensemble", "--beam", "1")
+    assert record(bench, "toy_ensemble")["train_devices"] == ["cpu"]
 
 
 def test_a_dev_set_that_is_the_test_set_is_refused(untrained, monkeypatch, capsys):

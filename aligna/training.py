@@ -287,6 +287,9 @@ class Trainer:
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         self.device = distributed.device_for(self.world, resolve_device(self.cfg.device))
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":  # device auto on a machine without CUDA
+            raise ValueError(f"train.precision fp16 needs a CUDA device, and this run trains on {self.device}: "
+                             "use bf16 (or fp32) on a CPU")  # fmt: skip
         if self.device.type == "cpu" and keep_freed:
             keep_freed_memory()  # large tensors reuse freed memory instead of faulting fresh pages in
         distributed.join(self.world, self.device)
@@ -337,8 +340,8 @@ class Trainer:
     def _setup_data(self, resume: bool) -> None:
         """The pipeline (built by rank 0, or the saved one), training pairs as ids, dev text."""
         config, data = self.config, self.config.data
-        if self.world.distributed and self.cfg.teacher_forcing < 1.0:
-            raise ValueError("train.teacher_forcing < 1 (scheduled sampling) trains in one process only")
+        if self.world.distributed:
+            check_one_process_settings(self.cfg)
         if self.world.main:
             pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
             corpus = prepared(data, self.md / CORPUS, pipeline, resuming=resume)  # encoded once, then memory-mapped
@@ -573,6 +576,11 @@ class Trainer:
         if not self.world.main:
             window.reset()
             return
+        if not window.tokens:  # every update since the last line was skipped: no loss to show (not 0)
+            log.info("step %d/%d: every update since the last log line was skipped (not finite)", self.state.step,
+                     self._total)  # fmt: skip
+            window.reset()
+            return
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}", lr=f"{window.lr:.2e}", refresh=False)
         scalars = {"loss": loss, "tokens_per_s": speed, "lr": window.lr, "teacher_forcing": window.ratio}
         self._log_scalars("train", scalars)
@@ -652,6 +660,18 @@ class Trainer:
 
     def _log_scalars(self, prefix: str, values: dict[str, float]) -> None:
         self.events.scalars(prefix, values, self.state.step)
+
+
+def check_one_process_settings(cfg: TrainConfig) -> None:
+    """What a distributed run cannot train: scheduled sampling, whether from the start or once a
+    decaying teacher-forcing ratio falls below 1 (its decoding pass runs outside DDP)."""
+    decays = cfg.teacher_forcing_decay != "none" and cfg.teacher_forcing_min < cfg.teacher_forcing
+    if cfg.teacher_forcing < 1.0 or decays:
+        raise ValueError(
+            "scheduled sampling (train.teacher_forcing < 1"
+            + (f", or decaying to train.teacher_forcing_min {cfg.teacher_forcing_min:g}" if decays else "")
+            + ") trains in one process only"
+        )
 
 
 def _check_same_settings(config: Config) -> None:

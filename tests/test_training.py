@@ -14,7 +14,7 @@ from aligna.config import TrainConfig
 from aligna.loss import sequence_loss
 from aligna.modeldir import ModelDir
 from aligna.runtime import Int8Linear, check_precision
-from aligna.training import Trainer, learning_rate, teacher_forcing_ratio, train
+from aligna.training import Trainer, check_one_process_settings, learning_rate, teacher_forcing_ratio, train
 
 
 def test_toy_reverse_task_is_learned(toy_config, tmp_path):
@@ -559,6 +559,38 @@ def test_int8_decoding_quantizes_a_copy_and_agrees_with_fp32(toy_config, model):
     assert len(int8.translate(sources, beam_size=4)) == len(sources)
     ppl = [t.evaluate(sources, references, ["ppl"]).values["ppl"] for t in (fp32, int8)]
     assert ppl[1] != ppl[0] and ppl[1] == pytest.approx(ppl[0], rel=0.01)  # the int8 model scored it
+
+
+def test_settings_a_run_cannot_train_are_refused_before_anything_is_written(toy_config):
+    """A teacher-forcing ratio that decays below 1 passed the distributed check (only its start
+    was looked at) and every rank died at the first update; fp16 with device auto on a machine
+    without CUDA failed at the first update too, suggesting int8, which training does not take."""
+    check_one_process_settings(TrainConfig())
+    for settings, says in (({"teacher_forcing": 0.9}, r"train.teacher_forcing < 1\) trains in one process only"),
+                           ({"teacher_forcing_decay": "linear", "teacher_forcing_min": 0.5},
+                            "or decaying to train.teacher_forcing_min 0.5")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            check_one_process_settings(TrainConfig(**settings))
+    if not torch.cuda.is_available():
+        config = toy_config(train={"precision": "fp16"})
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device, and this run trains on cpu: use bf16"):
+            Trainer(config, progress=False)
+        assert not Path(config.model_dir).exists()
+
+
+def test_a_log_window_of_skipped_updates_shows_no_loss(toy_config, monkeypatch, aligna_log):
+    config = toy_config(train={"max_steps": 10, "log_every": 5, "validate_every": 0, "max_nonfinite_updates": 8})
+    real_loss, calls = training.sequence_loss, []
+
+    def nan_first_5(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) <= 5 else loss
+
+    monkeypatch.setattr(training, "sequence_loss", nan_first_5)
+    Trainer(config, progress=False).train()
+    assert "step 5/10: every update since the last log line was skipped" in aligna_log.text
+    assert "loss 0.0000" not in aligna_log.text and "step 10/10 loss" in aligna_log.text
 
 
 def test_precision_errors_say_what_to_use():

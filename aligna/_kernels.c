@@ -49,7 +49,9 @@ static inline void best_add(Best *b, float v, int64_t position) {
 /* exp(x) for x <= 0 (x - max), Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2,
  * exp(r) by a degree-7 polynomial, times 2^n through the exponent bits. */
 __attribute__((target("avx2,fma"))) static inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f)); /* exp(-87.34) = FLT_MIN: no denormal 2^n */
+    /* exp(-87.34) = FLT_MIN: no denormal 2^n. max_ps returns its second operand where either is
+     * NaN: x second, so a NaN logit stays NaN (and makes its row NaN, as in torch) */
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3365f), x);
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -93,7 +95,8 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
     for (; j < whole; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + j));
     float m = hmax_avx2(vmax);
     for (; j < n; j++) m = x[j] > m ? x[j] : m;
-    if (!isfinite(m)) m = 0.0f; /* -inf everywhere: log 0 below gives -inf, torch's nan aside */
+    int none = m == -INFINITY; /* every logit -inf: every log-probability -inf (torch gives nan) */
+    if (!isfinite(m)) m = 0.0f;
     __m256 vm = _mm256_set1_ps(m);
     __m256d wide = _mm256_setzero_pd();
     Py_ssize_t pairs = whole - whole % 16;
@@ -109,7 +112,7 @@ __attribute__((target("avx2,fma"))) static void row_avx2(float *x, Py_ssize_t n,
     for (; j < whole; j += 8) wide = add_wide(wide, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
     double s = hsum_wide(wide);
     for (; j < n; j++) s += expf(x[j] - m);
-    float c = add - (m + (float)log(s));
+    float c = none ? -INFINITY : add - (m + (float)log(s));
     __m256 shift = _mm256_set1_ps(c);
     for (j = 0; j < whole; j += 8) {
         __m256 out = _mm256_add_ps(_mm256_loadu_ps(x + j), shift);
@@ -188,10 +191,11 @@ __attribute__((target("avx2,fma"))) static double cross_entropy_row_avx2(const f
 static void row_portable(float *x, Py_ssize_t n, float add, Best *best, int64_t base) {
     float m = -INFINITY;
     for (Py_ssize_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    int none = m == -INFINITY; /* as in row_avx2 */
     if (!isfinite(m)) m = 0.0f;
     double s = 0.0;
     for (Py_ssize_t j = 0; j < n; j++) s += expf(x[j] - m);
-    float c = add - (m + (float)log(s));
+    float c = none ? -INFINITY : add - (m + (float)log(s));
     for (Py_ssize_t j = 0; j < n; j++) {
         x[j] += c;
         if (best != NULL) best_add(best, x[j], base + j);

@@ -45,6 +45,21 @@ def test_log_softmax_works_in_place_and_keeps_minus_infinity(code):
     assert bool(torch.isneginf(log_softmax_(torch.randn(4, 9), add)[1]).all())
 
 
+@pytest.mark.parametrize("cols", [7, 16, 17])
+def test_a_nan_logit_makes_its_row_nan_and_a_row_of_minus_infinity_stays_so(code, cols):
+    """The vectorized exp clamped a NaN to exp(-87) (max_ps's operand order), so a broken model
+    gave finite log-probabilities on AVX2 machines and NaN elsewhere; a row of -inf came out
+    -inf or NaN by its length."""
+    x = torch.zeros(3, cols)
+    x[0, 3], x[0, 5] = float("nan"), 2.0  # in a vector lane where there is one
+    x[1] = float("-inf")  # nothing possible: every log-probability -inf (torch: nan)
+    out = log_softmax_(x.clone())
+    assert bool(out[0].isnan().all()) and bool(out[1].isneginf().all())
+    torch.testing.assert_close(out[2], torch.log_softmax(x[2], -1))
+    _, values, _ = kernels.log_softmax_top_(x[1:].clone(), torch.zeros(2), 1, 2)
+    assert bool(values[0].isneginf().all()) and bool(values[1].isfinite().all())
+
+
 @pytest.mark.parametrize("case", ["bf16", "strided", "grad"])
 def test_other_tensors_take_torch(case):
     """What the kernel does not take (other dtypes, non-contiguous rows, autograd) is computed

@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write each sentence's attention map to DIR/NNNN.png and its weights to DIR/NNNN.json "
                    "(NNNN: the input line number, 4 digits or as many as the last line number has)")  # fmt: skip
     p.add_argument("--attention-maps", choices=("all", "summary"), default=None,
-                   help="all: also every layer and head of a Transformer, in DIR/NNNN/ (default); summary: only "
-                   "NNNN.png/.json, the map search used")  # fmt: skip
+                   help="all: also every layer and head of a Transformer, in DIR/NNNN/ (default; a CTranslate2 "
+                   "model has only the map search used); summary: only NNNN.png/.json, the map search used")  # fmt: skip
     p.set_defaults(run=_translate)
 
     p = sub.add_parser("evaluate", help="score a trained model on a test set",
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                        "lists under eval.metrics.")  # fmt: skip
     _model_args(p, ensemble=True, nbest=False)  # it scores each sentence's best translation
     _test_set_args(p)
-    p.add_argument("--metrics", help="comma-separated metrics (default: the config's eval.metrics + ppl)")
+    p.add_argument("--metrics", help="comma-separated metrics (default: loss, ppl and the config's eval.metrics)")
     p.add_argument("--hyp-output", help="also write the translations to this file, one line per input line")
     p.add_argument("--json", help="also write the scores as JSON to this file")
     p.set_defaults(run=_evaluate)
@@ -215,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=length, default=60, help="longest sequence, in symbols (default: 60)")
     p.add_argument("--symbols", type=_checked(Annotated[int, Range(1, len(SYMBOLS))]), default=10,
                    help=f"distinct symbols, at most {len(SYMBOLS)} (default: 10)")  # fmt: skip
-    p.add_argument("--sizes", type=_sizes, default="20000,500,1000", help="train,dev,test sizes")
+    p.add_argument("--sizes", type=_sizes, default="20000,500,1000",
+                   help="train,dev,test sizes (default: 20000,500,1000)")  # fmt: skip
     p.add_argument("--seed", type=_checked(field_type(TrainConfig, "seed")), default=1,
                    help="random seed of the data (default: 1)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace split files that hold other data")

@@ -182,6 +182,9 @@ def make(model_dir: str | Path, frequent: int = 100, per_source: int = 50) -> tu
     md = ModelDir(model_dir)
     md.require()
     config = load_config(md / CONFIG)
+    if config.model.arch != "transformer":  # before counting the whole corpus for nothing
+        raise ValueError(f"{md.path}: a vocabulary shortlist restricts a Transformer's output layer; this model is "
+                         f"an {config.model.arch.upper()}, which decodes over its whole vocabulary")  # fmt: skip
     pipeline = Pipeline.load(md.path)
     train = read_parallel(config.data.train, "train")
     pairs = ((pipeline.src_ids(s), pipeline.tgt_ids(t)) for s, t in zip(train.src, train.tgt))

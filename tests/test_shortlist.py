@@ -131,6 +131,15 @@ def test_an_rnn_says_it_has_no_shortlist():
         greedy_search(model, src, lengths, vocabulary=torch.arange(VOCAB))
 
 
+def test_the_cli_refuses_to_make_one_for_an_rnn(toy_config, capsys):
+    """It wrote shortlist.txt, which every --shortlist decode of the model then refused."""
+    config = toy_config(train={"max_steps": 2, "validate_every": 0})
+    run = train(config, progress=False)
+    assert main(["shortlist", str(run)]) == 1
+    assert "restricts a Transformer's output layer; this model is an RNN" in capsys.readouterr().err
+    assert not (Path(run) / "shortlist.txt").exists()
+
+
 def test_eos_keeps_its_place():
     """The special tokens are always listed, first, so each one's column is its id."""
     shortlist = build(_pairs(), 8, 13, frequent=0, per_source=1)

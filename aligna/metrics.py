@@ -37,6 +37,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
+    check_reference_lists(references)
     out = Scores()
     streams = _streams(references)
     for name in metrics:
@@ -67,6 +68,15 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
         elif name not in MODEL_METRICS:
             raise ValueError(f"unknown metric {name!r}")
     return out
+
+
+def check_reference_lists(references: Sequence[Sequence[str]]) -> None:
+    """One non-empty list of strings per sentence: a str alone would be read as one reference
+    per character, and scored without an error."""
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise TypeError(f"references[{i}]: a non-empty list of reference strings, one list per source; "
+                            f"got {refs!r:.80}")  # fmt: skip
 
 
 def _streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:

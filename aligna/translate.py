@@ -25,7 +25,7 @@ from .config import Config, ConfigError, DecodeConfig, load_config, replace_vali
 from .data import DataError, Examples, ParallelText, Pipeline, encode_pairs, pad_batch
 from .ensemble import Ensemble, ensemble_weights
 from .loss import corpus_loss
-from .metrics import MODEL_METRICS, Scores, perplexity, score
+from .metrics import MODEL_METRICS, Scores, check_reference_lists, perplexity, score
 from .model import Seq2Seq
 from .modeldir import CONFIG, ModelDir
 from .runtime import autocast, check_precision, quantize_int8, resolve_device
@@ -212,10 +212,8 @@ class TextTranslator:
             raise ValueError(f"{len(sources)} sources, {len(references)} reference lists{given}: give one each")
         if not sources:
             raise ValueError("no sources: there is nothing to score")
+        check_reference_lists(references)  # before anything is translated
         for i, refs in enumerate(references):
-            if isinstance(refs, str) or not refs:  # a str would be read as one reference per character
-                raise TypeError(f"references[{i}]: a non-empty list of reference strings, one list per source; "
-                                f"got {refs!r:.80}")  # fmt: skip
             _check_strings(refs, f"references[{i}]")
         decoded = [m for m in metrics if m not in MODEL_METRICS]
         scores = Scores()

@@ -67,3 +67,11 @@ def test_perplexity():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="2 hypotheses but 1"):
         score(["a", "b"], [["a"]], ["bleu"])
+
+
+def test_a_string_is_not_a_reference_list():
+    """score() read "a b" as the references "a", " ", "b" and scored them without an error."""
+    with pytest.raises(TypeError, match=r"references\[1\]: a non-empty list of reference strings"):
+        score(["a b", "c d"], [["a b"], "c d"], ["bleu"])
+    with pytest.raises(TypeError, match=r"references\[0\]"):
+        score(["a b"], [[]], ["wer"])

@@ -25,7 +25,7 @@ from .export import QUANTIZATIONS
 from .runtime import PRECISIONS
 from .synthetic import SYMBOLS
 from .tensorfiles import atomic_write_bytes, atomic_write_text
-from .translate import ENGINES
+from .translate import ENGINES, one_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,10 +515,10 @@ def _translate(args: argparse.Namespace) -> int:
     results = translator.translate_detailed(lines, attention=bool(args.attention), **options)
     if translator.decode_config(**options).nbest > 1:  # Moses n-best format
         text = "".join(
-            f"{i} ||| {_one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
+            f"{i} ||| {one_line(hyp)} ||| {score:.4f}\n" for i, r in enumerate(results) for hyp, score in r.nbest
         )
     else:
-        text = "".join(_one_line(r.text) + "\n" for r in results)
+        text = "".join(one_line(r.text) + "\n" for r in results)
     if args.output:
         atomic_write_bytes(Path(args.output), text.encode("utf-8"))
     else:
@@ -537,11 +537,6 @@ def _shortlist(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {len(shortlist.always)} target tokens always, candidates for {rules} source tokens",
           file=sys.stderr)  # fmt: skip
     return 0
-
-
-def _one_line(text: str) -> str:
-    """An output line never breaks in two, whatever a tokenizer gives back."""
-    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _write_attention(translator, results: list, out_dir: Path, every_map: bool = True) -> None:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import BatchWorker, WorkerStopped, check_max_wait
 from .config import Config, ConfigError, DecodeConfig, check_value, config_to_dict, field_type
-from .translate import TextTranslator
+from .translate import TextTranslator, one_line
 
 log = logging.getLogger("aligna")
 
@@ -308,11 +308,6 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None  # JSON has no -inf
 
 
-def _one_line(text: str) -> str:
-    """An output never breaks in two, whatever a tokenizer gives back (as `aligna translate`)."""
-    return text.replace("\r", " ").replace("\n", " ")
-
-
 @dataclass
 class ServedModel:
     name: str
@@ -345,8 +340,8 @@ class ServedModel:
             if attention != "none":
                 record = self.translator.attention_record(t, every_map=attention == "all")
             results.append({
-                "text": _one_line(t.text), "tokens": t.tokens, "src_tokens": t.src_tokens,
-                "score": _finite(t.score), "nbest": [{"text": _one_line(x), "score": _finite(s)} for x, s in t.nbest],
+                "text": one_line(t.text), "tokens": t.tokens, "src_tokens": t.src_tokens,
+                "score": _finite(t.score), "nbest": [{"text": one_line(x), "score": _finite(s)} for x, s in t.nbest],
                 "attention": record,
             })  # fmt: skip
         return results

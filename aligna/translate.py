@@ -382,6 +382,12 @@ def sentence_generator(seed: int, index: int, device: torch.device) -> torch.Gen
     return torch.Generator(device).manual_seed(mixed)
 
 
+def one_line(text: str) -> str:
+    """An output as one line, whatever a tokenizer gives back: a line break in a translation
+    would shift every later line of a file (translate) or break a line-based client (serve)."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
 def _check_strings(values: Sequence[object], name: str) -> None:
     """A TypeError naming the first item of `values` that is not a str."""
     for i, value in enumerate(values):

@@ -34,7 +34,6 @@ from .data import (
     Pipeline,
     check_readable,
     collate,
-    encode_pairs,
     epoch_batches,
     read_parallel,
     reference_sets,
@@ -328,13 +327,13 @@ class Trainer:
         self.dev: tuple[list[str], list[list[str]]] | None = None
         self.dev_origin = ""  # the file(s) it came from, for messages
         self.test: ParallelText | None = None
-        self._eval_texts: dict[str, ParallelText] = {}
+        read: dict[str, ParallelText] = {}
         if self.world.main and data.dev is not None:
-            dev = self._eval_texts["dev"] = read_parallel(data.dev, "dev")
+            dev = read["dev"] = read_parallel(data.dev, "dev")
             self.dev, self.dev_origin = reference_sets(dev, data.group_references), dev.origin
         if self.world.main and data.test is not None:
-            self.test = self._eval_texts["test"] = read_parallel(data.test, "test")
-        for split, text in self._eval_texts.items():  # else the first validation would end the run
+            self.test = read["test"] = read_parallel(data.test, "test")
+        for split, text in read.items():  # else the first validation (or the test score) would end the run
             require_a_scorable_pair(text.src, text.tgt, f"{split}: {text.origin}")
 
     def _setup_data(self, resume: bool) -> None:
@@ -346,8 +345,6 @@ class Trainer:
             pipeline = Pipeline.load(self.dir) if resume else None  # a resumed run keeps its vocabulary
             corpus = prepared(data, self.md / CORPUS, pipeline, resuming=resume)  # encoded once, then memory-mapped
             self.pipeline = pipeline or corpus.pipeline
-            for split, text in self._eval_texts.items():  # a set with no pair the pipeline can use stops
-                encode_pairs(self.pipeline, text, 1_000_000, "truncate", split)  # the run now, not when scored
             if not resume:
                 self.pipeline.save(self.dir)
                 save_config(config, self.md / CONFIG)

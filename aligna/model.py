@@ -75,7 +75,7 @@ def _select(value: Any, index: Tensor) -> Any:
 
 
 class Dropout(nn.Module):
-    """`nn.Dropout` whose mask on a CPU comes from `kernels.dropout_mask` (float32; a hash of each
+    """`nn.Dropout` whose mask on a CPU comes from `kernels.dropout_mask` (float32 or bf16; a hash of each
     position under a seed drawn from torch's generator, 8 values at a time), or else from
     `torch.rand`. The `bernoulli_` of torch's dropout draws one number at a time there: 6.3 ms
     on a (4800, 128) activation, 1 thread, against 2.6 for torch.rand and its three passes, and

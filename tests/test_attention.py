@@ -114,6 +114,24 @@ def test_scaled_dot_product_fast_path_equals_reference():
         assert torch.equal(additive[0], boolean[0])
 
 
+def test_bf16_training_attention_on_a_cpu_computes_the_fused_kernels_function():
+    """bf16 with gradients on a CPU takes the two products (torch's fused backward is slow there):
+    the output and the gradients are the float32 kernel's, to bf16 rounding; padding stays masked."""
+    attention = ScaledDotProductAttention()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 3, 8, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, True, False], [True, True, True]])[:, None, None, :]
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.clone().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out, _ = attention(*leaves, mask, need_weights=False)
+        out.float().pow(2).sum().backward()
+        grads.append((out.float(), *(t.grad.float() for t in leaves)))
+    for exact, bf16 in zip(*grads, strict=True):
+        torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05)
+    assert not bool(grads[1][2][0, :, 2].any())  # no gradient reaches the padded key (B, h, S, d)
+
+
 def test_modules_keep_no_state_between_calls():
     for kind, attention in scorers().items():
         before = {k: v for k, v in vars(attention).items() if not k.startswith("_")}

@@ -1,5 +1,8 @@
+import os
 import platform
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -117,6 +120,58 @@ def test_best_candidates_only_where_the_kernel_takes_the_tensors():
     assert kernels.log_softmax_top_(torch.randn(4, 10), torch.zeros(4), 3, 4) is None  # rows not in whole groups
 
 
+@pytest.fixture
+def threads(monkeypatch):
+    """torch at 3 threads and the kernels splitting work of 4 rows a thread: each call below is
+    cut into parts that run in the kernels' thread pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    monkeypatch.setattr(kernels, "MIN_ROWS_PER_THREAD", 4)
+    yield 3
+    torch.set_num_threads(before)
+
+
+def test_rows_split_among_threads_give_what_one_thread_gives(code, threads, monkeypatch):
+    """Each row is computed alone, so the parts (whole groups: a beam's rows stay together, with
+    their best candidates) give the same bits as one pass; a part's error reaches the caller."""
+    g = torch.Generator().manual_seed(11)
+    x, add = torch.randn(30, 37, generator=g) * 3, torch.randn(30, generator=g)
+    targets = torch.randint(1, 37, (30,), generator=g)
+    targets[::4] = 0
+    split = (kernels.log_softmax_(x.clone(), add.clone()), kernels.log_softmax_top_(x.clone(), add, 5, 7),
+             kernels.cross_entropy(x, targets, 0.1, 0))  # fmt: skip
+    monkeypatch.setattr(kernels, "MIN_ROWS_PER_THREAD", 1000)  # one part
+    whole = (kernels.log_softmax_(x.clone(), add.clone()), kernels.log_softmax_top_(x.clone(), add, 5, 7),
+             kernels.cross_entropy(x, targets, 0.1, 0))  # fmt: skip
+    assert torch.equal(split[0], whole[0])
+    assert all(torch.equal(a, b) for a, b in zip(split[1], whole[1], strict=True))
+    assert torch.equal(split[2][1], whole[2][1]) and torch.allclose(split[2][0], whole[2][0], rtol=1e-6)
+    monkeypatch.setattr(kernels, "MIN_ROWS_PER_THREAD", 4)
+    targets[25] = 99  # in the last part
+    with pytest.raises(IndexError, match="target 99 is out of range for 37 classes"):
+        kernels.cross_entropy(x, targets, 0.1, 0)
+
+
+def test_the_thread_pool_is_remade_in_a_forked_child(code, threads):
+    """A forked process inherits the pool but not its threads: work sent to it would wait forever."""
+    kernels.cross_entropy(torch.randn(40, 9), torch.ones(40, dtype=torch.long), 0.1, 0)  # the parent's pool
+    pid = os.fork()
+    if pid == 0:  # the child: exits 0 only if the split call returns
+        try:
+            kernels.cross_entropy(torch.randn(40, 9), torch.ones(40, dtype=torch.long), 0.1, 0)
+        finally:
+            os._exit(0 if kernels._pool is not None and kernels._pool[0] == os.getpid() else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the forked child's kernel call did not return")
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_and_its_gradient_equal_torch(code, eps):
     """The training loss's kernel: F.cross_entropy (summed, padding ignored, label smoothing)
@@ -220,7 +275,9 @@ def test_dropout_masks_only_where_the_kernel_takes_the_tensor(monkeypatch):
     monkeypatch.setattr(kernels, "USE", True)
     if kernels._kernels is None:
         pytest.skip("the C kernel is not built")
-    assert kernels.dropout_mask(torch.empty(4, dtype=torch.bfloat16), 0.3) is None  # torch draws those
+    assert kernels.dropout_mask(torch.empty(4, dtype=torch.float16), 0.3) is None  # torch draws those
+    bf16 = kernels.dropout_mask(torch.empty(4000, dtype=torch.bfloat16), 0.5)  # autocast's activations: cast
+    assert bf16.dtype == torch.bfloat16 and set(bf16.unique().tolist()) == {0.0, 2.0}
     assert kernels.dropout_mask(torch.empty(4), 0.0) is None and kernels.dropout_mask(torch.empty(4), 1.0) is None
     assert kernels.dropout_mask(torch.empty(2, 0, 3), 0.3).shape == (2, 0, 3)
     monkeypatch.setattr(kernels, "USE", False)

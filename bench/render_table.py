@@ -111,6 +111,23 @@ def speed_against_rows(record: dict) -> list[str]:
     return rows + (["", record["note"]] if record.get("note") else [])
 
 
+def kernel_rows(record: dict) -> list[str]:
+    """The C kernels alone by thread count (1 thread: the loop before it split its rows)."""
+    one = next((r for r in record["runs"] if r["threads"] == 1), None)
+    rows = [
+        f"`{_command(record)}` on {_machine(record['machine'])}: the C kernels alone, the fastest of "
+        f"{record['rounds']} calls (1 thread is the loop before it split its rows among torch's threads):",
+        "",
+        f"| threads | training loss, {record['rows']:,} x {record['vocab']:,} logits | "
+        f"beam step, {record['batch']} x {record['beam']} rows, log-softmax and best candidates |",
+        "|---|---|---|",
+    ]
+    for run in record["runs"]:
+        gain = [f" ({one[k] / run[k]:.2f}x)" if one and run is not one else "" for k in ("loss_ms", "beam_step_ms")]
+        rows.append(f"| {run['threads']} | {run['loss_ms']:.1f} ms{gain[0]} | {run['beam_step_ms']:.2f} ms{gain[1]} |")
+    return rows
+
+
 def decode_rows(record: dict) -> list[str]:
     rows = [
         f"`{_command(record)}` on {_machine(record['machine'])}, {_threads(record['threads'])}:",
@@ -401,6 +418,8 @@ def render() -> str:
         parts += ["", *speed_rows(r)]
     for r in [r for r in records if r.get("benchmark") == "train_speed_against"]:
         parts += ["", *speed_against_rows(r)]
+    for r in [r for r in records if r.get("benchmark") == "kernel_speed"]:
+        parts += ["", *kernel_rows(r)]
     if not speed:
         parts += ["", "(no records yet)"]
     scaling = [r for r in records if r["name"].startswith("corpus_scale")]

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=7743, help="the tiny Transformer's joint vocabulary")
     parser.add_argument("--batch", type=int, default=64, help="sentences of a beam search step")
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--name", type=record_name, default="kernel_speed_cpu")
     args = parser.parse_args()
     if not kernels.native():

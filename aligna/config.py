@@ -309,8 +309,8 @@ class TrainConfig(_Section):
     device: Annotated[str, Match(r"auto|cpu|cuda(:[0-9]{1,4})?", "auto, cpu, cuda or cuda:N")] = "auto"
     num_threads: Annotated[int, Range(0, 4096)] = 0  # torch CPU threads (0: torch's default)
     # fp32 is exact; bf16 / fp16 autocast (mixed precision) is for GPUs (fp16 with loss
-    # scaling, CUDA only); bf16 also runs on CPUs: on one with AMX, 1.2x faster than fp32 for
-    # the d256 Transformer, 0.9x for the tiny one (bench/results/train_speed_*_amx.json).
+    # scaling, CUDA only); bf16 also runs on CPUs: on one with AMX, 1.6x faster than fp32 for
+    # the d256 Transformer, 1.05x for the tiny one (bench/results/train_speed_*_amx.json).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the training forward pass
 

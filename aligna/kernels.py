@@ -31,6 +31,7 @@ torch's CUDA dropout uses Philox), 8 values at a time, and writes the scaled mas
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,10 +134,20 @@ def _row(t: Tensor | None, i: int) -> int:
     return 0 if t is None else t.data_ptr() + i * t.stride(0) * t.element_size()
 
 
-# Below this many rows a thread, splitting costs more than it saves (a thread's start-up is
-# some 10-50 us; a row of 8,000 logits some 3 us).
+# Below this many rows a thread, splitting costs more than it saves (handing a part to a pooled
+# thread and waiting for it: some 10-50 us; a row of 8,000 logits: some 3-7 us).
 MIN_ROWS_PER_THREAD = 32
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (the process that made it, its threads, the pool)
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool)
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool object came along, its threads did not."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _in_parallel(rows: int, group: int, run: Callable[[int, int], object]) -> None:
@@ -148,7 +159,7 @@ def _in_parallel(rows: int, group: int, run: Callable[[int, int], object]) -> No
     if parts == 1:
         run(0, rows)
         return
-    cuts = [rows_from * group for rows_from in (groups * i // parts for i in range(parts + 1))]
+    cuts = [group * (groups * i // parts) for i in range(parts + 1)]  # whole groups in each part
     pool = _executor(parts - 1)
     futures = [pool.submit(run, cuts[i], cuts[i + 1] - cuts[i]) for i in range(1, parts)]
     try:
@@ -161,11 +172,11 @@ def _in_parallel(rows: int, group: int, run: Callable[[int, int], object]) -> No
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """The kernels' thread pool, with at least `workers` threads; a new one in a forked child
-    (whose copy of the parent's pool has no threads behind it)."""
+    """The kernels' thread pool, with at least `workers` threads (shared by every thread that
+    calls a kernel: a server's requests, say). A pool outgrown is not shut down, since another
+    caller may still be handing it work: its threads end once nothing refers to it."""
     global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
-        if _pool is not None and _pool[0] == os.getpid():
-            _pool[2].shutdown(wait=False)  # its threads end once their work is done
-        _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="aligna-kernels"))
-    return _pool[2]
+    with _pool_lock:
+        if _pool is None or _pool[0] < workers:
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="aligna-kernels"))
+        return _pool[1]

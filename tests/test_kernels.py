@@ -152,15 +152,33 @@ def test_rows_split_among_threads_give_what_one_thread_gives(code, threads, monk
         kernels.cross_entropy(x, targets, 0.1, 0)
 
 
+def test_callers_in_several_threads_share_the_pool(code, threads, monkeypatch):
+    """A server decodes requests in several threads: their calls share the kernels' pool, which
+    grows (a call of few rows makes a small one, a longer one a bigger one) while others use it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(kernels, "_pool", None)
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(rows, 29, generator=g), torch.randint(1, 29, (rows,), generator=g)) for rows in (8, 12, 40)]
+    expected = [torch.nn.functional.cross_entropy(x, t, label_smoothing=0.1, reduction="sum") for x, t in cases]
+    with ThreadPoolExecutor(6) as callers:
+        results = list(callers.map(lambda i: kernels.cross_entropy(*cases[i % 3], 0.1, 0)[0], range(60)))
+    for i, loss in enumerate(results):
+        torch.testing.assert_close(loss, expected[i % 3], rtol=1e-5, atol=1e-4)
+
+
 def test_the_thread_pool_is_remade_in_a_forked_child(code, threads):
     """A forked process inherits the pool but not its threads: work sent to it would wait forever."""
     kernels.cross_entropy(torch.randn(40, 9), torch.ones(40, dtype=torch.long), 0.1, 0)  # the parent's pool
+    assert kernels._pool is not None
     pid = os.fork()
     if pid == 0:  # the child: exits 0 only if the split call returns
+        exit_code = 1
         try:
             kernels.cross_entropy(torch.randn(40, 9), torch.ones(40, dtype=torch.long), 0.1, 0)
+            exit_code = 0
         finally:
-            os._exit(0 if kernels._pool is not None and kernels._pool[0] == os.getpid() else 1)
+            os._exit(exit_code)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -5,6 +5,8 @@ Every problem is one short `YAMLProblem` line naming where it is."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -43,13 +45,14 @@ class _Loader(yaml.SafeLoader):
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         """PyYAML's constructors raise KeyError, IndexError, TypeError... for some explicitly
-        tagged values (`!!bool maybe`, `!!int ''`): each becomes a YAMLProblem naming the line."""
-        try:
-            return super().construct_object(node, deep)
-        except (YAMLProblem, yaml.YAMLError, RecursionError):
-            raise
-        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
-            raise YAMLProblem(_unreadable(node, e)) from None
+        tagged values (`!!bool maybe`, `!!int ''`, `!!set [a]`): each becomes a YAMLProblem
+        naming the line. A collection is filled after its construction returns (PyYAML queues
+        the rest of its constructor), so that rest is wrapped to name the line too."""
+        queued = len(self.state_generators)
+        with _naming(node):
+            data = super().construct_object(node, deep)
+        self.state_generators[queued:] = [_filling(g, node) for g in self.state_generators[queued:]]
+        return data
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         if len(node.value) > 100:  # 1:2:3:... (base 60) of 1 MiB would take hours
@@ -99,6 +102,22 @@ def load_yaml(text: str) -> Any:
         raise YAMLProblem("not valid YAML: nested too deeply") from None
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:  # a constructor's, outside
         raise YAMLProblem(f"not valid YAML: {type(e).__name__}: {_one_line(str(e))}") from None  # construct_object
+
+
+@contextmanager
+def _naming(node: yaml.Node) -> Iterator[None]:
+    """A constructor's own exception becomes a YAMLProblem naming the node's line."""
+    try:
+        yield
+    except (YAMLProblem, yaml.YAMLError, RecursionError):
+        raise
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise YAMLProblem(_unreadable(node, e)) from None
+
+
+def _filling(generator: Iterator[Any], node: yaml.Node) -> Iterator[Any]:
+    with _naming(node):
+        yield from generator
 
 
 def _unreadable(node: yaml.Node, error: Exception) -> str:

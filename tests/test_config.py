@@ -323,7 +323,8 @@ def test_explicitly_tagged_values_that_cannot_be_read_name_their_line(tmp_path):
         ("name: !!float '_'", r"line 3: '_' is not a valid !!float"),
         ("name: !!timestamp soon", r"line 3: 'soon' is not a valid !!timestamp"),
         ("name: 2024-02-30", r"line 3: '2024-02-30' is not a valid !!timestamp \(day is out of range for month\)"),
-        ("name: !!set [a]", r"not valid YAML: TypeError"),
+        ("name: !!set [a]", r"line 3: not a valid !!set"),
+        ("model:\n  dropout: !!set [x]", r"line 4: not a valid !!set"),  # inside a mapping: filled later
     ]
     for text, message in cases:
         with pytest.raises(ConfigError, match=r"c\.yaml: " + message):

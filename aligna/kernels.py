@@ -59,10 +59,10 @@ def log_softmax_(logits: Tensor, add: Tensor | None = None) -> Tensor:
     """log_softmax(logits, dim=-1) + add[:, None], in place where it can be: logits (rows, V),
     add (rows,) or None -> (rows, V) float32, the logits' own memory in that case (so the caller
     must own them: a search owns the logits a `decode_step` returns)."""
-    rows, cols = logits.shape if logits.dim() == 2 else (logits.size(0), 0)
+    rows = logits.size(0)
     if _takes(logits, add):
         _in_parallel(rows, 1, lambda first, count: _kernels.log_softmax_rows(
-            _row(logits, first), count, cols, _row(add, first), 1, 0, 0, 0))  # fmt: skip
+            _row(logits, first), count, logits.size(1), _row(add, first), 1, 0, 0, 0))  # fmt: skip
         return logits
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     return log_probs if add is None else log_probs.add_(add.reshape(rows, 1))
@@ -105,11 +105,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, eps: float, ignore: int) -> t
 
 def dropout_mask(like: Tensor, p: float) -> Tensor | None:
     """A dropout mask shaped as `like` and of its dtype (float32, or bf16 under autocast; on a
-    CPU): 1 / (1 - p) for a kept value (each
-    with chance 1 - p, to 2^-32), 0 for a dropped one. Its 64-bit seed is drawn from torch's
-    generator, so `torch.manual_seed` and a checkpoint's saved generator state make the masks
-    as reproducible as torch's own. None where the kernel does not run (the caller draws with
-    torch)."""
+    CPU): 1 / (1 - p) for a kept value (each with chance 1 - p, to 2^-32), 0 for a dropped one.
+    Its 64-bit seed is drawn from torch's generator, so `torch.manual_seed` and a checkpoint's
+    saved generator state make the masks as reproducible as torch's own. None where the kernel
+    does not run (the caller draws with torch)."""
     n = like.numel()
     wanted = (torch.float32, torch.bfloat16)  # bf16: an activation under autocast, its mask cast
     if not (USE and like.device.type == "cpu" and like.dtype in wanted and 0.0 < p < 1.0 and n <= 1 << 32):

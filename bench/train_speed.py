@@ -7,7 +7,8 @@ batches of its first epoch; the record says where it ran and with how many threa
     python -m bench.train_speed configs/X.yaml --steps 50
     python -m bench.train_speed configs/multi30k_de_en_transformer.yaml --device cuda \
         --set train.precision=bf16 --compile --peak-tflops 989   # model FLOPs utilization on an H200
-    git worktree add ../aligna-5d95717 5d95717                   # the code to compare with
+    git worktree add ../aligna-5d95717 5d95717                   # the code to compare with,
+    (cd ../aligna-5d95717 && python setup.py build_ext --inplace)  # with its C kernels
     OMP_NUM_THREADS=1 python -m bench.train_speed configs/multi30k_en_de_transformer_tiny.yaml \
         --baseline ../aligna-5d95717 \
         --rounds 2 --steps 20 --name train_speed_tiny_against_5d95717
@@ -164,7 +165,8 @@ def compare(args: argparse.Namespace) -> None:
         print(f"{s['config']}: {s['baseline_tokens_per_s']:,.0f} -> {s['tokens_per_s']:,.0f} target tokens/s "
               f"({s['speedup']:.2f}x)")  # fmt: skip
     reproduce = (
-        f"git worktree add {args.baseline} {commits['baseline'][:7]} && "
+        f"git worktree add {args.baseline} {commits['baseline'][:7]} && "  # its C kernels built, as this tree's
+        f"(cd {args.baseline} && python setup.py build_ext --inplace) && "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} {command_line()}"
     )
     write_record(args.name, {
